@@ -1,0 +1,375 @@
+//! The sealed-object envelope: compress, then encrypt and authenticate.
+
+use std::fmt;
+use std::io::Read;
+
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{Tag, XNonce};
+use rand::rngs::OsRng;
+use rand::RngCore;
+
+use crate::key::{KeyId, MasterKey};
+
+/// Version byte written into every envelope; the only version this crate reads.
+pub const FORMAT_VERSION: u8 = 1;
+
+const MAGIC: &[u8; 4] = b"BSHP";
+/// magic + version + kind + key id + nonce.
+const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 24;
+/// The part of the header that goes into the associated data.
+const AAD_HEADER_LEN: usize = 4 + 1 + 1 + 8;
+const NONCE_OFFSET: usize = AAD_HEADER_LEN;
+const TAG_LEN: usize = 16;
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const ZSTD_LEVEL: i32 = 3;
+
+/// Bytes a sealed object adds to its plaintext when stored uncompressed
+/// (header + tag + codec byte). It is also the smallest valid sealed object,
+/// and `plaintext.len() + ENVELOPE_OVERHEAD` bounds every sealed size.
+pub const ENVELOPE_OVERHEAD: usize = HEADER_LEN + TAG_LEN + 1;
+
+/// Largest body [`MasterKey::open`] will decompress (256 MiB). Larger
+/// plaintexts are still sealed fine: [`MasterKey::seal`] stores them raw, so
+/// everything it seals can be opened again.
+pub const MAX_DECOMPRESSED_LEN: usize = 256 << 20;
+
+/// What a sealed object is. The kind is authenticated, so an object cannot
+/// be passed off as another kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ObjectKind {
+    Config = 1,
+    KeyCheck = 2,
+    PackHeader = 3,
+    Index = 4,
+    Snapshot = 5,
+    Version = 6,
+    DataBlob = 7,
+    TreeBlob = 8,
+}
+
+impl ObjectKind {
+    /// The kind with this envelope byte, if any.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Config,
+            2 => Self::KeyCheck,
+            3 => Self::PackHeader,
+            4 => Self::Index,
+            5 => Self::Snapshot,
+            6 => Self::Version,
+            7 => Self::DataBlob,
+            8 => Self::TreeBlob,
+            _ => return None,
+        })
+    }
+
+    /// Short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::KeyCheck => "key",
+            Self::PackHeader => "pack-header",
+            Self::Index => "index",
+            Self::Snapshot => "snapshot",
+            Self::Version => "version",
+            Self::DataBlob => "data",
+            Self::TreeBlob => "tree",
+        }
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a sealed object could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("not a btrship object (bad magic or too short: {len} bytes)")]
+    Malformed { len: usize },
+    #[error("object format version {found} is not supported (this btrship reads version 1); upgrade btrship")]
+    UnsupportedVersion { found: u8 },
+    /// `found` is the kind's name, or `kind-N` for an unknown kind byte N.
+    #[error("object is a {found} object, expected {expected}")]
+    KindMismatch {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("object was sealed with key {found}, but the key in use is {expected}: wrong key file for this repository")]
+    WrongKey { found: KeyId, expected: KeyId },
+    #[error("authentication failed: the object was modified, truncated or swapped")]
+    Corrupt,
+    #[error("decompression failed after authentication: {0}")]
+    Decompress(String),
+}
+
+impl CryptoError {
+    /// True if the object was sealed under a different master key.
+    pub fn is_wrong_key(&self) -> bool {
+        matches!(self, CryptoError::WrongKey { .. })
+    }
+}
+
+impl MasterKey {
+    /// Seals `plaintext` as an object of `kind` named `id`.
+    ///
+    /// The body is zstd-compressed (level 3) if that makes it smaller, then
+    /// encrypted with a fresh random nonce. `id` (the object's name, or a
+    /// blob's content id) and the header are bound as associated data, so the
+    /// result only opens under the same `kind` and `id`.
+    ///
+    /// # Panics
+    ///
+    /// Only if `plaintext` exceeds XChaCha20-Poly1305's message limit of
+    /// 256 GiB, which no caller can hold in memory in practice.
+    pub fn seal(&self, kind: ObjectKind, id: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 24];
+        OsRng.fill_bytes(&mut nonce);
+
+        let compressed = compress(plaintext);
+        let body = compressed.as_deref().unwrap_or(plaintext);
+
+        let mut out = Vec::with_capacity(HEADER_LEN + 1 + body.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.push(kind as u8);
+        out.extend_from_slice(&self.key_id.0);
+        out.extend_from_slice(&nonce);
+        out.push(if compressed.is_some() {
+            CODEC_ZSTD
+        } else {
+            CODEC_RAW
+        });
+        out.extend_from_slice(body);
+
+        let (header, payload) = out.split_at_mut(HEADER_LEN);
+        let aad = associated_data(&header[..AAD_HEADER_LEN], id);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, payload)
+            .expect("XChaCha20-Poly1305 encrypts messages up to 256 GiB");
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens an object sealed by [`seal`](Self::seal) with the same `kind` and
+    /// `id`, returning the original plaintext.
+    ///
+    /// Checks run in the order documented at the crate root, so a wrong key
+    /// ([`CryptoError::WrongKey`]) and a wrong kind
+    /// ([`CryptoError::KindMismatch`]) are told apart from tampering
+    /// ([`CryptoError::Corrupt`]). Never panics, whatever `sealed` contains.
+    pub fn open(&self, kind: ObjectKind, id: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let malformed = CryptoError::Malformed { len: sealed.len() };
+        if sealed.len() < ENVELOPE_OVERHEAD {
+            return Err(malformed);
+        }
+        // Indexing below is within the length checked above.
+        let (header, rest) = sealed.split_at(HEADER_LEN);
+        if &header[0..4] != MAGIC {
+            return Err(malformed);
+        }
+        let version = header[4];
+        if version != FORMAT_VERSION {
+            return Err(CryptoError::UnsupportedVersion { found: version });
+        }
+        let mut found_key = [0u8; 8];
+        found_key.copy_from_slice(&header[6..14]);
+        if found_key != self.key_id.0 {
+            return Err(CryptoError::WrongKey {
+                found: KeyId(found_key),
+                expected: self.key_id,
+            });
+        }
+        let found_kind = header[5];
+        if found_kind != kind as u8 {
+            return Err(CryptoError::KindMismatch {
+                found: ObjectKind::from_u8(found_kind)
+                    .map_or_else(|| format!("kind-{found_kind}"), |k| k.name().to_owned()),
+                expected: kind.name(),
+            });
+        }
+
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let aad = associated_data(&header[..AAD_HEADER_LEN], id);
+        let mut plain = ciphertext.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(&header[NONCE_OFFSET..HEADER_LEN]),
+                &aad,
+                &mut plain,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| CryptoError::Corrupt)?;
+
+        // `plain` holds at least the codec byte: ENVELOPE_OVERHEAD counts it.
+        match plain.first().copied() {
+            Some(CODEC_RAW) => {
+                plain.remove(0);
+                Ok(plain)
+            }
+            Some(CODEC_ZSTD) => decompress(&plain[1..], MAX_DECOMPRESSED_LEN),
+            Some(codec) => Err(CryptoError::Decompress(format!("unknown codec {codec}"))),
+            None => Err(CryptoError::Corrupt),
+        }
+    }
+}
+
+/// `header[0..14] || u32 LE id length || id`.
+///
+/// An id of 4 GiB or more saturates the length field; the encoding stays
+/// unambiguous because the id is the whole remainder of the data.
+fn associated_data(header: &[u8], id: &[u8]) -> Vec<u8> {
+    let id_len = u32::try_from(id.len()).unwrap_or(u32::MAX);
+    let mut aad = Vec::with_capacity(header.len() + 4 + id.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&id_len.to_le_bytes());
+    aad.extend_from_slice(id);
+    aad
+}
+
+/// The zstd frame for `data`, if compression makes it smaller and the result
+/// can be opened again (not larger than [`MAX_DECOMPRESSED_LEN`]).
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    if data.is_empty() || data.len() > MAX_DECOMPRESSED_LEN {
+        return None;
+    }
+    // An error here (allocation failure inside zstd) just means "store raw".
+    zstd::bulk::compress(data, ZSTD_LEVEL)
+        .ok()
+        .filter(|c| c.len() < data.len())
+}
+
+/// Decompresses one authenticated zstd body, refusing to produce more than
+/// `limit` bytes.
+fn decompress(frame: &[u8], limit: usize) -> Result<Vec<u8>, CryptoError> {
+    let err = |e: std::io::Error| CryptoError::Decompress(e.to_string());
+    // Reserve the declared size up front when it is declared and sane.
+    let declared = zstd::zstd_safe::get_frame_content_size(frame)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= limit)
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(declared);
+    let decoder = zstd::stream::read::Decoder::with_buffer(frame).map_err(err)?;
+    decoder
+        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(err)?;
+    if out.len() > limit {
+        return Err(CryptoError::Decompress(format!(
+            "output exceeds the limit of {limit} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_matches_layout() {
+        assert_eq!(HEADER_LEN, 38);
+        assert_eq!(ENVELOPE_OVERHEAD, 55);
+        let key = MasterKey::from_secret([1; 32]);
+        let sealed = key.seal(ObjectKind::Index, b"x", b"");
+        assert_eq!(sealed.len(), ENVELOPE_OVERHEAD);
+    }
+
+    #[test]
+    fn decompression_is_capped() {
+        let frame = zstd::bulk::compress(&[0u8; 1001], 3).unwrap();
+        assert_eq!(decompress(&frame, 1001).unwrap(), vec![0u8; 1001]);
+        assert!(matches!(
+            decompress(&frame, 1000),
+            Err(CryptoError::Decompress(_))
+        ));
+        // Without a declared content size, too.
+        let mut streamed = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut streamed, 3).unwrap();
+        std::io::Write::write_all(&mut enc, &[0u8; 100_000]).unwrap();
+        enc.finish().unwrap();
+        assert_eq!(decompress(&streamed, 100_000).unwrap().len(), 100_000);
+        assert!(matches!(
+            decompress(&streamed, 99_999),
+            Err(CryptoError::Decompress(_))
+        ));
+    }
+
+    #[test]
+    fn seal_stores_oversized_bodies_raw() {
+        assert!(compress(&[0u8; 4096]).is_some());
+        assert!(compress(&vec![0u8; MAX_DECOMPRESSED_LEN + 1]).is_none());
+    }
+
+    #[test]
+    fn garbage_zstd_body_is_a_decompress_error() {
+        assert!(matches!(
+            decompress(b"not zstd", MAX_DECOMPRESSED_LEN),
+            Err(CryptoError::Decompress(_))
+        ));
+        let frame = zstd::bulk::compress(&[5u8; 5000], 3).unwrap();
+        let truncated = &frame[..frame.len() - 3];
+        assert!(matches!(
+            decompress(truncated, MAX_DECOMPRESSED_LEN),
+            Err(CryptoError::Decompress(_))
+        ));
+    }
+
+    #[test]
+    fn codec_bytes_are_as_documented() {
+        let key = MasterKey::from_secret([2; 32]);
+        for (data, codec) in [
+            (vec![9u8; 4096], CODEC_ZSTD),
+            (b"short".to_vec(), CODEC_RAW),
+        ] {
+            let sealed = key.seal(ObjectKind::DataBlob, b"id", &data);
+            let (header, rest) = sealed.split_at(HEADER_LEN);
+            let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+            let mut plain = ct.to_vec();
+            key.cipher
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(&header[NONCE_OFFSET..]),
+                    &associated_data(&header[..AAD_HEADER_LEN], b"id"),
+                    &mut plain,
+                    Tag::from_slice(tag),
+                )
+                .unwrap();
+            assert_eq!(plain[0], codec);
+        }
+    }
+
+    #[test]
+    fn unknown_codec_is_reported() {
+        let key = MasterKey::from_secret([3; 32]);
+        let mut sealed = key.seal(ObjectKind::Config, b"config", b"hello");
+        // Re-encrypt the same header with a bogus codec byte.
+        let (header, _) = sealed.split_at(HEADER_LEN);
+        let mut payload = b"\x07hello".to_vec();
+        let tag = key
+            .cipher
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&header[NONCE_OFFSET..]),
+                &associated_data(&header[..AAD_HEADER_LEN], b"config"),
+                &mut payload,
+            )
+            .unwrap();
+        sealed.truncate(HEADER_LEN);
+        sealed.extend_from_slice(&payload);
+        sealed.extend_from_slice(&tag);
+        let err = key
+            .open(ObjectKind::Config, b"config", &sealed)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CryptoError::Decompress(m) if m == "unknown codec 7"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! `btrship check`: verify a repository against FORMAT.md. Every problem is
+//! reported naming its object; one bad object never stops the check.
+//!
+//! Without `--read-data`: config, key checks, every index, every snapshot
+//! record, every tree reachable from them (and the header of every pack
+//! holding a tree), and that every referenced blob is indexed in a pack that
+//! exists and is large enough. With `--read-data`: every byte of every pack.
+
+use crate::restore::read_checked_tree;
+use btrship_crypto::ContentId;
+use btrship_upload::format::{Node, NodeKind};
+use btrship_upload::Repository;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub snapshots: u64,
+    pub trees: u64,
+    pub packs: u64,
+    pub packs_read: u64,
+    pub blobs_referenced: u64,
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> CheckReport {
+    let mut r = CheckReport::default();
+    let objects = match repo.list("") {
+        Ok(o) => o,
+        Err(e) => {
+            r.problems.push(format!("cannot list the repository: {e}"));
+            return r;
+        }
+    };
+    let sizes: HashMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    for o in &objects {
+        let key = o.key.as_str();
+        let prefix = key.split('/').next().unwrap_or_default();
+        match prefix {
+            "config" | "packs" | "snapshots" => {}
+            "keys" => {
+                if let Err(e) = repo.read_key_check(key) {
+                    r.problems.push(format!("{e}"));
+                }
+            }
+            "index" => {
+                if let Err(e) = repo.read_index_object(key) {
+                    r.problems.push(format!("{e}"));
+                }
+            }
+            "versions" | "locks" => {}
+            _ => r
+                .warnings
+                .push(format!("{key}: unknown object (not written by btrship)")),
+        }
+    }
+    // Indexed packs must exist and be large enough for their blobs.
+    let indexed = repo.packs_in_index();
+    for (pack, blobs) in &indexed {
+        match sizes.get(pack.as_str()) {
+            None => r.problems.push(format!(
+                "{pack}: listed in an index but missing from the store"
+            )),
+            Some(&size) => {
+                if let Some((id, _)) = blobs
+                    .iter()
+                    .find(|(_, l)| l.offset.saturating_add(l.length) > size)
+                {
+                    r.problems.push(format!(
+                        "{pack}: truncated ({size} bytes); blob {id} lies beyond its end"
+                    ));
+                }
+            }
+        }
+    }
+    for o in objects.iter().filter(|o| o.key.starts_with("packs/")) {
+        r.packs += 1;
+        if !indexed.contains_key(&o.key) {
+            r.warnings.push(format!(
+                "{}: pack in no index (left by an interrupted ship; a later prune removes it)",
+                o.key
+            ));
+        }
+    }
+    // Snapshot records and everything they reference.
+    let mut seen_trees = HashSet::new();
+    let mut referenced = HashSet::new();
+    for o in objects.iter().filter(|o| o.key.starts_with("snapshots/")) {
+        match repo.snapshot(&o.key) {
+            Err(e) => r.problems.push(format!("{e}")),
+            Ok(rec) => {
+                r.snapshots += 1;
+                let mut root = rec.root.clone();
+                root.subtree = Some(rec.tree);
+                walk(
+                    repo,
+                    &root,
+                    &o.key,
+                    &mut seen_trees,
+                    &mut referenced,
+                    &mut r,
+                );
+            }
+        }
+    }
+    for rec in shipped_records {
+        if !sizes.contains_key(rec.as_str()) {
+            r.problems.push(format!("{rec}: shipped from this machine but missing from the store (deleted or rolled back)"));
+        }
+    }
+    r.trees = seen_trees.len() as u64;
+    r.blobs_referenced = referenced.len() as u64;
+    for id in &referenced {
+        if !repo.has_blob(id) {
+            r.problems
+                .push(format!("data blob {id}: referenced but in no index"));
+        }
+    }
+    if read_data {
+        let mut packs: Vec<&str> = objects
+            .iter()
+            .filter(|o| o.key.starts_with("packs/"))
+            .map(|o| o.key.as_str())
+            .collect();
+        packs.sort();
+        for pack in packs {
+            r.packs_read += 1;
+            if let Err(e) = repo.verify_pack(pack) {
+                r.problems.push(format!("{e}"));
+            }
+        }
+    }
+    r
+}
+
+fn walk(
+    repo: &Repository,
+    dir: &Node,
+    record: &str,
+    seen: &mut HashSet<ContentId>,
+    referenced: &mut HashSet<ContentId>,
+    r: &mut CheckReport,
+) {
+    let Some(id) = dir.subtree else {
+        r.problems.push(format!(
+            "{record}: directory {:?} has no tree",
+            String::from_utf8_lossy(&dir.name)
+        ));
+        return;
+    };
+    if !seen.insert(id.0) {
+        return;
+    }
+    let tree = match read_checked_tree(repo, dir) {
+        Ok(t) => t,
+        Err(e) => {
+            r.problems.push(format!("{record}: tree {}: {e:#}", id.0));
+            return;
+        }
+    };
+    for node in &tree.entries {
+        match node.kind {
+            NodeKind::Dir => walk(repo, node, record, seen, referenced, r),
+            NodeKind::File => referenced.extend(node.content.iter().map(|e| e.1 .0)),
+            _ => {}
+        }
+    }
+}

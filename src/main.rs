@@ -1,0 +1,671 @@
+//! `btrship`: ship a Samba share on btrfs to object storage — read-only
+//! snapshots, compressed and encrypted locally — and restore any path as it
+//! was at any time. This crate is the CLI, configuration, state database and
+//! orchestration; it is the only place that builds a tokio runtime, prints,
+//! or reads the environment.
+
+mod check;
+mod config;
+mod exit;
+mod progress;
+mod restore;
+mod ship;
+mod state;
+mod timespec;
+
+use anyhow::{Context, Result};
+use btrship_crypto::MasterKey;
+use btrship_snapshot::{PrivateArea, Share};
+use btrship_upload::local::LocalStore;
+use btrship_upload::{Repository, Store};
+use clap::{Parser, Subcommand};
+use config::{RepoAddress, ShareConfig};
+use exit::UserError;
+use progress::Progress;
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "btrship",
+    version,
+    about = "Ship a Samba share on btrfs to object storage, encrypted; restore any path at any time"
+)]
+struct Cli {
+    /// Where share configs and key files live.
+    #[arg(
+        long,
+        global = true,
+        env = "BTRSHIP_CONFIG_DIR",
+        default_value = "/etc/btrship"
+    )]
+    config_dir: PathBuf,
+    /// Where state databases and the default repository live.
+    #[arg(
+        long,
+        global = true,
+        env = "BTRSHIP_STATE_DIR",
+        default_value = "/var/lib/btrship"
+    )]
+    state_dir: PathBuf,
+    /// Never draw progress lines (they are drawn only on a terminal anyway).
+    #[arg(long, global = true)]
+    no_progress: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where to read a repository from, when not from the share's config.
+#[derive(clap::Args, Clone)]
+struct RepoArgs {
+    /// Repository address (file:///dir or /dir); with --key-file, no config or state is needed.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Key file (default: <config-dir>/NAME.key).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Set up a share: check it is a btrfs subvolume, make or reuse the key, the repository and the state.
+    Init {
+        path: PathBuf,
+        /// Share name (default: the basename of PATH).
+        #[arg(long)]
+        name: Option<String>,
+        /// Repository address (default: <state-dir>/repo).
+        #[arg(long)]
+        repo: Option<String>,
+        /// Key file; created if it does not exist (default: <config-dir>/NAME.key).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Take a read-only snapshot now and ship it (and any earlier unshipped one).
+    Snapshot {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the shipped snapshots of a share.
+    Snapshots {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// List files as they were at a time.
+    Ls {
+        name: String,
+        /// Path inside the share (default: everything).
+        path: Option<String>,
+        /// Time (default: now).
+        #[arg(long, default_value = "now")]
+        at: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Restore the share, or some paths of it, as it was at a time.
+    Restore {
+        name: String,
+        /// RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), 'now', or 'N[smhdw] ago'.
+        #[arg(long)]
+        at: String,
+        /// Path inside the share to restore (repeatable; default: everything).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+        /// Target directory: must not exist or be empty.
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Verify the repository: every object authenticates, nothing referenced is missing.
+    Check {
+        name: String,
+        /// Also read and verify every byte of every pack.
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BTRSHIP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("btrship: error: {line}");
+            exit::code_of(&e)
+        }
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(code));
+}
+
+struct App {
+    config_dir: PathBuf,
+    state_dir: PathBuf,
+    progress: bool,
+    rt: tokio::runtime::Runtime,
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let app = App {
+        config_dir: cli.config_dir,
+        state_dir: cli.state_dir,
+        progress: !cli.no_progress,
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?,
+    };
+    match cli.command {
+        Command::Init {
+            path,
+            name,
+            repo,
+            key_file,
+        } => app.init(&path, name, repo, key_file),
+        Command::Snapshot { name, json } => app.snapshot(&name, json),
+        Command::Snapshots { name, json, repo } => app.snapshots(&name, json, &repo),
+        Command::Ls {
+            name,
+            path,
+            at,
+            json,
+            repo,
+        } => app.ls(&name, path.as_deref(), &at, json, &repo),
+        Command::Restore {
+            name,
+            at,
+            paths,
+            to,
+            json,
+            repo,
+        } => app.restore(&name, &at, &paths, &to, json, &repo),
+        Command::Check {
+            name,
+            read_data,
+            json,
+            repo,
+        } => app.check(&name, read_data, json, &repo),
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".into()
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+impl App {
+    fn default_key_file(&self, name: &str) -> PathBuf {
+        self.config_dir.join(format!("{name}.key"))
+    }
+
+    fn default_repo(&self) -> String {
+        self.state_dir.join("repo").display().to_string()
+    }
+
+    fn state_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join(format!("{name}.db"))
+    }
+
+    fn read_key(&self, path: &Path) -> Result<Arc<MasterKey>> {
+        let key = btrship_crypto::read_key_file(path).map_err(|e| {
+            let io_missing = matches!(&e, btrship_crypto::KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+            if io_missing {
+                anyhow::Error::new(UserError::new(exit::KEY, format!("key file {} does not exist; pass --key-file", path.display())))
+            } else {
+                anyhow::Error::new(e)
+            }
+        })?;
+        Ok(Arc::new(key))
+    }
+
+    fn store(&self, address: &str, create: bool) -> Result<Arc<dyn Store>> {
+        match RepoAddress::parse(address)? {
+            RepoAddress::Local(path) => {
+                if !create && !path.is_dir() {
+                    return Err(UserError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "no btrship repository at {} (directory does not exist); check --repo",
+                            path.display()
+                        ),
+                    )
+                    .into());
+                }
+                let store = if create {
+                    LocalStore::create(&path)?
+                } else {
+                    LocalStore::open(&path)?
+                };
+                Ok(Arc::new(store))
+            }
+        }
+    }
+
+    /// The repository and key for a read command: from --repo/--key-file
+    /// when given, else from the share's config.
+    fn open_repo(
+        &self,
+        name: &str,
+        args: &RepoArgs,
+        for_check: bool,
+    ) -> Result<(Repository, Option<ShareConfig>)> {
+        config::validate_name(name)?;
+        let cfg = match &args.repo {
+            Some(_) => None,
+            None => Some(ShareConfig::load(&self.config_dir, name)?),
+        };
+        let address = args
+            .repo
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.repo.clone()))
+            .unwrap_or_default();
+        let key_file = args
+            .key_file
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.key_file.clone()))
+            .unwrap_or_else(|| self.default_key_file(name));
+        let key = self.read_key(&key_file)?;
+        let store = self.store(&address, false)?;
+        let handle = self.rt.handle().clone();
+        let repo = if for_check {
+            Repository::open_for_check(store, key, handle)?
+        } else {
+            Repository::open(store, key, handle)?
+        };
+        Ok((repo, cfg))
+    }
+
+    fn init(
+        &self,
+        path: &Path,
+        name: Option<String>,
+        repo: Option<String>,
+        key_file: Option<PathBuf>,
+    ) -> Result<u8> {
+        let share = Share::open(path)?;
+        let name = match name {
+            Some(n) => n,
+            None => share
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    UserError::new(
+                        exit::USAGE,
+                        "cannot derive a share name from the path; pass --name",
+                    )
+                })?,
+        };
+        config::validate_name(&name)?;
+        let cfg = ShareConfig {
+            name: name.clone(),
+            path: share.path.clone(),
+            repo: repo.unwrap_or_else(|| self.default_repo()),
+            key_file: key_file.unwrap_or_else(|| self.default_key_file(&name)),
+            keep_local_snapshots: config::DEFAULT_KEEP_LOCAL,
+        };
+        if config::config_path(&self.config_dir, &name).exists() {
+            let old = ShareConfig::load(&self.config_dir, &name)?;
+            if old.path != cfg.path || old.repo != cfg.repo || old.key_file != cfg.key_file {
+                return Err(UserError::new(
+                    exit::USAGE,
+                    format!(
+                        "share {name:?} is already set up with another path, repository or key (see {}); choose another --name",
+                        config::config_path(&self.config_dir, &name).display()
+                    ),
+                )
+                .into());
+            }
+        }
+        let key_created = !cfg.key_file.exists();
+        if key_created {
+            btrship_crypto::write_key_file(&cfg.key_file, &MasterKey::generate())?;
+        }
+        let key = self.read_key(&cfg.key_file)?;
+        let store = self.store(&cfg.repo, true)?;
+        let (_, repo_created) =
+            Repository::open_or_create(store, key, self.rt.handle().clone(), &host_name())
+                .with_context(|| format!("repository {}", cfg.repo))?;
+        PrivateArea::open(&share, &name)?;
+        state::State::open(&self.state_path(&name))?;
+        cfg.save(&self.config_dir)?;
+        println!(
+            "share {name}: {} (btrfs subvolume {})",
+            cfg.path.display(),
+            share.subvol_id
+        );
+        println!(
+            "repository: {} ({})",
+            cfg.repo,
+            if repo_created { "created" } else { "existing" }
+        );
+        if key_created {
+            println!("key file: {} (created; copy it somewhere safe off this machine: without it nothing can be restored)", cfg.key_file.display());
+        } else {
+            println!("key file: {} (existing)", cfg.key_file.display());
+        }
+        println!("next: btrship snapshot {name}");
+        Ok(exit::OK)
+    }
+
+    fn snapshot(&self, name: &str, json: bool) -> Result<u8> {
+        let cfg = ShareConfig::load(&self.config_dir, name)?;
+        let _lock = lock_share(&self.state_dir, name)?;
+        let key = self.read_key(&cfg.key_file)?;
+        let repo = Repository::open(self.store(&cfg.repo, false)?, key, self.rt.handle().clone())?;
+        let share = Share::open(&cfg.path)?;
+        let area = PrivateArea::open(&share, name)?;
+        let mut state = state::State::open(&self.state_path(name))?;
+
+        // Reconcile the queue with the snapshots on disk (a crash may sit between the two).
+        let on_disk = area.list_snapshots()?;
+        let known = state.snapshots()?;
+        for s in &on_disk {
+            if !known.iter().any(|k| k.name == s.name) {
+                state.add_taken(&s.name, &s.time.to_rfc3339())?;
+            }
+        }
+        for k in known.iter().filter(|k| !k.shipped) {
+            if !on_disk.iter().any(|s| s.name == k.name) {
+                let msg = format!("snapshot {} vanished before it was shipped", k.name);
+                tracing::error!("{msg}");
+                state.log_event("error", &msg)?;
+                state.forget(&k.name)?;
+            }
+        }
+
+        let new = area.create_snapshot(&share)?;
+        state.add_taken(&new.name, &new.time.to_rfc3339())?;
+
+        let mut reports = Vec::new();
+        for pending in state.snapshots()?.into_iter().filter(|s| !s.shipped) {
+            let info = area.get(&pending.name)?;
+            let parent_tree = state
+                .last_shipped()?
+                .and_then(|s| s.tree)
+                .and_then(|t| <[u8; 32]>::try_from(t.as_slice()).ok())
+                .map(btrship_crypto::ContentId);
+            let mut progress = Progress::new("shipping", self.progress && !json);
+            let input = ship::ShipInput {
+                share: name,
+                host: &host_name(),
+                snapshot_name: &info.name,
+                time: info.time,
+                root: &info.path,
+                parent_tree,
+            };
+            let (report, tree) = match ship::ship(&repo, &input, &mut progress) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = state.log_event("error", &format!("shipping {}: {e:#}", info.name));
+                    return Err(
+                        e.context(format!("shipping snapshot {} (it stays queued)", info.name))
+                    );
+                }
+            };
+            state.mark_shipped(
+                &info.name,
+                &report.record,
+                tree.as_bytes(),
+                &serde_json::to_string(&report)?,
+            )?;
+            if !json {
+                println!(
+                    "shipped {} ({}): {} files, {}; read {}, new {}, uploaded {} in {} objects, {:.2} s",
+                    report.snapshot,
+                    report.record,
+                    report.files,
+                    mib(report.bytes),
+                    mib(report.read_bytes),
+                    mib(report.new_bytes),
+                    mib(report.uploaded_bytes),
+                    report.objects_written,
+                    report.seconds
+                );
+            }
+            reports.push(report);
+        }
+
+        // Keep the newest shipped snapshots on disk; delete older ones.
+        let shipped: Vec<_> = state
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.shipped)
+            .map(|s| s.name)
+            .collect();
+        let on_disk = area.list_snapshots()?;
+        let keep = cfg.keep_local_snapshots.max(1);
+        let shipped_on_disk: Vec<_> = on_disk
+            .iter()
+            .filter(|s| shipped.contains(&s.name))
+            .collect();
+        for old in shipped_on_disk
+            .iter()
+            .take(shipped_on_disk.len().saturating_sub(keep))
+        {
+            area.delete_snapshot(&old.name)?;
+        }
+        if json {
+            print_json(&serde_json::json!({ "version": 1, "shipped": reports }))?;
+        }
+        Ok(exit::OK)
+    }
+
+    fn snapshots(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {
+        let (repo, _) = self.open_repo(name, args, false)?;
+        let records = restore::share_snapshots(&repo, name)?;
+        if json {
+            let list: Vec<_> = records
+                .iter()
+                .map(|(id, r)| {
+                    serde_json::json!({
+                        "record": id, "snapshot": r.snapshot, "time": r.time, "host": r.host,
+                        "files": r.stats.files, "dirs": r.stats.dirs, "bytes": r.stats.bytes, "new_bytes": r.stats.new_bytes,
+                    })
+                })
+                .collect();
+            print_json(&serde_json::json!({ "version": 1, "share": name, "snapshots": list }))?;
+        } else {
+            println!(
+                "{:<32} {:<26} {:>9} {:>12} {:>12}  record",
+                "time", "snapshot", "files", "size", "new"
+            );
+            for (id, r) in &records {
+                println!(
+                    "{:<32} {:<26} {:>9} {:>12} {:>12}  {}",
+                    r.time,
+                    r.snapshot,
+                    r.stats.files,
+                    mib(r.stats.bytes),
+                    mib(r.stats.new_bytes),
+                    id
+                );
+            }
+            println!(
+                "{} snapshots of {name} in {}",
+                records.len(),
+                repo.location()
+            );
+        }
+        Ok(exit::OK)
+    }
+
+    fn at(&self, at: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+        timespec::parse(at, chrono::Utc::now()).map_err(|m| UserError::new(exit::USAGE, m).into())
+    }
+
+    fn ls(
+        &self,
+        name: &str,
+        path: Option<&str>,
+        at: &str,
+        json: bool,
+        args: &RepoArgs,
+    ) -> Result<u8> {
+        let at = self.at(at)?;
+        let (repo, _) = self.open_repo(name, args, false)?;
+        let (_, rec) = restore::find_snapshot(&repo, name, at)?;
+        let mut root = rec.root.clone();
+        root.subtree = Some(rec.tree);
+        let entries = restore::list(&repo, &root, path.unwrap_or(""))?;
+        if json {
+            print_json(
+                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "entries": entries }),
+            )?;
+        } else {
+            for e in &entries {
+                let kind = serde_json::to_value(e.kind)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                println!(
+                    "{:<8} {} {:>5} {:>5} {:>12} {}  {}",
+                    kind, e.mode, e.uid, e.gid, e.size, e.mtime, e.path
+                );
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn restore(
+        &self,
+        name: &str,
+        at: &str,
+        paths: &[String],
+        to: &Path,
+        json: bool,
+        args: &RepoArgs,
+    ) -> Result<u8> {
+        let at = self.at(at)?;
+        let (repo, _) = self.open_repo(name, args, false)?;
+        let (_, rec) = restore::find_snapshot(&repo, name, at)?;
+        let mut progress = Progress::new("restoring", self.progress && !json);
+        let report = restore::restore(&repo, &rec, paths, to, &mut progress)?;
+        if json {
+            print_json(
+                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "to": to, "restored": report }),
+            )?;
+        } else {
+            println!(
+                "restored {} ({}) to {}: {} files, {} directories, {} in {:.2} s",
+                rec.snapshot,
+                rec.time,
+                to.display(),
+                report.files,
+                report.dirs,
+                mib(report.bytes),
+                report.seconds
+            );
+        }
+        Ok(exit::OK)
+    }
+
+    fn check(&self, name: &str, read_data: bool, json: bool, args: &RepoArgs) -> Result<u8> {
+        let (repo, cfg) = self.open_repo(name, args, true)?;
+        // What this machine shipped into this repository (rollback detection).
+        let shipped: Vec<String> = match cfg {
+            Some(_) if self.state_path(name).exists() => {
+                state::State::open(&self.state_path(name))?
+                    .snapshots()?
+                    .into_iter()
+                    .filter_map(|s| s.record)
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let report = check::check(&repo, read_data, &shipped);
+        if json {
+            print_json(
+                &serde_json::json!({ "version": 1, "ok": report.problems.is_empty(), "report": report }),
+            )?;
+        } else {
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "checked {}: {} snapshots, {} trees, {} packs ({} read), {} data blobs referenced: {} problems, {} warnings",
+                repo.location(),
+                report.snapshots,
+                report.trees,
+                report.packs,
+                report.packs_read,
+                report.blobs_referenced,
+                report.problems.len(),
+                report.warnings.len()
+            );
+        }
+        if report.problems.is_empty() {
+            Ok(exit::OK)
+        } else {
+            Err(UserError::new(
+                exit::DAMAGED,
+                format!(
+                    "repository {} is damaged: {} problems; first: {}",
+                    repo.location(),
+                    report.problems.len(),
+                    report.problems[0]
+                ),
+            )
+            .into())
+        }
+    }
+}
+
+/// One `snapshot` run per share at a time (timer and manual runs may overlap).
+fn lock_share(state_dir: &Path, name: &str) -> Result<std::fs::File> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let path = state_dir.join(format!("{name}.lock"));
+    let f =
+        std::fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a valid fd owned by f.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(UserError::new(exit::FAILURE, format!("another btrship is shipping share {name} right now (lock {}); try again when it finishes", path.display())).into());
+    }
+    Ok(f)
+}

@@ -1,0 +1,183 @@
+//! The local state database of one share: a SQLite file (WAL mode) that is
+//! the durable queue of snapshots taken but not yet shipped, and a cache of
+//! what was shipped. The repository is the truth: losing this file loses no
+//! data, only the knowledge of which local snapshots still need shipping.
+//!
+//! Every state change is one transaction. Schema changes are numbered
+//! migrations applied in order (`PRAGMA user_version`).
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+/// Migrations; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE snapshots (
+        name        TEXT PRIMARY KEY,   -- btrfs snapshot name, @GMT-...
+        taken_at    TEXT NOT NULL,      -- RFC 3339 UTC
+        state       TEXT NOT NULL CHECK (state IN ('taken', 'shipped')),
+        record      TEXT,               -- repository object name once shipped
+        tree        BLOB,               -- root tree blob id once shipped
+        shipped_at  TEXT,
+        stats       TEXT                -- JSON counters of the ship
+    );
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY,
+        time    TEXT NOT NULL,
+        level   TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+"];
+
+pub struct State {
+    conn: Connection,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalSnapshot {
+    pub name: String,
+    pub shipped: bool,
+    pub record: Option<String>,
+    pub tree: Option<Vec<u8>>,
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<State> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        }
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("cannot open state database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a commit survives a power cut (WAL's NORMAL may lose the last one).
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        migrate(&mut conn)
+            .with_context(|| format!("cannot migrate state database {}", path.display()))?;
+        Ok(State { conn })
+    }
+
+    /// Records a snapshot as taken (queued for shipping). Idempotent.
+    pub fn add_taken(&self, name: &str, taken_at: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO snapshots (name, taken_at, state) VALUES (?1, ?2, 'taken')",
+            params![name, taken_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn mark_shipped(
+        &mut self,
+        name: &str,
+        record: &str,
+        tree: &[u8],
+        stats: &str,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE snapshots SET state = 'shipped', record = ?2, tree = ?3, stats = ?4,
+                 shipped_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE name = ?1",
+            params![name, record, tree, stats],
+        )?;
+        anyhow::ensure!(n == 1, "snapshot {name} is not in the state database");
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn forget(&self, name: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM snapshots WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<LocalSnapshot>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, state, record, tree FROM snapshots ORDER BY taken_at, name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(LocalSnapshot {
+                name: r.get(0)?,
+                shipped: r.get::<_, String>(1)? == "shipped",
+                record: r.get(2)?,
+                tree: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The newest shipped snapshot: the parent of the next ship.
+    pub fn last_shipped(&self) -> Result<Option<LocalSnapshot>> {
+        Ok(self
+            .snapshots()?
+            .into_iter()
+            .rev()
+            .find(|s| s.shipped && s.tree.is_some()))
+    }
+
+    pub fn log_event(&self, level: &str, message: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO events (time, level, message)
+             VALUES (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?1, ?2)",
+            params![level, message],
+        )?;
+        Ok(())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        version <= MIGRATIONS.len(),
+        "state database schema {version} is newer than this btrship ({}); upgrade btrship",
+        MIGRATIONS.len()
+    );
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_then_ship_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let st = State::open(&path).unwrap();
+            st.add_taken("@GMT-2026.11.25-10.00.00", "2026-11-25T10:00:00Z")
+                .unwrap();
+            st.add_taken("@GMT-2026.11.25-10.00.00", "2026-11-25T10:00:00Z")
+                .unwrap();
+            assert!(st.last_shipped().unwrap().is_none());
+        }
+        let mut st = State::open(&path).unwrap();
+        let snaps = st.snapshots().unwrap();
+        assert_eq!(snaps.len(), 1);
+        assert!(!snaps[0].shipped);
+        st.mark_shipped("@GMT-2026.11.25-10.00.00", "snapshots/ab", &[1; 32], "{}")
+            .unwrap();
+        let last = st.last_shipped().unwrap().unwrap();
+        assert_eq!(last.record.as_deref(), Some("snapshots/ab"));
+        assert!(st.mark_shipped("missing", "x", &[], "{}").is_err());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(State::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = State::open(&path).err().unwrap();
+        assert!(format!("{err:#}").contains("upgrade btrship"));
+    }
+}

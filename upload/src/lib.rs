@@ -1,0 +1,18 @@
+//! The remote side of btrship: an object-store trait shaped like object
+//! storage (put-if-absent, get, ranged get, list), its backends and
+//! conformance suite, and the repository format on top of it — packs of
+//! sealed blobs, indexes, trees and records (see `docs/FORMAT.md`).
+//!
+//! Layers, bottom up: [`store`] (dumb backends: [`local`]), [`format`] (the
+//! in-store types), [`pack`] (pack layout), [`repo`] (a repository: reads,
+//! dedup, packing, uploads, records).
+
+pub mod conformance;
+pub mod format;
+pub mod local;
+pub mod pack;
+pub mod repo;
+pub mod store;
+
+pub use repo::{BlobLocation, PackWriter, RepoError, Repository, WriteStats};
+pub use store::{ObjectMeta, PutOutcome, Store, StoreError};

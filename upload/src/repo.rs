@@ -1,0 +1,614 @@
+//! A repository on a store: config, index, blob reads and writes, records.
+//!
+//! Sync/async boundary, decided once: stores are async (network I/O);
+//! `Repository` is a synchronous facade that holds a tokio runtime handle and
+//! is meant to be called from ordinary threads (the CLI's main thread, or
+//! `spawn_blocking` in the daemon) — never from inside an async task, where
+//! `Handle::block_on` would panic. Pack uploads run concurrently on the
+//! runtime behind a small semaphore, so chunking and uploading overlap.
+
+use crate::format::{
+    from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
+    PackedBlob, SnapshotRecord, Tree,
+};
+use crate::pack::{self, PackBuilder, PackError};
+use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
+use btrship_crypto::{ContentId, CryptoError, MasterKey, ObjectKind};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// Default pack size target (FORMAT.md §6).
+pub const DEFAULT_PACK_TARGET: u64 = 16 * 1024 * 1024;
+/// Pack uploads in flight per writer.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("no btrship repository at {location} (it has no config object); check --repo, or run btrship init")]
+    NoRepository { location: String },
+    #[error("{object}: {source}")]
+    Crypto {
+        object: String,
+        #[source]
+        source: CryptoError,
+    },
+    #[error("{object}: {reason}")]
+    Format { object: String, reason: String },
+    #[error("{object}: {source}")]
+    Pack {
+        object: String,
+        #[source]
+        source: PackError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("blob {id} is referenced but listed in no index: the repository is missing data")]
+    MissingBlob { id: ContentId },
+    #[error("blob {id} in {object}: its content does not match its id")]
+    BlobMismatch { id: ContentId, object: String },
+    #[error("upload task failed: {0}")]
+    Task(String),
+}
+
+impl RepoError {
+    pub fn is_wrong_key(&self) -> bool {
+        matches!(self, RepoError::Crypto { source, .. } if source.is_wrong_key())
+    }
+    fn crypto(object: &str, source: CryptoError) -> Self {
+        RepoError::Crypto {
+            object: object.to_string(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RepoError>;
+
+/// Where a blob lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobLocation {
+    pub pack: String,
+    pub kind: BlobKind,
+    pub offset: u64,
+    pub length: u64,
+    pub raw_length: u64,
+}
+
+/// Counters of one writer, units in the names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    pub new_blobs: u64,
+    pub new_raw_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub packs_written: u64,
+    pub objects_written: u64,
+}
+
+pub struct Repository {
+    store: Arc<dyn Store>,
+    key: Arc<MasterKey>,
+    rt: Handle,
+    config: Config,
+    index: RwLock<HashMap<ContentId, BlobLocation>>,
+    loaded_indexes: Mutex<HashSet<String>>,
+    verified_packs: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("store", &self.store.location())
+            .finish_non_exhaustive()
+    }
+}
+
+const CONFIG: &str = "config";
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn random_name(prefix: &str) -> String {
+    format!("{prefix}/{}", MasterKey::random_id().to_hex())
+}
+
+impl Repository {
+    /// Opens the repository at `store`, or creates it when the store holds no
+    /// config yet. Opening an existing one checks the key. Returns whether
+    /// it was created.
+    pub fn open_or_create(
+        store: Arc<dyn Store>,
+        key: Arc<MasterKey>,
+        rt: Handle,
+        host: &str,
+    ) -> Result<(Self, bool)> {
+        match Self::open(store.clone(), key.clone(), rt.clone()) {
+            Ok(repo) => return Ok((repo, false)),
+            Err(RepoError::NoRepository { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let config = Config {
+            version: 1,
+            repo_id: MasterKey::random_id().as_bytes()[..16].to_vec(),
+            created: now_rfc3339(),
+            chunker: ChunkerParams::default(),
+            pack_target: DEFAULT_PACK_TARGET,
+        };
+        let check = KeyCheck {
+            key_id: key.key_id().0.to_vec(),
+            created: now_rfc3339(),
+            host: host.to_string(),
+        };
+        let check_name = format!("keys/{}", key.key_id());
+        let sealed = key.seal(
+            ObjectKind::KeyCheck,
+            check_name.as_bytes(),
+            &to_cbor(&check),
+        );
+        rt.block_on(store.put_if_absent(&check_name, Bytes::from(sealed)))?;
+        let sealed = key.seal(ObjectKind::Config, CONFIG.as_bytes(), &to_cbor(&config));
+        let created = rt.block_on(store.put_if_absent(CONFIG, Bytes::from(sealed)))?;
+        // Someone else may have created it between our open and put: use theirs.
+        let repo = Self::open(store, key, rt)?;
+        Ok((repo, created == PutOutcome::Created))
+    }
+
+    /// Opens an existing repository and loads its index; any index that
+    /// does not authenticate is an error.
+    pub fn open(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+        let repo = Self::open_config(store, key, rt)?;
+        repo.load_index()?;
+        Ok(repo)
+    }
+
+    /// Opens a repository for `check`: indexes that fail to load are
+    /// skipped (check reports them one by one) instead of failing the open.
+    pub fn open_for_check(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+        let repo = Self::open_config(store, key, rt)?;
+        for meta in repo.list("index/")? {
+            if let Ok(index) = repo.get_cbor::<Index>(ObjectKind::Index, &meta.key) {
+                repo.merge_index(&index);
+                repo.lock_loaded().insert(meta.key);
+            }
+        }
+        Ok(repo)
+    }
+
+    fn open_config(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+        let sealed = match rt.block_on(store.get(CONFIG)) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(RepoError::NoRepository {
+                    location: store.location(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let body = key
+            .open(ObjectKind::Config, CONFIG.as_bytes(), &sealed)
+            .map_err(|e| RepoError::crypto(CONFIG, e))?;
+        let config: Config = from_cbor(&body).map_err(|reason| RepoError::Format {
+            object: CONFIG.into(),
+            reason,
+        })?;
+        if config.version != 1 {
+            return Err(RepoError::Format {
+                object: CONFIG.into(),
+                reason: format!(
+                    "repository format version {} is not supported; upgrade btrship",
+                    config.version
+                ),
+            });
+        }
+        let repo = Repository {
+            store,
+            key,
+            rt,
+            config,
+            index: RwLock::default(),
+            loaded_indexes: Mutex::default(),
+            verified_packs: Mutex::default(),
+        };
+        Ok(repo)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Reads and opens one sealed object.
+    pub fn get_object(&self, kind: ObjectKind, name: &str) -> Result<Vec<u8>> {
+        let sealed = self.block_on(self.store.get(name))?;
+        self.key
+            .open(kind, name.as_bytes(), &sealed)
+            .map_err(|e| RepoError::crypto(name, e))
+    }
+
+    fn get_cbor<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+    ) -> Result<T> {
+        let body = self.get_object(kind, name)?;
+        from_cbor(&body).map_err(|reason| RepoError::Format {
+            object: name.to_string(),
+            reason,
+        })
+    }
+
+    pub fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        Ok(self.block_on(self.store.list(prefix))?)
+    }
+
+    /// Reads every index not read yet into the in-memory index.
+    pub fn load_index(&self) -> Result<()> {
+        for meta in self.list("index/")? {
+            if self.lock_loaded().contains(&meta.key) {
+                continue;
+            }
+            let index: Index = self.get_cbor(ObjectKind::Index, &meta.key)?;
+            self.merge_index(&index);
+            self.lock_loaded().insert(meta.key);
+        }
+        Ok(())
+    }
+
+    fn lock_loaded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.loaded_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn merge_index(&self, index: &Index) {
+        let mut map = self.index.write().unwrap_or_else(|p| p.into_inner());
+        for p in &index.packs {
+            for b in &p.blobs {
+                let Some(kind) = BlobKind::from_u8(b.kind) else {
+                    continue;
+                };
+                map.entry(b.id.0).or_insert_with(|| BlobLocation {
+                    pack: p.pack.clone(),
+                    kind,
+                    offset: b.offset,
+                    length: b.length,
+                    raw_length: b.raw_length,
+                });
+            }
+        }
+    }
+
+    pub fn has_blob(&self, id: &ContentId) -> bool {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    pub fn locate(&self, id: &ContentId) -> Result<BlobLocation> {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or(RepoError::MissingBlob { id: *id })
+    }
+
+    /// Number of distinct blobs known.
+    pub fn blob_count(&self) -> usize {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Reads one blob: ranged GET, authenticate, check the content id.
+    /// Also authenticates the header of each pack it touches, once.
+    pub fn read_blob(&self, id: &ContentId, kind: BlobKind) -> Result<Vec<u8>> {
+        let loc = self.locate(id)?;
+        if loc.kind != kind {
+            return Err(RepoError::Format {
+                object: loc.pack,
+                reason: format!("blob {id} is a {:?} blob, expected {kind:?}", loc.kind),
+            });
+        }
+        self.verify_pack_header(&loc.pack)?;
+        let sealed = self.block_on(self.store.get_range(&loc.pack, loc.offset, loc.length))?;
+        self.open_blob(id, kind, &loc.pack, &sealed)
+    }
+
+    fn open_blob(
+        &self,
+        id: &ContentId,
+        kind: BlobKind,
+        pack: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>> {
+        let plain = self
+            .key
+            .open(kind.object_kind(), id.as_bytes(), sealed)
+            .map_err(|e| RepoError::crypto(&format!("{pack} (blob {id})"), e))?;
+        if self.key.content_id(&plain) != *id {
+            return Err(RepoError::BlobMismatch {
+                id: *id,
+                object: pack.to_string(),
+            });
+        }
+        Ok(plain)
+    }
+
+    /// Authenticates a pack's header with two ranged reads (cached per pack).
+    pub fn verify_pack_header(&self, pack: &str) -> Result<()> {
+        if self
+            .verified_packs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(pack)
+        {
+            return Ok(());
+        }
+        let perr = |source| RepoError::Pack {
+            object: pack.to_string(),
+            source,
+        };
+        let size = self.block_on(self.store.head(pack))?.size;
+        if size < 4 {
+            return Err(perr(PackError::TooShort(size)));
+        }
+        let tail = self.block_on(self.store.get_range(pack, size - 4, 4))?;
+        let (off, len) = pack::header_range(size, &tail).map_err(perr)?;
+        let sealed = self.block_on(self.store.get_range(pack, off, len))?;
+        let blobs = pack::open_header(&self.key, &sealed, off).map_err(perr)?;
+        self.check_header_against_index(pack, &blobs)?;
+        self.verified_packs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pack.to_string());
+        Ok(())
+    }
+
+    /// Every index entry that points into `pack` must agree with its header.
+    fn check_header_against_index(&self, pack: &str, blobs: &[PackedBlob]) -> Result<()> {
+        let map = self.index.read().unwrap_or_else(|p| p.into_inner());
+        for b in blobs {
+            if let Some(loc) = map.get(&b.id.0) {
+                if loc.pack == pack && (loc.offset != b.offset || loc.length != b.length) {
+                    return Err(RepoError::Format {
+                        object: pack.to_string(),
+                        reason: format!("pack header and index disagree on blob {:?}", b.id),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a whole pack and verifies every byte of it: header, layout,
+    /// each blob's authentication and content id (`check --read-data`).
+    /// Returns the blobs it holds.
+    pub fn verify_pack(&self, pack: &str) -> Result<Vec<PackedBlob>> {
+        let perr = |source| RepoError::Pack {
+            object: pack.to_string(),
+            source,
+        };
+        let bytes = self.block_on(self.store.get(pack))?;
+        let size = bytes.len() as u64;
+        if size < 4 {
+            return Err(perr(PackError::TooShort(size)));
+        }
+        let (off, len) = pack::header_range(size, &bytes[bytes.len() - 4..]).map_err(perr)?;
+        let blobs = pack::open_header(&self.key, &bytes[off as usize..(off + len) as usize], off)
+            .map_err(perr)?;
+        if pack::pack_object_name(&self.key, &bytes) != pack {
+            return Err(RepoError::Format {
+                object: pack.to_string(),
+                reason: "pack content does not match its name".into(),
+            });
+        }
+        for b in &blobs {
+            let kind = BlobKind::from_u8(b.kind).ok_or_else(|| RepoError::Format {
+                object: pack.to_string(),
+                reason: format!("unknown blob kind {}", b.kind),
+            })?;
+            let sealed = &bytes[b.offset as usize..(b.offset + b.length) as usize];
+            let plain = self.open_blob(&b.id.0, kind, pack, sealed)?;
+            if plain.len() as u64 != b.raw_length {
+                return Err(RepoError::Format {
+                    object: pack.to_string(),
+                    reason: format!("blob {:?} length differs from its header entry", b.id),
+                });
+            }
+        }
+        self.check_header_against_index(pack, &blobs)?;
+        Ok(blobs)
+    }
+
+    /// Index entries grouped by pack (for `check`).
+    pub fn packs_in_index(&self) -> HashMap<String, Vec<(ContentId, BlobLocation)>> {
+        let map = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: HashMap<String, Vec<(ContentId, BlobLocation)>> = HashMap::new();
+        for (id, loc) in map.iter() {
+            out.entry(loc.pack.clone())
+                .or_default()
+                .push((*id, loc.clone()));
+        }
+        out
+    }
+
+    pub fn read_tree(&self, id: &ContentId) -> Result<Tree> {
+        let body = self.read_blob(id, BlobKind::Tree)?;
+        from_cbor(&body).map_err(|reason| RepoError::Format {
+            object: format!("tree {id}"),
+            reason,
+        })
+    }
+
+    /// Seals and uploads a record under a fresh random name
+    /// (`<prefix>/<64 hex>`), returning the name.
+    pub fn put_record<T: serde::Serialize>(
+        &self,
+        kind: ObjectKind,
+        prefix: &str,
+        body: &T,
+    ) -> Result<String> {
+        let name = random_name(prefix);
+        let sealed = self.key.seal(kind, name.as_bytes(), &to_cbor(body));
+        self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))?;
+        Ok(name)
+    }
+
+    /// Every snapshot record, sorted by time. Fails naming the first record
+    /// that does not authenticate.
+    pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>> {
+        let mut out = Vec::new();
+        for meta in self.list("snapshots/")? {
+            let rec: SnapshotRecord = self.get_cbor(ObjectKind::Snapshot, &meta.key)?;
+            out.push((meta.key, rec));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotRecord> {
+        self.get_cbor(ObjectKind::Snapshot, name)
+    }
+
+    /// Opens every object under `index/` and `keys/` (for `check`).
+    pub fn read_index_object(&self, name: &str) -> Result<Index> {
+        self.get_cbor(ObjectKind::Index, name)
+    }
+
+    pub fn read_key_check(&self, name: &str) -> Result<KeyCheck> {
+        self.get_cbor(ObjectKind::KeyCheck, name)
+    }
+
+    pub fn writer(&self) -> PackWriter<'_> {
+        PackWriter {
+            repo: self,
+            builder: PackBuilder::default(),
+            pending: HashSet::new(),
+            uploads: Vec::new(),
+            slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
+            stats: WriteStats::default(),
+        }
+    }
+}
+
+type Upload = JoinHandle<std::result::Result<(IndexPack, u64), RepoError>>;
+
+/// Adds blobs to a repository: dedups against the index and against itself,
+/// seals, packs and uploads. `finish` uploads the index for everything it
+/// wrote; nothing it wrote is referenced by a record before that.
+pub struct PackWriter<'r> {
+    repo: &'r Repository,
+    builder: PackBuilder,
+    pending: HashSet<ContentId>,
+    uploads: Vec<Upload>,
+    slots: Arc<Semaphore>,
+    stats: WriteStats,
+}
+
+impl PackWriter<'_> {
+    /// Adds a blob unless the repository (or this writer) already has it.
+    pub fn add(&mut self, kind: BlobKind, plaintext: &[u8]) -> Result<ContentId> {
+        let id = self.repo.key.content_id(plaintext);
+        if self.pending.contains(&id) || self.repo.has_blob(&id) {
+            return Ok(id);
+        }
+        let sealed = self
+            .repo
+            .key
+            .seal(kind.object_kind(), id.as_bytes(), plaintext);
+        if !self.builder.is_empty()
+            && (self.builder.len() + sealed.len()) as u64 > self.repo.config.pack_target
+        {
+            self.flush()?;
+        }
+        self.builder.push(id, kind, &sealed, plaintext.len() as u64);
+        self.pending.insert(id);
+        self.stats.new_blobs += 1;
+        self.stats.new_raw_bytes += plaintext.len() as u64;
+        Ok(id)
+    }
+
+    /// Starts uploading the current pack (waits while too many are in flight).
+    fn flush(&mut self) -> Result<()> {
+        if self.builder.is_empty() {
+            return Ok(());
+        }
+        let builder = std::mem::take(&mut self.builder);
+        let (bytes, blobs) = builder.finish(&self.repo.key);
+        let name = pack::pack_object_name(&self.repo.key, &bytes);
+        let permit = self
+            .repo
+            .block_on(self.slots.clone().acquire_owned())
+            .map_err(|e| RepoError::Task(e.to_string()))?;
+        let store = self.repo.store.clone();
+        let size = bytes.len() as u64;
+        self.uploads.push(self.repo.rt.spawn(async move {
+            let _permit = permit;
+            // AlreadyExists: identical bytes are there (content-addressed name).
+            store.put_if_absent(&name, Bytes::from(bytes)).await?;
+            Ok((IndexPack { pack: name, blobs }, size))
+        }));
+        self.stats.packs_written += 1;
+        self.stats.objects_written += 1;
+        Ok(())
+    }
+
+    /// Uploads the last pack, waits for every upload, then writes one index
+    /// object for all of them and makes the blobs visible to the repository.
+    pub fn finish(mut self) -> Result<WriteStats> {
+        self.flush()?;
+        let mut index = Index::default();
+        for handle in std::mem::take(&mut self.uploads) {
+            let (pack, size) = self
+                .repo
+                .block_on(handle)
+                .map_err(|e| RepoError::Task(e.to_string()))??;
+            self.stats.uploaded_bytes += size;
+            index.packs.push(pack);
+        }
+        if !index.packs.is_empty() {
+            let name = random_name("index");
+            let body = to_cbor(&index);
+            let sealed = self
+                .repo
+                .key
+                .seal(ObjectKind::Index, name.as_bytes(), &body);
+            self.stats.uploaded_bytes += sealed.len() as u64;
+            self.repo
+                .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
+            self.stats.objects_written += 1;
+            self.repo.merge_index(&index);
+            self.repo.lock_loaded().insert(name);
+        }
+        Ok(self.stats)
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        self.stats
+    }
+}
+
+impl BlobId {
+    pub fn id(&self) -> ContentId {
+        self.0
+    }
+}
