@@ -154,13 +154,28 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let line = format!("{e:#}").replace('\n', " ");
-            eprintln!("btrship: error: {line}");
+            eprintln!("btrship: error: {}", one_line(&e));
             exit::code_of(&e)
         }
     };
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(code));
+}
+
+/// The error chain on one line, skipping causes whose text the line
+/// already holds (many errors print their source themselves).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 struct App {

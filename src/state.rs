@@ -7,7 +7,7 @@
 //! migrations applied in order (`PRAGMA user_version`).
 
 use anyhow::{Context, Result};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use std::path::Path;
 
 /// Migrations; entry `i` takes the schema from version `i` to `i + 1`.
