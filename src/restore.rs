@@ -7,9 +7,9 @@
 //! plain path component; files are created with `O_EXCL | O_NOFOLLOW` inside
 //! directories restore itself made.
 
-use crate::exit::{UserError, NOT_FOUND, TARGET};
+use crate::exit::{UserError, DAMAGED, NOT_FOUND, TARGET};
 use crate::progress::Progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use btrship_upload::format::{unsafe_name_reason, BlobKind, Node, NodeKind, SnapshotRecord, Tree};
 use btrship_upload::Repository;
 use chrono::{DateTime, Utc};
@@ -19,6 +19,11 @@ use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Repository content that cannot be right: damaged or hostile.
+fn damaged(message: String) -> anyhow::Error {
+    UserError::new(DAMAGED, message).into()
+}
 
 /// Snapshot records of one share, oldest first.
 pub fn share_snapshots(repo: &Repository, share: &str) -> Result<Vec<(String, SnapshotRecord)>> {
@@ -67,7 +72,13 @@ fn components(path: &str) -> Result<Vec<&str>> {
     for c in path.split('/') {
         match c {
             "" | "." => {}
-            ".." => bail!("path {path:?} may not contain '..'"),
+            ".." => {
+                return Err(UserError::new(
+                    crate::exit::USAGE,
+                    format!("path {path:?} may not contain '..'"),
+                )
+                .into())
+            }
             c => out.push(c),
         }
     }
@@ -77,22 +88,22 @@ fn components(path: &str) -> Result<Vec<&str>> {
 /// Reads a tree and checks its names (FORMAT.md §2): safe, unique.
 pub fn read_checked_tree(repo: &Repository, node: &Node) -> Result<Tree> {
     let Some(id) = node.subtree else {
-        bail!(
+        return Err(damaged(format!(
             "directory {:?} in the repository has no tree",
             String::from_utf8_lossy(&node.name)
-        );
+        )));
     };
     let tree = repo.read_tree(&id.0)?;
     let mut seen = HashSet::new();
     for e in &tree.entries {
         if let Some(reason) = unsafe_name_reason(&e.name) {
-            bail!("tree {id:?} holds an unsafe name {:?} ({reason}): the repository is damaged or hostile", String::from_utf8_lossy(&e.name));
+            return Err(damaged(format!("tree {id:?} holds an unsafe name {:?} ({reason}): the repository is damaged or hostile", String::from_utf8_lossy(&e.name))));
         }
         if !seen.insert(e.name.as_slice()) {
-            bail!(
+            return Err(damaged(format!(
                 "tree {id:?} holds the name {:?} twice: the repository is damaged or hostile",
                 String::from_utf8_lossy(&e.name)
-            );
+            )));
         }
     }
     Ok(tree)
@@ -439,11 +450,14 @@ impl Restorer<'_, '_> {
         for ext in &node.content {
             let (offset, id, len) = (ext.0, ext.1 .0, ext.2);
             if offset.checked_add(len).is_none_or(|end| end > node.size) {
-                bail!("extent {offset}+{len} lies beyond the file size {}: the repository is damaged or hostile", node.size);
+                return Err(damaged(format!("extent {offset}+{len} lies beyond the file size {}: the repository is damaged or hostile", node.size)));
             }
             let data = self.repo.read_blob(&id, BlobKind::Data)?;
             if data.len() as u64 != len {
-                bail!("blob {id} is {} bytes, the tree says {len}", data.len());
+                return Err(damaged(format!(
+                    "blob {id} is {} bytes, the tree says {len}",
+                    data.len()
+                )));
             }
             f.write_all_at(&data, offset)?;
             self.report.bytes += len;

@@ -36,7 +36,9 @@ fn harness_detects_every_kind_of_difference() {
     assert!(has(&|e| e.kind == Kind::Dir), "no dir");
     assert!(has(&|e| e.size == Some(0)), "no empty file");
     assert!(
-        has(&|e| matches!((&e.regions, e.size), (Some(r), Some(s)) if r.iter().map(|x| x.1).sum::<u64>() < s)),
+        has(
+            &|e| matches!((&e.regions, e.size), (Some(r), Some(s)) if r.iter().map(|x| x.1).sum::<u64>() < s)
+        ),
         "no sparse file"
     );
     assert!(has(&|e| e.mode & 0o7000 != 0), "no setuid/setgid/sticky");
@@ -81,7 +83,9 @@ fn harness_detects_every_kind_of_difference() {
     let some_file = t
         .entries
         .iter()
-        .find(|(k, e)| e.kind == Kind::File && std::str::from_utf8(k).is_ok() && !k.contains(&b'\n'))
+        .find(|(k, e)| {
+            e.kind == Kind::File && std::str::from_utf8(k).is_ok() && !k.contains(&b'\n')
+        })
         .map(|(k, _)| String::from_utf8(k.clone()).unwrap())
         .expect("a file");
     assert_same_tree(&share.join(&some_file), &copy.join(&some_file));
@@ -122,7 +126,8 @@ fn harness_detects_every_kind_of_difference() {
     fs::set_permissions(&sp, md.permissions()).unwrap();
     let d = diff_trees(&snapshot_tree(&share), &snapshot_tree(&copy3));
     assert!(
-        d.iter().any(|l| l.contains("data regions")) && !d.iter().any(|l| l.contains("content differs")),
+        d.iter().any(|l| l.contains("data regions"))
+            && !d.iter().any(|l| l.contains("content differs")),
         "densified sparse file: {d:#?}"
     );
 
@@ -146,7 +151,8 @@ fn harness_detects_every_kind_of_difference() {
     set_mtime(&copy5.join(&some_file), mt.0, mt.1);
     let d = diff_trees(&snapshot_tree(&share), &snapshot_tree(&copy5));
     assert!(
-        d.iter().any(|l| l.contains("content differs") || l.contains("size")),
+        d.iter()
+            .any(|l| l.contains("content differs") || l.contains("size")),
         "content change: {d:#?}"
     );
 }

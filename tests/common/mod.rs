@@ -29,6 +29,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
 
+/// Builds a `Vec<OsString>` from mixed `&str`, `String`, `&Path`, `PathBuf`
+/// arguments: `osargs!["restore", NAME, "--to", &dir]`.
+#[allow(unused_macros)]
+macro_rules! osargs {
+    ($($x:expr),* $(,)?) => {
+        vec![$(std::ffi::OsString::from($x)),*] as Vec<std::ffi::OsString>
+    };
+}
+
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
 
@@ -92,9 +101,17 @@ fn require_root_and_btrfs() {
 
 /// The filesystem type of `path` as `stat -f -c %T` prints it.
 pub fn fs_type(path: &Path) -> String {
-    run("stat", &[OsStr::new("-f"), OsStr::new("-c"), OsStr::new("%T"), path.as_os_str()])
-        .trim()
-        .to_string()
+    run(
+        "stat",
+        &[
+            OsStr::new("-f"),
+            OsStr::new("-c"),
+            OsStr::new("%T"),
+            path.as_os_str(),
+        ],
+    )
+    .trim()
+    .to_string()
 }
 
 // ---------------------------------------------------------------------------
@@ -131,11 +148,18 @@ impl LoopBtrfs {
         let img = me.tmp.path().join("disk.img");
         run(
             "truncate",
-            &[OsStr::new("-s"), OsStr::new(&format!("{size_mb}M")), img.as_os_str()],
+            &[
+                OsStr::new("-s"),
+                OsStr::new(&format!("{size_mb}M")),
+                img.as_os_str(),
+            ],
         );
-        let dev = run("losetup", &[OsStr::new("-f"), OsStr::new("--show"), img.as_os_str()])
-            .trim()
-            .to_string();
+        let dev = run(
+            "losetup",
+            &[OsStr::new("-f"), OsStr::new("--show"), img.as_os_str()],
+        )
+        .trim()
+        .to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
         me.dev = Some(PathBuf::from(&dev));
         run("mkfs.btrfs", &["-q", "-f", &dev]);
@@ -148,7 +172,10 @@ impl LoopBtrfs {
     /// Creates a subvolume `mnt/name` and returns its path.
     pub fn subvolume(&self, name: &str) -> PathBuf {
         let p = self.mnt.join(name);
-        run("btrfs", &[OsStr::new("subvolume"), OsStr::new("create"), p.as_os_str()]);
+        run(
+            "btrfs",
+            &[OsStr::new("subvolume"), OsStr::new("create"), p.as_os_str()],
+        );
         p
     }
 
@@ -189,7 +216,10 @@ impl Drop for LoopBtrfs {
                 std::thread::sleep(Duration::from_millis(100));
             }
             if !ok {
-                eprintln!("umount {} failed; trying a lazy unmount", self.mnt.display());
+                eprintln!(
+                    "umount {} failed; trying a lazy unmount",
+                    self.mnt.display()
+                );
                 let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
             }
             self.mounted = false;
@@ -254,7 +284,11 @@ pub fn copy_reference(src: &Path, dst: &Path) {
 pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     for (rel, md) in walk(dir) {
-        if rel.first().map(|c| c.as_bytes() == b".tmp").unwrap_or(false) {
+        if rel
+            .first()
+            .map(|c| c.as_bytes() == b".tmp")
+            .unwrap_or(false)
+        {
             continue;
         }
         if md.is_file() {
@@ -272,7 +306,10 @@ pub fn repo_objects(repo: &Path) -> Vec<(String, PathBuf)> {
         if !md.is_file() {
             continue;
         }
-        let parts: Vec<String> = rel.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+        let parts: Vec<String> = rel
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
         if parts.first().map(|s| s == ".tmp").unwrap_or(false) {
             continue;
         }
@@ -298,7 +335,10 @@ pub fn walk(root: &Path) -> Vec<(Vec<OsString>, fs::Metadata)> {
 fn walk_into(dir: &Path, rel: &mut Vec<OsString>, out: &mut Vec<(Vec<OsString>, fs::Metadata)>) {
     let rd = fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()));
     let mut names: Vec<OsString> = rd
-        .map(|e| e.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())).file_name())
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+                .file_name()
+        })
         .collect();
     names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     for name in names {
@@ -406,6 +446,9 @@ impl Btrship {
                 .args(&full)
                 .env_remove("RUST_LOG")
                 .env_remove("RUST_BACKTRACE")
+                .env_remove("BTRSHIP_LOG")
+                .env_remove("BTRSHIP_CONFIG_DIR")
+                .env_remove("BTRSHIP_STATE_DIR")
                 .stdin(Stdio::null()),
             &describe(&full),
         )
@@ -535,11 +578,16 @@ pub fn check_error_contract(out: &Output, what: &str) -> i32 {
         !stderr.contains("panicked") && !stdout.contains("panicked"),
         "`{what}` panicked:\n{stderr}"
     );
-    let code = out
-        .status
-        .code()
-        .unwrap_or_else(|| panic!("`{what}` was killed by a signal ({}):\n{stderr}", out.status));
-    assert_ne!(code, 0, "`{what}` succeeded, expected a failure:\n--- stdout ---\n{stdout}");
+    let code = out.status.code().unwrap_or_else(|| {
+        panic!(
+            "`{what}` was killed by a signal ({}):\n{stderr}",
+            out.status
+        )
+    });
+    assert_ne!(
+        code, 0,
+        "`{what}` succeeded, expected a failure:\n--- stdout ---\n{stdout}"
+    );
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(
         lines.len() == 1 && lines[0].starts_with("btrship: error: ") && lines[0].len() > 16,
@@ -675,7 +723,10 @@ pub fn snapshot_tree(src: &Path) -> Tree {
         }
         let e = describe_entry(&path, &md);
         if e.kind != Kind::Dir && md.nlink() > 1 {
-            inodes.entry((md.dev(), md.ino())).or_default().insert(key.clone());
+            inodes
+                .entry((md.dev(), md.ino()))
+                .or_default()
+                .insert(key.clone());
         }
         entries.insert(key, e);
     }
@@ -752,7 +803,11 @@ pub fn data_regions(f: &fs::File, size: u64, path: &Path) -> Vec<(u64, u64)> {
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
-            panic!("SEEK_HOLE {}: {}", path.display(), std::io::Error::last_os_error());
+            panic!(
+                "SEEK_HOLE {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         out.push((data as u64, (hole - data) as u64));
         pos = hole;
@@ -820,7 +875,12 @@ fn get_xattr(c: &CString, name: &CString, path: &Path) -> Option<Vec<u8>> {
         }
         // SAFETY: buf is valid for buf.len() bytes.
         let m = unsafe {
-            libc::lgetxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::lgetxattr(
+                c.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if m < 0 {
             let err = std::io::Error::last_os_error();
@@ -840,7 +900,13 @@ pub fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> std::io::Result<()> 
     let n = CString::new(name).expect("xattr name");
     // SAFETY: valid C strings and a buffer of value.len() bytes.
     let r = unsafe {
-        libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
     if r < 0 {
         Err(std::io::Error::last_os_error())
@@ -877,7 +943,12 @@ pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
     ];
     // SAFETY: valid C string and a 2-element timespec array.
     let r = unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
     assert!(
         r == 0,
@@ -896,7 +967,11 @@ fn show_bytes(b: &[u8]) -> String {
 
 fn show_value(b: &[u8]) -> String {
     let hex: String = b.iter().take(24).map(|x| format!("{x:02x}")).collect();
-    format!("[{} bytes: {hex}{}]", b.len(), if b.len() > 24 { "…" } else { "" })
+    format!(
+        "[{} bytes: {hex}{}]",
+        b.len(),
+        if b.len() > 24 { "…" } else { "" }
+    )
 }
 
 fn show_regions(r: &Option<Vec<(u64, u64)>>) -> String {
@@ -917,7 +992,11 @@ pub fn diff_trees(a: &Tree, b: &Tree) -> Vec<String> {
     let mut out = Vec::new();
     let keys: BTreeSet<&Vec<u8>> = a.entries.keys().chain(b.entries.keys()).collect();
     for k in keys {
-        let p = if k.is_empty() { "<root>".to_string() } else { show_bytes(k) };
+        let p = if k.is_empty() {
+            "<root>".to_string()
+        } else {
+            show_bytes(k)
+        };
         match (a.entries.get(k), b.entries.get(k)) {
             (Some(x), None) => out.push(format!("{p}: only in A ({:?})", x.kind)),
             (None, Some(y)) => out.push(format!("{p}: only in B ({:?})", y.kind)),
@@ -930,7 +1009,10 @@ pub fn diff_trees(a: &Tree, b: &Tree) -> Vec<String> {
                     out.push(format!("{p}: mode {:o} vs {:o}", x.mode, y.mode));
                 }
                 if (x.uid, x.gid) != (y.uid, y.gid) {
-                    out.push(format!("{p}: owner {}:{} vs {}:{}", x.uid, x.gid, y.uid, y.gid));
+                    out.push(format!(
+                        "{p}: owner {}:{} vs {}:{}",
+                        x.uid, x.gid, y.uid, y.gid
+                    ));
                 }
                 if x.mtime != y.mtime {
                     out.push(format!(
@@ -981,7 +1063,10 @@ pub fn diff_trees(a: &Tree, b: &Tree) -> Vec<String> {
         }
     }
     let show_group = |g: &BTreeSet<Vec<u8>>| {
-        g.iter().map(|p| show_bytes(p)).collect::<Vec<_>>().join(" = ")
+        g.iter()
+            .map(|p| show_bytes(p))
+            .collect::<Vec<_>>()
+            .join(" = ")
     };
     for g in a.links.difference(&b.links) {
         out.push(format!("hard-link group only in A: {}", show_group(g)));
@@ -1022,6 +1107,12 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 
 /// A seeded random tree generator and mutator. The same seed on the same
 /// starting tree gives the same operations.
+/// Directories deeper than this are not picked to create things in, so
+/// paths stay well below PATH_MAX even with long names.
+const MAX_PICK_DEPTH: usize = 5;
+/// Logical (apparent) size cap for sparse growth.
+const LOGICAL_CAP: u64 = 48 * MIB;
+
 pub struct Mutator {
     rng: StdRng,
     counter: u64,
@@ -1036,6 +1127,8 @@ struct Listing {
     all: Vec<(PathBuf, Vec<OsString>, fs::Metadata)>,
     /// Allocated bytes of regular files (hard links counted once).
     used: u64,
+    /// Logical bytes of regular files (hard links counted once).
+    logical: u64,
 }
 
 impl Listing {
@@ -1043,6 +1136,7 @@ impl Listing {
         let mut all = Vec::new();
         let mut seen = BTreeSet::new();
         let mut used = 0;
+        let mut logical = 0;
         for (rel, md) in walk(root) {
             let mut p = root.to_path_buf();
             for c in &rel {
@@ -1050,10 +1144,11 @@ impl Listing {
             }
             if md.is_file() && seen.insert(md.ino()) {
                 used += md.blocks() * 512;
+                logical += md.len();
             }
             all.push((p, rel, md));
         }
-        Listing { all, used }
+        Listing { all, used, logical }
     }
     fn files(&self) -> Vec<&(PathBuf, Vec<OsString>, fs::Metadata)> {
         self.all.iter().filter(|e| e.2.is_file()).collect()
@@ -1172,7 +1267,11 @@ impl Mutator {
     /// A fresh, unique file or directory name in one of many awkward styles.
     fn name(&mut self, is_dir: bool) -> OsString {
         let n = self.next();
-        let ext = if is_dir { "" } else { [".txt", ".docx", ".bin", "", ".pdf"][self.rng.gen_range(0..5)] };
+        let ext = if is_dir {
+            ""
+        } else {
+            [".txt", ".docx", ".bin", "", ".pdf"][self.rng.gen_range(0..5)]
+        };
         let bytes: Vec<u8> = match self.rng.gen_range(0..20) {
             0..=5 => format!("file{n}{ext}").into_bytes(),
             6 => format!("Document {n}{ext}").into_bytes(),
@@ -1207,7 +1306,11 @@ impl Mutator {
 
     /// A directory to create something in: the root or any existing dir.
     fn pick_dir(&mut self, root: &Path, l: &Listing) -> PathBuf {
-        let dirs = l.dirs();
+        let dirs: Vec<_> = l
+            .dirs()
+            .into_iter()
+            .filter(|d| d.1.len() <= MAX_PICK_DEPTH)
+            .collect();
         if dirs.is_empty() || self.rng.gen_range(0..5) == 0 {
             root.to_path_buf()
         } else {
@@ -1234,7 +1337,9 @@ impl Mutator {
                 pat.iter().cycle().take(len).copied().collect()
             }
             7..=8 => {
-                let words = ["lorem ", "ipsum ", "share ", "samba ", "btrfs ", "\n", "42 "];
+                let words = [
+                    "lorem ", "ipsum ", "share ", "samba ", "btrfs ", "\n", "42 ",
+                ];
                 let mut v = Vec::with_capacity(len);
                 while v.len() < len {
                     v.extend_from_slice(words[self.rng.gen_range(0..words.len())].as_bytes());
@@ -1278,7 +1383,8 @@ impl Mutator {
         let len = self.file_size(l);
         let data = self.content(len);
         fs::write(&p, &data).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-        self.log.push(format!("create {} ({len} bytes)", p.display()));
+        self.log
+            .push(format!("create {} ({len} bytes)", p.display()));
         1
     }
 
@@ -1290,7 +1396,8 @@ impl Mutator {
         let len = self.rng.gen_range(1..=64 * 1024usize);
         let data = self.content(len);
         Self::write_at(&p, off, &data);
-        self.log.push(format!("overwrite {} at {off} len {len}", p.display()));
+        self.log
+            .push(format!("overwrite {} at {off} len {len}", p.display()));
     }
 
     fn op_append(&mut self, l: &Listing) {
@@ -1315,7 +1422,13 @@ impl Mutator {
         let new = if size > 0 && self.rng.gen_bool(0.5) {
             self.rng.gen_range(0..size)
         } else {
-            size + self.rng.gen_range(1..2 * MIB)
+            size + self.rng.gen_range(
+                1..if l.logical < LOGICAL_CAP {
+                    MIB
+                } else {
+                    4 * KIB
+                },
+            )
         };
         let fh = fs::OpenOptions::new()
             .write(true)
@@ -1323,7 +1436,8 @@ impl Mutator {
             .open(&p)
             .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
         fh.set_len(new).expect("set_len");
-        self.log.push(format!("truncate {} {size} -> {new}", p.display()));
+        self.log
+            .push(format!("truncate {} {size} -> {new}", p.display()));
     }
 
     /// A new sparse file: data islands at random offsets (holes between),
@@ -1334,9 +1448,14 @@ impl Mutator {
         let fh = fs::File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
         drop(fh);
         let islands = self.rng.gen_range(0..4);
+        let spread = if l.logical < LOGICAL_CAP {
+            2 * MIB
+        } else {
+            256 * KIB
+        };
         let mut end = 0u64;
         for _ in 0..islands {
-            let off = end + self.rng.gen_range(64 * KIB..3 * MIB);
+            let off = end + self.rng.gen_range(64 * KIB..spread);
             let len = self.rng.gen_range(1..64 * 1024usize);
             let data = self.content(len);
             Self::write_at(&p, off, &data);
@@ -1344,15 +1463,17 @@ impl Mutator {
         }
         if islands == 0 || self.rng.gen_bool(0.4) {
             let fh = fs::OpenOptions::new().write(true).open(&p).expect("open");
-            fh.set_len(end + self.rng.gen_range(4 * KIB..2 * MIB)).expect("set_len");
+            fh.set_len(end + self.rng.gen_range(4 * KIB..spread))
+                .expect("set_len");
         }
-        self.log.push(format!("sparse {} ({islands} islands)", p.display()));
+        self.log
+            .push(format!("sparse {} ({islands} islands)", p.display()));
         1
     }
 
     fn op_mkdir(&mut self, root: &Path, l: &Listing) -> usize {
         let mut dir = self.pick_dir(root, l);
-        let depth = self.rng.gen_range(1..=3);
+        let depth = self.rng.gen_range(1..=2);
         for _ in 0..depth {
             dir = dir.join(self.name(true));
             fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
@@ -1363,13 +1484,26 @@ impl Mutator {
 
     fn op_rename(&mut self, root: &Path, l: &Listing) {
         let Some(src) = self.pick(&l.all) else { return };
-        let (src, src_is_dir) = (src.0.clone(), src.2.is_dir());
+        let (src, src_is_dir, src_depth) = (src.0.clone(), src.2.is_dir(), src.1.len());
+        // How deep the moved subtree reaches below `src`.
+        let below = l
+            .all
+            .iter()
+            .filter(|e| e.0.starts_with(&src))
+            .map(|e| e.1.len() - src_depth)
+            .max()
+            .unwrap_or(0);
         let parent = src.parent().expect("parent").to_path_buf();
         let dest_dir = if self.rng.gen_bool(0.4) {
             parent
         } else {
             let candidates: Vec<PathBuf> = std::iter::once(root.to_path_buf())
-                .chain(l.dirs().into_iter().map(|d| d.0.clone()))
+                .chain(
+                    l.dirs()
+                        .into_iter()
+                        .filter(|d| d.1.len() + 1 + below <= MAX_PICK_DEPTH + 3)
+                        .map(|d| d.0.clone()),
+                )
                 .filter(|d| !d.starts_with(&src))
                 .collect();
             candidates[self.rng.gen_range(0..candidates.len())].clone()
@@ -1391,7 +1525,8 @@ impl Mutator {
         };
         fs::rename(&src, &dst)
             .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", src.display(), dst.display()));
-        self.log.push(format!("rename {} -> {}", src.display(), dst.display()));
+        self.log
+            .push(format!("rename {} -> {}", src.display(), dst.display()));
     }
 
     fn op_delete_file(&mut self, l: &Listing) {
@@ -1418,13 +1553,18 @@ impl Mutator {
         let dst = dir.join(self.name(false));
         fs::hard_link(&src, &dst)
             .unwrap_or_else(|e| panic!("link {} -> {}: {e}", src.display(), dst.display()));
-        self.log.push(format!("hardlink {} = {}", dst.display(), src.display()));
+        self.log
+            .push(format!("hardlink {} = {}", dst.display(), src.display()));
         1
     }
 
     fn op_symlink(&mut self, root: &Path, l: &Listing) -> usize {
         let dir = self.pick_dir(root, l);
-        let depth = dir.strip_prefix(root).expect("under root").components().count();
+        let depth = dir
+            .strip_prefix(root)
+            .expect("under root")
+            .components()
+            .count();
         let target: OsString = match self.rng.gen_range(0..7) {
             // relative, to any entry (file or dir) of the tree
             0..=2 if !l.all.is_empty() => {
@@ -1433,8 +1573,9 @@ impl Mutator {
                 t.extend(join_rel(&e.1));
                 OsString::from_vec(t)
             }
-            3 => ["/etc/passwd", "/srv/samba/share/elsewhere", "/", "/tmp"][self.rng.gen_range(0..4)]
-                .into(),
+            3 => ["/etc/passwd", "/srv/samba/share/elsewhere", "/", "/tmp"]
+                [self.rng.gen_range(0..4)]
+            .into(),
             4 => format!("does/not/exist{}", self.next()).into(),
             5 => {
                 let mut t = b"dangling \xff ".to_vec();
@@ -1446,7 +1587,8 @@ impl Mutator {
         let p = dir.join(self.name(false));
         std::os::unix::fs::symlink(&target, &p)
             .unwrap_or_else(|e| panic!("symlink {}: {e}", p.display()));
-        self.log.push(format!("symlink {} -> {:?}", p.display(), target));
+        self.log
+            .push(format!("symlink {} -> {:?}", p.display(), target));
         1
     }
 
@@ -1456,7 +1598,12 @@ impl Mutator {
         let c = cpath(&p);
         // SAFETY: valid C string.
         let r = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
-        assert!(r == 0, "mkfifo {}: {}", p.display(), std::io::Error::last_os_error());
+        assert!(
+            r == 0,
+            "mkfifo {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
         self.log.push(format!("mkfifo {}", p.display()));
         1
     }
@@ -1469,17 +1616,31 @@ impl Mutator {
         let c = cpath(&p);
         let major = self.rng.gen_range(240..=254);
         let minor = self.rng.gen_range(0..1000);
-        let kind = if self.rng.gen_bool(0.7) { libc::S_IFCHR } else { libc::S_IFBLK };
+        let kind = if self.rng.gen_bool(0.7) {
+            libc::S_IFCHR
+        } else {
+            libc::S_IFBLK
+        };
         let dev = libc::makedev(major, minor);
         // SAFETY: valid C string.
         let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) };
-        assert!(r == 0, "mknod {}: {}", p.display(), std::io::Error::last_os_error());
-        self.log.push(format!("mknod {} {major}:{minor}", p.display()));
+        assert!(
+            r == 0,
+            "mknod {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        self.log
+            .push(format!("mknod {} {major}:{minor}", p.display()));
         1
     }
 
     fn op_chmod(&mut self, l: &Listing) {
-        let cands: Vec<_> = l.all.iter().filter(|e| !e.2.file_type().is_symlink()).collect();
+        let cands: Vec<_> = l
+            .all
+            .iter()
+            .filter(|e| !e.2.file_type().is_symlink())
+            .collect();
         let Some(e) = self.pick(&cands) else { return };
         let p = e.0.clone();
         let modes = [
@@ -1495,8 +1656,16 @@ impl Mutator {
     fn op_chown(&mut self, l: &Listing) {
         let Some(e) = self.pick(&l.all) else { return };
         let p = e.0.clone();
-        let uid = if self.rng.gen_bool(0.1) { 0 } else { self.rng.gen_range(1000..=1005) };
-        let gid = if self.rng.gen_bool(0.1) { 0 } else { self.rng.gen_range(1000..=1005) };
+        let uid = if self.rng.gen_bool(0.1) {
+            0
+        } else {
+            self.rng.gen_range(1000..=1005)
+        };
+        let gid = if self.rng.gen_bool(0.1) {
+            0
+        } else {
+            self.rng.gen_range(1000..=1005)
+        };
         std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("lchown {}: {e}", p.display()));
         self.log.push(format!("chown {uid}:{gid} {}", p.display()));
@@ -1508,11 +1677,16 @@ impl Mutator {
         let sec = self.rng.gen_range(0..2_000_000_000i64);
         let nsec = self.rng.gen_range(0..1_000_000_000i64);
         set_mtime(&p, sec, nsec);
-        self.log.push(format!("mtime {sec}.{nsec:09} {}", p.display()));
+        self.log
+            .push(format!("mtime {sec}.{nsec:09} {}", p.display()));
     }
 
     fn op_xattr(&mut self, l: &Listing) {
-        let cands: Vec<_> = l.all.iter().filter(|e| e.2.is_file() || e.2.is_dir()).collect();
+        let cands: Vec<_> = l
+            .all
+            .iter()
+            .filter(|e| e.2.is_file() || e.2.is_dir())
+            .collect();
         let Some(e) = self.pick(&cands) else { return };
         let p = e.0.clone();
         let r = self.rng.gen_range(0..100);
@@ -1523,7 +1697,8 @@ impl Mutator {
                 .collect();
             if let Some(n) = self.pick(&existing).cloned() {
                 remove_xattr(&p, &n).unwrap_or_else(|e| panic!("removexattr {}: {e}", p.display()));
-                self.log.push(format!("rmxattr {} {}", show_bytes(&n), p.display()));
+                self.log
+                    .push(format!("rmxattr {} {}", show_bytes(&n), p.display()));
                 return;
             }
         }
@@ -1548,7 +1723,9 @@ impl Mutator {
             }
             40..=69 => {
                 // Shaped like Samba's DOSATTRIB: version, flags, attrib, times.
-                let mut v = vec![0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x00, 0x51, 0x00, 0x00, 0x00];
+                let mut v = vec![
+                    0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x00, 0x51, 0x00, 0x00, 0x00,
+                ];
                 v.push(self.rng.gen_range(0..0x40));
                 v.extend([0u8; 3]);
                 let tail = self.bytes(40);
@@ -1563,11 +1740,16 @@ impl Mutator {
         };
         set_xattr(&p, &name, &value)
             .unwrap_or_else(|e| panic!("setxattr {} {}: {e}", show_bytes(&name), p.display()));
-        self.log.push(format!("xattr {} {}", show_bytes(&name), p.display()));
+        self.log
+            .push(format!("xattr {} {}", show_bytes(&name), p.display()));
     }
 
     fn op_acl(&mut self, l: &Listing) {
-        let cands: Vec<_> = l.all.iter().filter(|e| e.2.is_file() || e.2.is_dir()).collect();
+        let cands: Vec<_> = l
+            .all
+            .iter()
+            .filter(|e| e.2.is_file() || e.2.is_dir())
+            .collect();
         let Some(e) = self.pick(&cands) else { return };
         let (p, is_dir) = (e.0.clone(), e.2.is_dir());
         let uid = self.rng.gen_range(1000..=1005);
@@ -1581,6 +1763,7 @@ impl Mutator {
         all.push("--".into());
         all.push(p.clone().into());
         run("setfacl", &all);
-        self.log.push(format!("setfacl {} {}", show_args(&args), p.display()));
+        self.log
+            .push(format!("setfacl {} {}", show_args(&args), p.display()));
     }
 }

@@ -161,6 +161,11 @@ impl Repository {
     /// does not authenticate is an error.
     pub fn open(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
         let repo = Self::open_config(store, key, rt)?;
+        // Key checks are few and small: authenticate them all on open, so a
+        // tampered one is noticed by every command, not only by `check`.
+        for meta in repo.list("keys/")? {
+            repo.read_key_check(&meta.key)?;
+        }
         repo.load_index()?;
         Ok(repo)
     }
