@@ -1,19 +1,8 @@
-//! `btrship`: ship a Samba share on btrfs to object storage — read-only
-//! snapshots, compressed and encrypted locally — and restore any path as it
-//! was at any time. This crate is the CLI, configuration, state database and
-//! orchestration; it is the only place that builds a tokio runtime, prints,
-//! or reads the environment.
-
-mod check;
-mod config;
-mod exit;
-mod progress;
-mod restore;
-mod ship;
-mod state;
-mod timespec;
+//! The `btrship` command line: parses arguments, builds the tokio runtime,
+//! calls the library (`src/lib.rs`), prints, and maps errors to exit codes.
 
 use anyhow::{Context, Result};
+use btrship::{check, config, exit, progress, queue, restore, ship, state, timespec};
 use btrship_crypto::MasterKey;
 use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::local::LocalStore;
@@ -246,6 +235,27 @@ fn host_name() -> String {
     }
 }
 
+fn print_ship(report: &ship::ShipReport) {
+    let how = match &report.change_detection {
+        ship::ChangeDetection::Btrfs { changed_inodes, .. } => {
+            format!("{changed_inodes} inodes changed since the parent")
+        }
+        ship::ChangeDetection::FullWalk { reason } => format!("full walk: {reason}"),
+    };
+    println!(
+        "shipped {} ({}; {how}): {} files, {}; read {}, new {}, uploaded {} in {} objects, {:.2} s",
+        report.snapshot,
+        report.record,
+        report.files,
+        mib(report.bytes),
+        mib(report.read_bytes),
+        mib(report.new_bytes),
+        mib(report.uploaded_bytes),
+        report.objects_written,
+        report.seconds
+    );
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
@@ -414,94 +424,20 @@ impl App {
         let area = PrivateArea::open(&share, name)?;
         let mut state = state::State::open(&self.state_path(name))?;
 
-        // Reconcile the queue with the snapshots on disk (a crash may sit between the two).
-        let on_disk = area.list_snapshots()?;
-        let known = state.snapshots()?;
-        for s in &on_disk {
-            if !known.iter().any(|k| k.name == s.name) {
-                state.add_taken(&s.name, &s.time.to_rfc3339())?;
-            }
-        }
-        for k in known.iter().filter(|k| !k.shipped) {
-            if !on_disk.iter().any(|s| s.name == k.name) {
-                let msg = format!("snapshot {} vanished before it was shipped", k.name);
-                tracing::error!("{msg}");
-                state.log_event("error", &msg)?;
-                state.forget(&k.name)?;
-            }
-        }
-
-        let new = area.create_snapshot(&share)?;
-        state.add_taken(&new.name, &new.time.to_rfc3339())?;
-
-        let mut reports = Vec::new();
-        for pending in state.snapshots()?.into_iter().filter(|s| !s.shipped) {
-            let info = area.get(&pending.name)?;
-            let parent_tree = state
-                .last_shipped()?
-                .and_then(|s| s.tree)
-                .and_then(|t| <[u8; 32]>::try_from(t.as_slice()).ok())
-                .map(btrship_crypto::ContentId);
-            let mut progress = Progress::new("shipping", self.progress && !json);
-            let input = ship::ShipInput {
-                share: name,
-                host: &host_name(),
-                snapshot_name: &info.name,
-                time: info.time,
-                root: &info.path,
-                parent_tree,
-            };
-            let (report, tree) = match ship::ship(&repo, &input, &mut progress) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = state.log_event("error", &format!("shipping {}: {e:#}", info.name));
-                    return Err(
-                        e.context(format!("shipping snapshot {} (it stays queued)", info.name))
-                    );
+        let reports = queue::take_and_ship(
+            &repo,
+            &mut state,
+            &share,
+            &area,
+            &cfg,
+            &host_name(),
+            self.progress && !json,
+            |report| {
+                if !json {
+                    print_ship(report)
                 }
-            };
-            state.mark_shipped(
-                &info.name,
-                &report.record,
-                tree.as_bytes(),
-                &serde_json::to_string(&report)?,
-            )?;
-            if !json {
-                println!(
-                    "shipped {} ({}): {} files, {}; read {}, new {}, uploaded {} in {} objects, {:.2} s",
-                    report.snapshot,
-                    report.record,
-                    report.files,
-                    mib(report.bytes),
-                    mib(report.read_bytes),
-                    mib(report.new_bytes),
-                    mib(report.uploaded_bytes),
-                    report.objects_written,
-                    report.seconds
-                );
-            }
-            reports.push(report);
-        }
-
-        // Keep the newest shipped snapshots on disk; delete older ones.
-        let shipped: Vec<_> = state
-            .snapshots()?
-            .into_iter()
-            .filter(|s| s.shipped)
-            .map(|s| s.name)
-            .collect();
-        let on_disk = area.list_snapshots()?;
-        let keep = cfg.keep_local_snapshots.max(1);
-        let shipped_on_disk: Vec<_> = on_disk
-            .iter()
-            .filter(|s| shipped.contains(&s.name))
-            .collect();
-        for old in shipped_on_disk
-            .iter()
-            .take(shipped_on_disk.len().saturating_sub(keep))
-        {
-            area.delete_snapshot(&old.name)?;
-        }
+            },
+        )?;
         if json {
             print_json(&serde_json::json!({ "version": 1, "shipped": reports }))?;
         }

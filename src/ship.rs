@@ -1,32 +1,67 @@
-//! Shipping one read-only snapshot: walk it, chunk what changed, build trees
-//! bottom-up, pack and upload, then write the snapshot record last
-//! (FORMAT.md §8).
+//! Shipping one read-only snapshot: find what changed, chunk only that,
+//! build trees bottom-up, pack and upload, then write the snapshot record
+//! last (FORMAT.md §8).
 //!
-//! Change detection in this version: a file whose inode number, size, mtime
-//! and ctime equal those in the parent snapshot's tree keeps its content
-//! list without being read; everything else is read and chunked, and chunks
-//! the repository already holds are not uploaded again.
+//! Change detection, when the parent snapshot (the last shipped one) is
+//! still on disk: btrfs itself says which inodes changed since the parent was
+//! taken (inode items with a newer transid, found by a tree search that only
+//! visits btree blocks written since). Their paths give the *dirty*
+//! directories: those holding a changed inode somewhere below. Only dirty
+//! directories are listed; in them only changed inodes are stat'ed;
+//! everything else — whole subtrees, and files in dirty directories whose
+//! inode did not change — is reused from the parent's tree without a
+//! syscall. A changed file is compared with its parent version by extent
+//! maps (FIEMAP): only chunks overlapping changed byte ranges are read and
+//! re-chunked, so renames, links and metadata changes read no data.
+//!
+//! Fallback, never silently wrong: with no parent on disk, or when btrfs
+//! cannot answer, every directory is listed and every file stat'ed; a file
+//! whose inode number, size, mtime and ctime equal its parent version keeps
+//! its chunks, others are read whole. The report says which mode ran, why.
 
 use crate::progress::Progress;
+use crate::state::State;
 use anyhow::{Context, Result};
 use btrship_crypto::{ContentId, ObjectKind};
-use btrship_diff::{ChunkSizes, FileKind, FsMeta};
+use btrship_diff::{ChunkSizes, FileKind, FsMeta, OldChunk, Piece};
 use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree, Xattr,
 };
 use btrship_upload::{PackWriter, Repository, WriteStats};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::DirEntryExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Inode number of a subvolume's root directory.
+const ROOT_INO: u64 = 256;
+
+/// How the change set was found.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum ChangeDetection {
+    /// btrfs-native: changed inodes since the parent snapshot.
+    Btrfs {
+        parent: String,
+        changed_inodes: u64,
+        dirty_dirs: u64,
+    },
+    /// Every directory listed and every entry stat'ed.
+    FullWalk { reason: String },
+}
 
 /// What one ship did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ShipReport {
     pub record: String,
     pub snapshot: String,
+    pub change_detection: ChangeDetection,
     pub files: u64,
     pub dirs: u64,
     pub bytes: u64,
+    pub stat_calls: u64,
     pub read_bytes: u64,
     pub reused_files: u64,
     pub new_blobs: u64,
@@ -36,56 +71,136 @@ pub struct ShipReport {
     pub seconds: f64,
 }
 
+/// The last shipped snapshot: its tree in the repository and, when it is
+/// still on disk, its path (needed for btrfs-native change detection).
+pub struct Parent {
+    pub name: String,
+    pub tree: ContentId,
+    pub path: Option<PathBuf>,
+}
+
 pub struct ShipInput<'a> {
     pub share: &'a str,
     pub host: &'a str,
     pub snapshot_name: &'a str,
     pub time: chrono::DateTime<chrono::Utc>,
     pub root: &'a Path,
-    pub parent_tree: Option<ContentId>,
+    pub parent: Option<Parent>,
+}
+
+/// Files, directories and bytes below a tree (cached per tree id).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Totals) {
+        self.files += o.files;
+        self.dirs += o.dirs;
+        self.bytes += o.bytes;
+    }
+}
+
+/// The btrfs-native change set.
+struct Changes {
+    parent_path: PathBuf,
+    changed: HashSet<u64>,
+    /// Share-relative paths ("" = root) of directories to list.
+    dirty: HashSet<PathBuf>,
 }
 
 pub fn ship(
     repo: &Repository,
+    state: &State,
     input: &ShipInput<'_>,
     progress: &mut Progress,
 ) -> Result<(ShipReport, ContentId)> {
     let started = std::time::Instant::now();
     let cfg = repo.config().chunker;
+    let parent_root = match &input.parent {
+        Some(p) => match repo.read_tree(&p.tree) {
+            Ok(t) => Some(Rc::new(t)),
+            Err(e) => {
+                tracing::warn!("parent tree {} unreadable, reading every file: {e}", p.tree);
+                None
+            }
+        },
+        None => None,
+    };
+    let (changes, detection) = match (&input.parent, &parent_root) {
+        (None, _) => (None, full("first snapshot of this share")),
+        (Some(_), None) => (None, full("the parent snapshot's tree is unreadable")),
+        (Some(Parent { path: None, .. }), _) => {
+            (None, full("the parent snapshot is no longer on disk"))
+        }
+        (
+            Some(Parent {
+                path: Some(pp),
+                name,
+                ..
+            }),
+            Some(_),
+        ) => match find_changes(pp, input.root) {
+            Ok(c) => {
+                let d = ChangeDetection::Btrfs {
+                    parent: name.clone(),
+                    changed_inodes: c.changed.len() as u64,
+                    dirty_dirs: c.dirty.len() as u64,
+                };
+                (Some(c), d)
+            }
+            Err(e) => (None, full(&format!("btrfs could not list changes: {e:#}"))),
+        },
+    };
+    if let ChangeDetection::FullWalk { reason } = &detection {
+        tracing::info!("full walk of {}: {reason}", input.snapshot_name);
+    }
     let mut walker = Walker {
         repo,
+        state,
         writer: repo.writer(),
         sizes: ChunkSizes {
             min: cfg.min,
             avg: cfg.avg,
             max: cfg.max,
         },
+        root: input.root.to_path_buf(),
+        changes,
+        parent_root: parent_root.clone(),
+        trees: HashMap::new(),
+        totals: HashMap::new(),
+        new_totals: Vec::new(),
         hardlinks: HashMap::new(),
-        stats: SnapshotStats::default(),
+        stat_calls: 0,
         read_bytes: 0,
         reused_files: 0,
         progress,
     };
-    let parent = match input.parent_tree {
-        Some(id) => match repo.read_tree(&id) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!("parent tree unreadable, reading every file: {e}");
-                None
-            }
-        },
-        None => None,
-    };
     let meta = btrship_diff::read_meta(input.root)?;
-    let tree = walker.dir(input.root, parent.as_ref())?;
+    let old_root = parent_root.as_ref().map(|_| {
+        let mut n = node_from(b"", &meta);
+        n.subtree = input.parent.as_ref().map(|p| BlobId(p.tree));
+        n
+    });
+    let (tree, totals) = walker.dir(Path::new(""), meta.ino, old_root.as_ref())?;
     let mut root = node_from(b"", &meta);
     root.subtree = Some(BlobId(tree));
-    let (stats, read_bytes, reused_files) = (walker.stats, walker.read_bytes, walker.reused_files);
     walker.progress.finish();
+    let (stat_calls, read_bytes, reused_files) = (
+        walker.stat_calls + 1,
+        walker.read_bytes,
+        walker.reused_files,
+    );
+    let new_totals = std::mem::take(&mut walker.new_totals);
     let written: WriteStats = walker.writer.finish()?;
     let stats = SnapshotStats {
+        files: totals.files,
+        dirs: totals.dirs,
+        bytes: totals.bytes,
         new_bytes: written.new_raw_bytes,
-        ..stats
     };
     let record = SnapshotRecord {
         share: input.share.to_string(),
@@ -96,19 +211,22 @@ pub fn ship(
         snapshot: input.snapshot_name.to_string(),
         tree: BlobId(tree),
         root,
-        parent: input.parent_tree.map(BlobId),
+        parent: input.parent.as_ref().map(|p| BlobId(p.tree)),
         stats,
     };
     let name = repo
         .put_record(ObjectKind::Snapshot, "snapshots", &record)
         .context("cannot write the snapshot record")?;
+    state.cache_tree_totals(&new_totals)?;
     Ok((
         ShipReport {
             record: name,
             snapshot: input.snapshot_name.to_string(),
+            change_detection: detection,
             files: stats.files,
             dirs: stats.dirs,
             bytes: stats.bytes,
+            stat_calls,
             read_bytes,
             reused_files,
             new_blobs: written.new_blobs,
@@ -121,99 +239,360 @@ pub fn ship(
     ))
 }
 
+fn full(reason: &str) -> ChangeDetection {
+    ChangeDetection::FullWalk {
+        reason: reason.to_string(),
+    }
+}
+
+/// Changed inodes of `new` since `parent` was taken, and the directories
+/// that hold them.
+fn find_changes(parent: &Path, new: &Path) -> Result<Changes> {
+    let gens = btrship_snapshot::subvol_generations(parent)?;
+    // `>= otransid`: a change made in the parent's own transaction is
+    // re-examined (harmless) rather than risked.
+    let changed = btrship_snapshot::changed_inodes(new, gens.otransid)?;
+    let mut dirty = HashSet::new();
+    dirty.insert(PathBuf::new());
+    for c in &changed {
+        let paths = btrship_snapshot::inode_paths(new, c.ino)?;
+        anyhow::ensure!(
+            !paths.is_empty() || c.ino == ROOT_INO,
+            "changed inode {} has no path in {}",
+            c.ino,
+            new.display()
+        );
+        for p in paths {
+            if c.mode & libc::S_IFMT == libc::S_IFDIR {
+                dirty.insert(p.clone());
+            }
+            let mut a = p.as_path();
+            while let Some(up) = a.parent() {
+                dirty.insert(up.to_path_buf());
+                a = up;
+            }
+        }
+    }
+    Ok(Changes {
+        parent_path: parent.to_path_buf(),
+        changed: changed.into_iter().map(|c| c.ino).collect(),
+        dirty,
+    })
+}
+
 struct Walker<'r, 'p> {
     repo: &'r Repository,
+    state: &'r State,
     writer: PackWriter<'r>,
     sizes: ChunkSizes,
+    root: PathBuf,
+    changes: Option<Changes>,
+    parent_root: Option<Rc<Tree>>,
+    /// Parent trees read so far.
+    trees: HashMap<ContentId, Rc<Tree>>,
+    totals: HashMap<ContentId, Totals>,
+    /// Totals of trees built in this ship, cached in the state database.
+    new_totals: Vec<(ContentId, Totals)>,
     /// Content of multiply-linked inodes already chunked in this ship.
     hardlinks: HashMap<u64, Vec<Extent>>,
-    stats: SnapshotStats,
+    stat_calls: u64,
     read_bytes: u64,
     reused_files: u64,
     progress: &'p mut Progress,
 }
 
 impl Walker<'_, '_> {
-    /// Ships one directory's subtree; returns its tree blob id.
-    fn dir(&mut self, path: &Path, parent: Option<&Tree>) -> Result<ContentId> {
-        let before: HashMap<&[u8], &Node> = parent
-            .map(|t| t.entries.iter().map(|n| (n.name.as_slice(), n)).collect())
-            .unwrap_or_default();
+    fn tree(&mut self, id: ContentId) -> Option<Rc<Tree>> {
+        if let Some(t) = self.trees.get(&id) {
+            return Some(t.clone());
+        }
+        match self.repo.read_tree(&id) {
+            Ok(t) => {
+                let t = Rc::new(t);
+                self.trees.insert(id, t.clone());
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!("parent tree {id} unreadable; its files are read again: {e}");
+                None
+            }
+        }
+    }
+
+    /// Totals below a parent tree being reused (cache, then the repository).
+    fn totals_of(&mut self, id: ContentId) -> Result<Totals> {
+        if let Some(t) = self.totals.get(&id) {
+            return Ok(*t);
+        }
+        if let Some(t) = self.state.tree_totals(id.as_bytes())? {
+            self.totals.insert(id, t);
+            return Ok(t);
+        }
+        let tree = self
+            .repo
+            .read_tree(&id)
+            .with_context(|| format!("reading tree {id} for its totals"))?;
+        let mut t = Totals::default();
+        for n in &tree.entries {
+            t += self.entry_totals(n)?;
+        }
+        self.totals.insert(id, t);
+        self.new_totals.push((id, t));
+        Ok(t)
+    }
+
+    fn entry_totals(&mut self, n: &Node) -> Result<Totals> {
+        Ok(match n.kind {
+            NodeKind::Dir => {
+                let mut t = Totals {
+                    dirs: 1,
+                    ..Totals::default()
+                };
+                if let Some(id) = n.subtree {
+                    t += self.totals_of(id.0)?;
+                }
+                t
+            }
+            NodeKind::File => Totals {
+                files: 1,
+                bytes: n.size,
+                dirs: 0,
+            },
+            _ => Totals::default(),
+        })
+    }
+
+    /// The parent's node for the inode at share-relative `rel`'s parent
+    /// snapshot path, found through btrfs (the inode may have moved).
+    fn parent_node_by_ino(&mut self, ino: u64) -> Result<Option<(Node, PathBuf)>> {
+        let Some(ch) = &self.changes else {
+            return Ok(None);
+        };
+        let parent_path = ch.parent_path.clone();
+        let Some(rel) = btrship_snapshot::inode_paths(&parent_path, ino)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let Some(root) = self.parent_root.clone() else {
+            return Ok(None);
+        };
+        let mut tree = root;
+        let comps: Vec<_> = rel.components().collect();
+        for (i, c) in comps.iter().enumerate() {
+            let name = c.as_os_str().as_bytes();
+            let Some(node) = tree.entries.iter().find(|n| n.name == name).cloned() else {
+                return Ok(None);
+            };
+            if i + 1 == comps.len() {
+                return Ok((node.ino == ino).then(|| (node, parent_path.join(&rel))));
+            }
+            let Some(next) = node.subtree.and_then(|id| self.tree(id.0)) else {
+                return Ok(None);
+            };
+            tree = next;
+        }
+        Ok(None)
+    }
+
+    /// Ships the directory at share-relative `rel`; returns its tree id and totals.
+    fn dir(&mut self, rel: &Path, ino: u64, old: Option<&Node>) -> Result<(ContentId, Totals)> {
+        let old = old.filter(|o| o.kind == NodeKind::Dir && o.ino == ino);
+        let is_dirty = self.changes.as_ref().map(|c| c.dirty.contains(rel));
+        if let (Some(false), Some(o)) = (is_dirty, old) {
+            if let Some(id) = o.subtree {
+                return Ok((id.0, self.totals_of(id.0)?));
+            }
+        }
+        let old_tree = old.and_then(|o| o.subtree).and_then(|id| self.tree(id.0));
+        let mut by_ino: HashMap<u64, Vec<&Node>> = HashMap::new();
+        if let Some(t) = &old_tree {
+            for n in &t.entries {
+                by_ino.entry(n.ino).or_default().push(n);
+            }
+        }
+        let abs = self.root.join(rel);
+        let mut entries: Vec<(Vec<u8>, u64)> = Vec::new();
+        for e in std::fs::read_dir(&abs).with_context(|| format!("{}", abs.display()))? {
+            let e = e.with_context(|| format!("{}", abs.display()))?;
+            entries.push((e.file_name().as_bytes().to_vec(), e.ino()));
+        }
+        entries.sort();
         let mut tree = Tree::default();
-        for name in btrship_diff::read_dir_sorted(path)? {
-            let child = path.join(&name);
-            let meta = btrship_diff::read_meta(&child)?;
-            let mut node = node_from(name.as_bytes(), &meta);
-            let old = before.get(name.as_bytes()).copied();
+        let mut totals = Totals::default();
+        for (name, d_ino) in entries {
+            let child_rel = rel.join(OsStr::from_bytes(&name));
+            let same_dir_old = by_ino.get(&d_ino).and_then(|v| {
+                v.iter()
+                    .find(|n| n.name == name)
+                    .or_else(|| v.first())
+                    .map(|n| (*n).clone())
+            });
+            let unchanged = self
+                .changes
+                .as_ref()
+                .is_some_and(|c| !c.changed.contains(&d_ino));
+            if let (true, Some(o)) = (unchanged, &same_dir_old) {
+                // Inode untouched since the parent: reuse without a stat.
+                let mut node = o.clone();
+                node.name = name.clone();
+                if node.kind == NodeKind::Dir {
+                    let (id, t) = self.dir(&child_rel, d_ino, Some(o))?;
+                    node.subtree = Some(BlobId(id));
+                    totals += t;
+                    totals.dirs += 1;
+                } else {
+                    if node.kind == NodeKind::File {
+                        self.reused_files += 1;
+                    }
+                    totals += self.entry_totals(&node)?;
+                }
+                tree.entries.push(node);
+                continue;
+            }
+            let child_abs = self.root.join(&child_rel);
+            let meta = btrship_diff::read_meta(&child_abs)?;
+            self.stat_calls += 1;
+            let mut node = node_from(&name, &meta);
             match meta.kind {
                 FileKind::Dir => {
-                    self.stats.dirs += 1;
-                    let old_tree = old
-                        .filter(|o| o.kind == NodeKind::Dir)
-                        .and_then(|o| o.subtree)
-                        .and_then(|id| match self.repo.read_tree(&id.0) {
-                            Ok(t) => Some(t),
-                            Err(e) => {
-                                tracing::warn!("{}: parent tree unreadable: {e}", child.display());
-                                None
-                            }
-                        });
-                    node.subtree = Some(BlobId(self.dir(&child, old_tree.as_ref())?));
+                    let old = match same_dir_old {
+                        Some(o) if o.kind == NodeKind::Dir && o.ino == meta.ino => Some(o),
+                        _ => self.parent_node_by_ino(meta.ino)?.map(|(n, _)| n),
+                    };
+                    let (id, t) = self.dir(&child_rel, meta.ino, old.as_ref())?;
+                    node.subtree = Some(BlobId(id));
+                    totals += t;
+                    totals.dirs += 1;
                 }
                 FileKind::File => {
-                    self.stats.files += 1;
-                    self.stats.bytes += meta.size;
-                    node.content = self.file_content(&child, &meta, old)?;
+                    node.content = self.file_content(&child_abs, &meta, same_dir_old.as_ref())?;
+                    totals.files += 1;
+                    totals.bytes += meta.size;
                     self.progress.file(meta.size);
                 }
                 _ => {}
             }
             tree.entries.push(node);
         }
-        Ok(self.writer.add(BlobKind::Tree, &to_cbor(&tree))?)
+        let id = self.writer.add(BlobKind::Tree, &to_cbor(&tree))?;
+        self.totals.insert(id, totals);
+        self.new_totals.push((id, totals));
+        Ok((id, totals))
     }
 
     fn file_content(
         &mut self,
         path: &Path,
         meta: &FsMeta,
-        old: Option<&Node>,
+        same_dir_old: Option<&Node>,
     ) -> Result<Vec<Extent>> {
         if meta.nlink > 1 {
             if let Some(content) = self.hardlinks.get(&meta.ino) {
                 return Ok(content.clone());
             }
         }
-        let unchanged = old.filter(|o| {
-            o.kind == NodeKind::File
-                && o.ino == meta.ino
-                && o.size == meta.size
-                && o.mtime_ns == meta.mtime_ns
-                && o.ctime_ns == meta.ctime_ns
-                && o.content.iter().all(|e| self.repo.has_blob(&e.1 .0))
-        });
-        let content = match unchanged {
-            Some(o) => {
-                self.reused_files += 1;
-                o.content.clone()
-            }
-            None => {
-                let mut content = Vec::new();
-                let writer = &mut self.writer;
-                self.read_bytes +=
-                    btrship_diff::chunk_file::<anyhow::Error>(path, self.sizes, |off, data| {
-                        let id = writer.add(BlobKind::Data, data)?;
-                        content.push(Extent(off, BlobId(id), data.len() as u64));
-                        Ok(())
-                    })?;
-                content
-            }
+        let content = if self.changes.is_some() {
+            self.changed_file(path, meta)?
+        } else {
+            self.walked_file(path, meta, same_dir_old)?
         };
         if meta.nlink > 1 {
             self.hardlinks.insert(meta.ino, content.clone());
         }
         Ok(content)
     }
+
+    /// Full-walk mode: reuse when the inode looks untouched, else read it all.
+    fn walked_file(
+        &mut self,
+        path: &Path,
+        meta: &FsMeta,
+        old: Option<&Node>,
+    ) -> Result<Vec<Extent>> {
+        let unchanged = old.filter(|o| {
+            o.kind == NodeKind::File
+                && o.ino == meta.ino
+                && o.size == meta.size
+                && o.mtime_ns == meta.mtime_ns
+                && o.ctime_ns == meta.ctime_ns
+                && self.all_present(&o.content)
+        });
+        if let Some(o) = unchanged {
+            self.reused_files += 1;
+            return Ok(o.content.clone());
+        }
+        self.read_whole(path)
+    }
+
+    /// btrfs mode: the inode changed; compare extent maps with its parent
+    /// version and re-chunk only the changed ranges.
+    fn changed_file(&mut self, path: &Path, meta: &FsMeta) -> Result<Vec<Extent>> {
+        let Some((old, old_path)) = self.parent_node_by_ino(meta.ino)? else {
+            return self.read_whole(path);
+        };
+        if old.kind != NodeKind::File || !self.all_present(&old.content) {
+            return self.read_whole(path);
+        }
+        let old_map = open_map(&old_path)?;
+        let new_map = open_map(path)?;
+        let ranges = btrship_diff::changed_ranges(&old_map, old.size, &new_map, meta.size);
+        if ranges.is_empty() && old.size == meta.size {
+            self.reused_files += 1;
+            return Ok(old.content);
+        }
+        let old_chunks: Vec<OldChunk<BlobId>> = old
+            .content
+            .iter()
+            .map(|e| OldChunk {
+                offset: e.0,
+                length: e.2,
+                id: e.1,
+            })
+            .collect();
+        let mut content = Vec::new();
+        let writer = &mut self.writer;
+        let stats = btrship_diff::rechunk::<BlobId, anyhow::Error>(
+            path,
+            self.sizes,
+            &old_chunks,
+            &ranges,
+            |piece| {
+                match piece {
+                    Piece::Reused(c) => content.push(Extent(c.offset, c.id, c.length)),
+                    Piece::New { offset, data } => {
+                        let id = writer.add(BlobKind::Data, &data)?;
+                        content.push(Extent(offset, BlobId(id), data.len() as u64));
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        self.read_bytes += stats.read_bytes;
+        Ok(content)
+    }
+
+    fn all_present(&self, content: &[Extent]) -> bool {
+        content.iter().all(|e| self.repo.has_blob(&e.1 .0))
+    }
+
+    fn read_whole(&mut self, path: &Path) -> Result<Vec<Extent>> {
+        let mut content = Vec::new();
+        let writer = &mut self.writer;
+        self.read_bytes +=
+            btrship_diff::chunk_file::<anyhow::Error>(path, self.sizes, |off, data| {
+                let id = writer.add(BlobKind::Data, data)?;
+                content.push(Extent(off, BlobId(id), data.len() as u64));
+                Ok(())
+            })?;
+        Ok(content)
+    }
+}
+
+fn open_map(path: &Path) -> Result<Vec<btrship_diff::FileExtent>> {
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    Ok(btrship_diff::extent_map(&f, path)?)
 }
 
 fn node_from(name: &[u8], m: &FsMeta) -> Node {

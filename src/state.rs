@@ -6,12 +6,15 @@
 //! Every state change is one transaction. Schema changes are numbered
 //! migrations applied in order (`PRAGMA user_version`).
 
+use crate::ship::Totals;
 use anyhow::{Context, Result};
+use btrship_crypto::ContentId;
 use rusqlite::{params, Connection};
 use std::path::Path;
 
 /// Migrations; entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE snapshots (
         name        TEXT PRIMARY KEY,   -- btrfs snapshot name, @GMT-...
         taken_at    TEXT NOT NULL,      -- RFC 3339 UTC
@@ -27,7 +30,18 @@ const MIGRATIONS: &[&str] = &["
         level   TEXT NOT NULL,
         message TEXT NOT NULL
     );
-"];
+",
+    "
+    -- Files, directories and bytes below each tree shipped from here, so a
+    -- ship that reuses a subtree need not walk it to count.
+    CREATE TABLE tree_totals (
+        id    BLOB PRIMARY KEY,
+        files INTEGER NOT NULL,
+        dirs  INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+",
+];
 
 pub struct State {
     conn: Connection,
@@ -114,6 +128,41 @@ impl State {
             .into_iter()
             .rev()
             .find(|s| s.shipped && s.tree.is_some()))
+    }
+
+    pub fn tree_totals(&self, id: &[u8]) -> Result<Option<Totals>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT files, dirs, bytes FROM tree_totals WHERE id = ?1")?;
+        let mut rows = stmt.query(params![id])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(Totals {
+                files: r.get::<_, i64>(0)? as u64,
+                dirs: r.get::<_, i64>(1)? as u64,
+                bytes: r.get::<_, i64>(2)? as u64,
+            }),
+            None => None,
+        })
+    }
+
+    /// Caches tree totals, all in one transaction.
+    pub fn cache_tree_totals(&self, totals: &[(ContentId, Totals)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO tree_totals (id, files, dirs, bytes) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (id, t) in totals {
+                stmt.execute(params![
+                    &id.as_bytes()[..],
+                    t.files as i64,
+                    t.dirs as i64,
+                    t.bytes as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn log_event(&self, level: &str, message: &str) -> Result<()> {

@@ -3,9 +3,15 @@
 //! splitting file data into content-defined chunks, region by region, so
 //! holes stay holes.
 //!
-//! This first version reads whole trees; callers skip re-reading files whose
-//! metadata is unchanged since the last shipped tree. Change detection from
-//! btrfs itself (send streams, extent maps) will replace the walk.
+//! Reading a whole file is the fallback. When the previous version of a file
+//! is in an older snapshot, [`extent_map`] of both versions and
+//! [`changed_ranges`] name the bytes that may differ without reading data,
+//! and [`rechunk`] reads only the chunks around those bytes, reusing the old
+//! chunk list elsewhere, with exactly the boundaries [`chunk_file`] would
+//! give.
+//!
+//! Modules: `extents` (the FIEMAP ioctl), `changed` (comparing two maps),
+//! `rechunk` (incremental chunking); their items are re-exported here.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -15,6 +21,19 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+mod changed;
+mod extents;
+mod rechunk;
+
+pub use changed::changed_ranges;
+pub use extents::{
+    extent_map, FileExtent, FIEMAP_EXTENT_DATA_ENCRYPTED, FIEMAP_EXTENT_DATA_INLINE,
+    FIEMAP_EXTENT_DATA_TAIL, FIEMAP_EXTENT_DELALLOC, FIEMAP_EXTENT_ENCODED, FIEMAP_EXTENT_LAST,
+    FIEMAP_EXTENT_MERGED, FIEMAP_EXTENT_NOT_ALIGNED, FIEMAP_EXTENT_SHARED, FIEMAP_EXTENT_UNKNOWN,
+    FIEMAP_EXTENT_UNWRITTEN,
+};
+pub use rechunk::{rechunk, OldChunk, Piece, RechunkStats};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
     #[error("{path}: {source}")]
@@ -23,10 +42,14 @@ pub enum DiffError {
         #[source]
         source: std::io::Error,
     },
+    /// Chunk sizes outside what the chunker supports (min 64 B..1 MiB,
+    /// avg 256 B..4 MiB, max 1 KiB..16 MiB).
+    #[error("unsupported chunk sizes: min {min}, avg {avg}, max {max}")]
+    ChunkSizes { min: u32, avg: u32, max: u32 },
 }
 
 impl DiffError {
-    fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         DiffError::Io {
             path: path.to_path_buf(),
             source,
@@ -144,6 +167,39 @@ pub struct ChunkSizes {
     pub max: u32,
 }
 
+impl ChunkSizes {
+    /// Checks the sizes against the chunker's limits (it panics outside
+    /// them, so every chunking entry point checks first).
+    pub fn check(&self) -> Result<()> {
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        if (MINIMUM_MIN..=MINIMUM_MAX).contains(&self.min)
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&self.avg)
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&self.max)
+        {
+            Ok(())
+        } else {
+            Err(DiffError::ChunkSizes {
+                min: self.min,
+                avg: self.avg,
+                max: self.max,
+            })
+        }
+    }
+}
+
+/// A chunker error as a [`DiffError`] about `path`.
+pub(crate) fn chunker_error(path: &Path, e: fastcdc::v2020::Error) -> DiffError {
+    DiffError::io(
+        path,
+        match e {
+            fastcdc::v2020::Error::IoError(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        },
+    )
+}
+
 /// The data regions of an open file (holes skipped), as (offset, length),
 /// found with `SEEK_DATA`/`SEEK_HOLE`.
 pub fn data_regions(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64)>> {
@@ -177,7 +233,8 @@ pub fn data_regions(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64
 
 /// Reads a file's data regions and calls `f(offset, chunk)` for each
 /// content-defined chunk, in offset order. A region smaller than `min` is
-/// one chunk. Returns the number of bytes read.
+/// one chunk. Returns the number of bytes read. Fails on chunk sizes the
+/// chunker does not support ([`ChunkSizes::check`]).
 pub fn chunk_file<E>(
     path: &Path,
     sizes: ChunkSizes,
@@ -186,6 +243,7 @@ pub fn chunk_file<E>(
 where
     E: From<DiffError>,
 {
+    sizes.check()?;
     let mut file = File::open(path).map_err(|e| DiffError::io(path, e))?;
     let size = file.metadata().map_err(|e| DiffError::io(path, e))?.len();
     let mut read = 0;
@@ -195,15 +253,7 @@ where
         let reader = (&mut file).take(len);
         let chunker = fastcdc::v2020::StreamCDC::new(reader, sizes.min, sizes.avg, sizes.max);
         for chunk in chunker {
-            let chunk = chunk.map_err(|e| {
-                DiffError::io(
-                    path,
-                    match e {
-                        fastcdc::v2020::Error::IoError(io) => io,
-                        other => std::io::Error::other(other.to_string()),
-                    },
-                )
-            })?;
+            let chunk = chunk.map_err(|e| chunker_error(path, e))?;
             read += chunk.length as u64;
             f(start + chunk.offset, &chunk.data)?;
         }

@@ -18,13 +18,23 @@
 //! [`snapshot_name`]), which sorts by time and is the format Samba's
 //! `vfs_shadow_copy2` understands.
 //!
+//! [`changed_inodes`] lists the inodes changed between two snapshots by
+//! visiting only the btree blocks written in between (see the `changes`
+//! module notes); [`inode_paths`] turns an inode number into its paths and
+//! [`subvol_generations`] gives the transaction ids to compare.
+//!
 //! This crate is the only place in btrship that issues btrfs ioctls or
 //! contains `unsafe` code; all of it is in the private `sys` module.
-//! Creating the private area and creating or deleting snapshots needs root
-//! (`CAP_SYS_ADMIN`).
+//! Creating the private area, creating or deleting snapshots and the
+//! change search need root (`CAP_SYS_ADMIN`).
 
+mod changes;
 mod mountinfo;
 mod sys;
+
+pub use changes::{
+    changed_inodes, inode_paths, subvol_generations, ChangedInode, SubvolGenerations,
+};
 
 use std::fs::File;
 use std::io;
@@ -59,6 +69,12 @@ pub enum SnapshotError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("{op} on {path} returned malformed data: {reason}")]
+    Malformed {
+        op: &'static str,
+        path: PathBuf,
+        reason: String,
     },
     #[error("cannot find the btrfs device for {path} in /proc/self/mountinfo")]
     NoDevice { path: PathBuf },

@@ -25,6 +25,25 @@ const BTRFS_PATH_NAME_MAX: usize = 4087;
 const BTRFS_SUBVOL_NAME_MAX: usize = 4039;
 const BTRFS_INO_LOOKUP_PATH_MAX: usize = 4080;
 const BTRFS_FSID_SIZE: usize = 16;
+const BTRFS_VOL_NAME_MAX: usize = 255;
+const BTRFS_UUID_SIZE: usize = 16;
+
+/// `BTRFS_LAST_FREE_OBJECTID`: highest objectid of an ordinary inode.
+pub const BTRFS_LAST_FREE_OBJECTID: u64 = -256i64 as u64;
+/// `BTRFS_INODE_ITEM_KEY`.
+pub const BTRFS_INODE_ITEM_KEY: u32 = 1;
+/// `BTRFS_INODE_REF_KEY`.
+pub const BTRFS_INODE_REF_KEY: u32 = 12;
+/// `BTRFS_INODE_EXTREF_KEY`.
+pub const BTRFS_INODE_EXTREF_KEY: u32 = 13;
+/// Bytes of the result buffer of one `BTRFS_IOC_TREE_SEARCH_V2` call.
+pub const SEARCH_BUF_SIZE: usize = 1 << 20;
+/// Size of `struct btrfs_ioctl_search_header`, which precedes every item in
+/// the search buffer.
+pub const SEARCH_HEADER_SIZE: usize = 32;
+/// The kernel caps the `BTRFS_IOC_INO_PATHS` result at 4096 bytes
+/// (`min_t(u32, ipa->size, 4096)` in `btrfs_ioctl_ino_to_path`).
+pub const INO_PATHS_BUF_SIZE: usize = 4096;
 
 // Encoding of ioctl request numbers (`_IOC` in asm-generic/ioctl.h and the
 // few architectures that differ from it).
@@ -112,6 +131,80 @@ struct FsInfoArgs {
     reserved: [u8; 944],
 }
 
+/// `struct btrfs_ioctl_search_key`. All `unused*` fields must be zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SearchKey {
+    /// 0: the subvolume tree of the fd the ioctl is called on.
+    pub tree_id: u64,
+    pub min_objectid: u64,
+    pub max_objectid: u64,
+    pub min_offset: u64,
+    pub max_offset: u64,
+    /// Filters by the generation of the btree *block* holding an item, not
+    /// by anything stored in the item.
+    pub min_transid: u64,
+    pub max_transid: u64,
+    pub min_type: u32,
+    pub max_type: u32,
+    /// In: most items wanted. Out: items returned.
+    pub nr_items: u32,
+    pub unused: u32,
+    pub unused1: u64,
+    pub unused2: u64,
+    pub unused3: u64,
+    pub unused4: u64,
+}
+
+/// `struct btrfs_ioctl_search_args_v2` with its flexible `buf[]` given a
+/// fixed size. The request number encodes only the size of the fixed part.
+#[repr(C)]
+struct SearchArgsV2 {
+    key: SearchKey,
+    buf_size: u64,
+    buf: [u8; SEARCH_BUF_SIZE],
+}
+
+/// `struct btrfs_ioctl_timespec`.
+#[repr(C)]
+struct IoctlTimespec {
+    sec: u64,
+    nsec: u32,
+}
+
+/// `struct btrfs_ioctl_get_subvol_info_args`.
+#[repr(C)]
+struct GetSubvolInfoArgs {
+    treeid: u64,
+    name: [u8; BTRFS_VOL_NAME_MAX + 1],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; BTRFS_UUID_SIZE],
+    parent_uuid: [u8; BTRFS_UUID_SIZE],
+    received_uuid: [u8; BTRFS_UUID_SIZE],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    ctime: IoctlTimespec,
+    otime: IoctlTimespec,
+    stime: IoctlTimespec,
+    rtime: IoctlTimespec,
+    reserved: [u64; 8],
+}
+
+/// `struct btrfs_ioctl_ino_path_args`; `fspath` is a user pointer to a
+/// `struct btrfs_data_container` of `size` bytes.
+#[repr(C)]
+struct InoPathArgs {
+    inum: u64,
+    size: u64,
+    reserved: [u64; 4],
+    fspath: u64,
+}
+
 // Sizes as in linux/btrfs.h (checked with a C program on this machine).
 const _: () = assert!(std::mem::size_of::<VolArgs>() == 4096);
 const _: () = assert!(std::mem::size_of::<VolArgsV2>() == 4096);
@@ -119,12 +212,29 @@ const _: () = assert!(std::mem::offset_of!(VolArgsV2, name) == 56);
 const _: () = assert!(std::mem::size_of::<InoLookupArgs>() == 4096);
 const _: () = assert!(std::mem::size_of::<FsInfoArgs>() == 1024);
 const _: () = assert!(std::mem::offset_of!(FsInfoArgs, fsid) == 16);
+const _: () = assert!(std::mem::size_of::<SearchKey>() == 104);
+const _: () = assert!(std::mem::offset_of!(SearchKey, min_type) == 56);
+const _: () = assert!(std::mem::offset_of!(SearchKey, nr_items) == 64);
+const _: () = assert!(std::mem::offset_of!(SearchArgsV2, buf) == 112);
+const _: () = assert!(std::mem::size_of::<IoctlTimespec>() == 16);
+const _: () = assert!(std::mem::size_of::<GetSubvolInfoArgs>() == 504);
+const _: () = assert!(std::mem::offset_of!(GetSubvolInfoArgs, generation) == 280);
+const _: () = assert!(std::mem::offset_of!(GetSubvolInfoArgs, ctransid) == 344);
+const _: () = assert!(std::mem::offset_of!(GetSubvolInfoArgs, otransid) == 352);
+const _: () = assert!(std::mem::offset_of!(GetSubvolInfoArgs, ctime) == 376);
+const _: () = assert!(std::mem::size_of::<InoPathArgs>() == 56);
 
 const BTRFS_IOC_SNAP_DESTROY: u32 = iow(15, std::mem::size_of::<VolArgs>());
 const BTRFS_IOC_INO_LOOKUP: u32 = iowr(18, std::mem::size_of::<InoLookupArgs>());
 const BTRFS_IOC_SNAP_CREATE_V2: u32 = iow(23, std::mem::size_of::<VolArgsV2>());
 const BTRFS_IOC_SUBVOL_GETFLAGS: u32 = ior(25, std::mem::size_of::<u64>());
 const BTRFS_IOC_FS_INFO: u32 = ior(31, std::mem::size_of::<FsInfoArgs>());
+const BTRFS_IOC_TREE_SEARCH_V2: u32 = iowr(
+    17,
+    std::mem::size_of::<SearchKey>() + std::mem::size_of::<u64>(),
+);
+const BTRFS_IOC_INO_PATHS: u32 = iowr(35, std::mem::size_of::<InoPathArgs>());
+const BTRFS_IOC_GET_SUBVOL_INFO: u32 = ior(60, std::mem::size_of::<GetSubvolInfoArgs>());
 
 // Values printed by `linux/btrfs.h` on x86_64.
 #[cfg(target_arch = "x86_64")]
@@ -134,6 +244,9 @@ const _: () = {
     assert!(BTRFS_IOC_SNAP_CREATE_V2 == 0x5000_9417);
     assert!(BTRFS_IOC_SUBVOL_GETFLAGS == 0x8008_9419);
     assert!(BTRFS_IOC_FS_INFO == 0x8400_941f);
+    assert!(BTRFS_IOC_TREE_SEARCH_V2 == 0xc070_9411);
+    assert!(BTRFS_IOC_INO_PATHS == 0xc038_9423);
+    assert!(BTRFS_IOC_GET_SUBVOL_INFO == 0x81f8_943c);
 };
 
 /// Copies `name` into a NUL-terminated fixed buffer; rejects names that do
@@ -272,6 +385,146 @@ pub fn snap_destroy(parent_dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
         )
     })?;
     Ok(())
+}
+
+/// Generation numbers of a subvolume, from `BTRFS_IOC_GET_SUBVOL_INFO`.
+#[derive(Debug, Clone, Copy)]
+pub struct SubvolInfo {
+    pub treeid: u64,
+    pub generation: u64,
+    pub ctransid: u64,
+    pub otransid: u64,
+}
+
+/// `BTRFS_IOC_GET_SUBVOL_INFO` for the subvolume containing `fd` (any inode
+/// of it; no privilege needed).
+pub fn subvol_info(fd: BorrowedFd<'_>) -> io::Result<SubvolInfo> {
+    let zero_time = || IoctlTimespec { sec: 0, nsec: 0 };
+    let mut args = GetSubvolInfoArgs {
+        treeid: 0,
+        name: [0; BTRFS_VOL_NAME_MAX + 1],
+        parent_id: 0,
+        dirid: 0,
+        generation: 0,
+        flags: 0,
+        uuid: [0; BTRFS_UUID_SIZE],
+        parent_uuid: [0; BTRFS_UUID_SIZE],
+        received_uuid: [0; BTRFS_UUID_SIZE],
+        ctransid: 0,
+        otransid: 0,
+        stransid: 0,
+        rtransid: 0,
+        ctime: zero_time(),
+        otime: zero_time(),
+        stime: zero_time(),
+        rtime: zero_time(),
+        reserved: [0; 8],
+    };
+    // SAFETY: the request number encodes `size_of::<GetSubvolInfoArgs>()`
+    // (504), and `args` is a live, writable struct of exactly that layout.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_GET_SUBVOL_INFO as libc::Ioctl,
+            &mut args as *mut GetSubvolInfoArgs,
+        )
+    })?;
+    Ok(SubvolInfo {
+        treeid: args.treeid,
+        generation: args.generation,
+        ctransid: args.ctransid,
+        otransid: args.otransid,
+    })
+}
+
+/// A reusable `BTRFS_IOC_TREE_SEARCH_V2` argument with a
+/// [`SEARCH_BUF_SIZE`] result buffer on the heap.
+pub struct TreeSearch {
+    args: Box<SearchArgsV2>,
+}
+
+impl TreeSearch {
+    pub fn new() -> TreeSearch {
+        // SAFETY: `SearchArgsV2` holds only integers and byte arrays, for
+        // which all-zero bytes are a valid value.
+        let args = unsafe { Box::<SearchArgsV2>::new_zeroed().assume_init() };
+        TreeSearch { args }
+    }
+
+    /// One search for `key` (needs `CAP_SYS_ADMIN`). Returns the number of
+    /// items found and the result buffer: that many
+    /// `struct btrfs_ioctl_search_header` (native byte order), each followed
+    /// by its item (on-disk, little-endian), packed from the start.
+    pub fn search(&mut self, fd: BorrowedFd<'_>, key: &SearchKey) -> io::Result<(u32, &[u8])> {
+        self.args.key = *key;
+        self.args.buf_size = SEARCH_BUF_SIZE as u64;
+        // SAFETY: the request number encodes the size of the fixed part (key
+        // and buf_size, 112 bytes); `buf` of `buf_size` bytes follows it in
+        // the same live, writable allocation, and the kernel writes at most
+        // `buf_size` bytes there.
+        check(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                BTRFS_IOC_TREE_SEARCH_V2 as libc::Ioctl,
+                &mut *self.args as *mut SearchArgsV2,
+            )
+        })?;
+        Ok((self.args.key.nr_items, &self.args.buf[..]))
+    }
+}
+
+/// `BTRFS_IOC_INO_PATHS` for inode `inum` of the subvolume containing `fd`
+/// (needs `CAP_DAC_READ_SEARCH`). Returns the raw
+/// `struct btrfs_data_container` of [`INO_PATHS_BUF_SIZE`] bytes in native
+/// byte order; the kernel has turned `val[i]` into offsets from `&val[0]`.
+pub fn ino_paths(fd: BorrowedFd<'_>, inum: u64) -> io::Result<Vec<u8>> {
+    // u64 words: the container is 8-byte aligned like the kernel's.
+    let mut container = vec![0u64; INO_PATHS_BUF_SIZE / 8];
+    let mut args = InoPathArgs {
+        inum,
+        size: INO_PATHS_BUF_SIZE as u64,
+        reserved: [0; 4],
+        fspath: container.as_mut_ptr() as usize as u64,
+    };
+    // SAFETY: the request number encodes `size_of::<InoPathArgs>()` (56) and
+    // `args` is a live struct of that layout; `fspath` points to a live,
+    // writable buffer of `size` bytes that outlives the call, and the kernel
+    // writes at most `size` bytes there.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_INO_PATHS as libc::Ioctl,
+            &mut args as *mut InoPathArgs,
+        )
+    })?;
+    Ok(container.iter().flat_map(|w| w.to_ne_bytes()).collect())
+}
+
+/// Path of directory `dirid` relative to the root of the subvolume
+/// containing `fd` (`BTRFS_IOC_INO_LOOKUP`, needs `CAP_SYS_ADMIN`): empty
+/// for the root itself, otherwise ending in `/`.
+pub fn ino_lookup_path(fd: BorrowedFd<'_>, dirid: u64) -> io::Result<Vec<u8>> {
+    let mut args = InoLookupArgs {
+        treeid: 0,
+        objectid: dirid,
+        name: [0; BTRFS_INO_LOOKUP_PATH_MAX],
+    };
+    // SAFETY: the request number encodes `size_of::<InoLookupArgs>()`, and
+    // `args` is a live, writable struct of exactly that layout.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BTRFS_IOC_INO_LOOKUP as libc::Ioctl,
+            &mut args as *mut InoLookupArgs,
+        )
+    })?;
+    let len = args.name.iter().position(|&b| b == 0).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "BTRFS_IOC_INO_LOOKUP path is not NUL-terminated",
+        )
+    })?;
+    Ok(args.name[..len].to_vec())
 }
 
 // New mount API (linux/mount.h); defined here because libc's wrappers vary

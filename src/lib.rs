@@ -1,0 +1,16 @@
+//! `btrship`: ship a Samba share on btrfs to object storage — read-only
+//! snapshots, compressed and encrypted locally — and restore any path as it
+//! was at any time. This crate is the orchestration: configuration, the
+//! state database, shipping a snapshot, restoring, checking. The binary
+//! (`src/main.rs`) is the only place that builds a tokio runtime, prints, or
+//! reads the environment; the library is also what the tests drive directly.
+
+pub mod check;
+pub mod config;
+pub mod exit;
+pub mod progress;
+pub mod queue;
+pub mod restore;
+pub mod ship;
+pub mod state;
+pub mod timespec;
