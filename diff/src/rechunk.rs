@@ -208,7 +208,7 @@ impl<Id> Plan<'_, Id> {
         let c = &self.old[i];
         let old_window = self.max.min(self.run_end[i] - pos);
         let new_window = self.max.min(end - pos);
-        if c.length > old_window {
+        if old_window != new_window || c.length > old_window {
             return None;
         }
         // A hash cut looked at one byte past the chunk.
