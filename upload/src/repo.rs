@@ -511,6 +511,8 @@ impl Repository {
             uploads: Vec::new(),
             slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
             stats: WriteStats::default(),
+            sealers: Sealers::start(self.key.clone()),
+            in_flight: 0,
         }
     }
 }
@@ -527,29 +529,95 @@ pub struct PackWriter<'r> {
     uploads: Vec<Upload>,
     slots: Arc<Semaphore>,
     stats: WriteStats,
+    sealers: Sealers,
+    /// Blobs handed to the sealers and not yet packed.
+    in_flight: usize,
+}
+
+/// A blob to seal, and a sealed blob.
+type SealJob = (ContentId, BlobKind, Vec<u8>);
+type Sealed = (ContentId, BlobKind, Vec<u8>, u64);
+
+/// Threads that compress and encrypt blobs, so chunking and hashing on the
+/// caller's thread overlap with sealing on the others.
+struct Sealers {
+    jobs: Option<std::sync::mpsc::SyncSender<SealJob>>,
+    done: std::sync::mpsc::Receiver<Sealed>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Sealers {
+    fn start(key: Arc<MasterKey>) -> Self {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<SealJob>(4 * n);
+        let (tx, done) = std::sync::mpsc::channel::<Sealed>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..n)
+            .map(|_| {
+                let (rx, tx, key) = (rx.clone(), tx.clone(), key.clone());
+                std::thread::spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((id, kind, plain)) = job else { return };
+                    let sealed = key.seal(kind.object_kind(), id.as_bytes(), &plain);
+                    if tx.send((id, kind, sealed, plain.len() as u64)).is_err() {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        Sealers {
+            jobs: Some(jobs),
+            done,
+            threads,
+        }
+    }
+}
+
+impl Drop for Sealers {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl PackWriter<'_> {
     /// Adds a blob unless the repository (or this writer) already has it.
+    /// Sealing happens on other threads; the blob is packed when sealed.
     pub fn add(&mut self, kind: BlobKind, plaintext: &[u8]) -> Result<ContentId> {
         let id = self.repo.key.content_id(plaintext);
         if self.pending.contains(&id) || self.repo.has_blob(&id) {
             return Ok(id);
         }
-        let sealed = self
-            .repo
-            .key
-            .seal(kind.object_kind(), id.as_bytes(), plaintext);
+        self.pending.insert(id);
+        self.stats.new_blobs += 1;
+        self.stats.new_raw_bytes += plaintext.len() as u64;
+        let jobs = self
+            .sealers
+            .jobs
+            .as_ref()
+            .ok_or_else(|| RepoError::Task("sealers stopped".into()))?;
+        jobs.send((id, kind, plaintext.to_vec()))
+            .map_err(|_| RepoError::Task("a sealing thread died".into()))?;
+        self.in_flight += 1;
+        while let Ok(sealed) = self.sealers.done.try_recv() {
+            self.pack(sealed)?;
+        }
+        Ok(id)
+    }
+
+    /// Puts a sealed blob into the current pack, starting a new pack first
+    /// when it would pass the target size.
+    fn pack(&mut self, (id, kind, sealed, raw_length): Sealed) -> Result<()> {
+        self.in_flight -= 1;
         if !self.builder.is_empty()
             && (self.builder.len() + sealed.len()) as u64 > self.repo.config.pack_target
         {
             self.flush()?;
         }
-        self.builder.push(id, kind, &sealed, plaintext.len() as u64);
-        self.pending.insert(id);
-        self.stats.new_blobs += 1;
-        self.stats.new_raw_bytes += plaintext.len() as u64;
-        Ok(id)
+        self.builder.push(id, kind, &sealed, raw_length);
+        Ok(())
     }
 
     /// Starts uploading the current pack (waits while too many are in flight).
@@ -580,6 +648,15 @@ impl PackWriter<'_> {
     /// Uploads the last pack, waits for every upload, then writes one index
     /// object for all of them and makes the blobs visible to the repository.
     pub fn finish(mut self) -> Result<WriteStats> {
+        self.sealers.jobs = None;
+        while self.in_flight > 0 {
+            let sealed = self
+                .sealers
+                .done
+                .recv()
+                .map_err(|_| RepoError::Task("a sealing thread died".into()))?;
+            self.pack(sealed)?;
+        }
         self.flush()?;
         let mut index = Index::default();
         for handle in std::mem::take(&mut self.uploads) {
