@@ -12,6 +12,7 @@ use config::{RepoAddress, ShareConfig};
 use exit::UserError;
 use progress::Progress;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,7 +91,7 @@ enum Command {
     Ls {
         name: String,
         /// Path inside the share (default: everything).
-        path: Option<String>,
+        path: Option<PathBuf>,
         /// Time (default: now).
         #[arg(long, default_value = "now")]
         at: String,
@@ -107,7 +108,7 @@ enum Command {
         at: String,
         /// Path inside the share to restore (repeatable; default: everything).
         #[arg(long = "path")]
-        paths: Vec<String>,
+        paths: Vec<PathBuf>,
         /// Target directory: must not exist or be empty.
         #[arg(long)]
         to: PathBuf,
@@ -139,7 +140,26 @@ fn main() {
         .without_time()
         .with_target(false)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                std::process::exit(i32::from(exit::USAGE));
+            }
+            // One line, like every other error; the full usage is in --help.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("btrship: error: {first} (see btrship --help)");
+            std::process::exit(i32::from(exit::USAGE));
+        }
+    };
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -490,7 +510,7 @@ impl App {
     fn ls(
         &self,
         name: &str,
-        path: Option<&str>,
+        path: Option<&Path>,
         at: &str,
         json: bool,
         args: &RepoArgs,
@@ -500,7 +520,10 @@ impl App {
         let (_, rec) = restore::find_snapshot(&repo, name, at)?;
         let mut root = rec.root.clone();
         root.subtree = Some(rec.tree);
-        let entries = restore::list(&repo, &root, path.unwrap_or(""))?;
+        let path = path
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default();
+        let entries = restore::list(&repo, &root, &path)?;
         if json {
             print_json(
                 &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "entries": entries }),
@@ -524,7 +547,7 @@ impl App {
         &self,
         name: &str,
         at: &str,
-        paths: &[String],
+        paths: &[PathBuf],
         to: &Path,
         json: bool,
         args: &RepoArgs,
@@ -533,7 +556,11 @@ impl App {
         let (repo, _) = self.open_repo(name, args, false)?;
         let (_, rec) = restore::find_snapshot(&repo, name, at)?;
         let mut progress = Progress::new("restoring", self.progress && !json);
-        let report = restore::restore(&repo, &rec, paths, to, &mut progress)?;
+        let paths: Vec<Vec<u8>> = paths
+            .iter()
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .collect();
+        let report = restore::restore(&repo, &rec, &paths, to, &mut progress)?;
         if json {
             print_json(
                 &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "to": to, "restored": report }),

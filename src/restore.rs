@@ -66,16 +66,20 @@ pub fn find_snapshot(
     })
 }
 
-/// Splits a share-relative path into components; `""`, `.` and `/` mean the root.
-fn components(path: &str) -> Result<Vec<&str>> {
+/// Splits a share-relative path into components; `""`, `.` and `/` mean the
+/// root. Paths are bytes: file names need not be UTF-8.
+fn components(path: &[u8]) -> Result<Vec<&[u8]>> {
     let mut out = Vec::new();
-    for c in path.split('/') {
+    for c in path.split(|&b| b == b'/') {
         match c {
-            "" | "." => {}
-            ".." => {
+            b"" | b"." => {}
+            b".." => {
                 return Err(UserError::new(
                     crate::exit::USAGE,
-                    format!("path {path:?} may not contain '..'"),
+                    format!(
+                        "path {:?} may not contain '..'",
+                        String::from_utf8_lossy(path)
+                    ),
                 )
                 .into())
             }
@@ -110,7 +114,8 @@ pub fn read_checked_tree(repo: &Repository, node: &Node) -> Result<Tree> {
 }
 
 /// The chain of nodes from the root to `path` (root first).
-pub fn resolve(repo: &Repository, root: &Node, path: &str) -> Result<Vec<Node>> {
+pub fn resolve(repo: &Repository, root: &Node, path: &[u8]) -> Result<Vec<Node>> {
+    let shown = String::from_utf8_lossy(path);
     let mut chain = vec![root.clone()];
     for c in components(path)? {
         let cur = chain.last().cloned().unwrap_or_else(|| root.clone());
@@ -118,7 +123,7 @@ pub fn resolve(repo: &Repository, root: &Node, path: &str) -> Result<Vec<Node>> 
             return Err(UserError::new(
                 NOT_FOUND,
                 format!(
-                    "{path}: {:?} is not a directory in this snapshot",
+                    "{shown}: {:?} is not a directory in this snapshot",
                     String::from_utf8_lossy(&cur.name)
                 ),
             )
@@ -128,9 +133,9 @@ pub fn resolve(repo: &Repository, root: &Node, path: &str) -> Result<Vec<Node>> 
         let next = tree
             .entries
             .into_iter()
-            .find(|e| e.name == c.as_bytes())
+            .find(|e| e.name == c)
             .ok_or_else(|| {
-                UserError::new(NOT_FOUND, format!("{path}: not found in this snapshot"))
+                UserError::new(NOT_FOUND, format!("{shown}: not found in this snapshot"))
             })?;
         chain.push(next);
     }
@@ -150,12 +155,17 @@ pub struct ListEntry {
 }
 
 /// Every entry at and below `path`, depth first, sorted.
-pub fn list(repo: &Repository, root: &Node, path: &str) -> Result<Vec<ListEntry>> {
+pub fn list(repo: &Repository, root: &Node, path: &[u8]) -> Result<Vec<ListEntry>> {
     let chain = resolve(repo, root, path)?;
-    let start: Vec<&str> = components(path)?;
+    let start = components(path)?.join(&b'/');
     let mut out = Vec::new();
     let node = chain.last().cloned().unwrap_or_else(|| root.clone());
-    list_into(repo, &node, start.join("/"), &mut out)?;
+    list_into(
+        repo,
+        &node,
+        String::from_utf8_lossy(&start).into_owned(),
+        &mut out,
+    )?;
     Ok(out)
 }
 
@@ -203,7 +213,7 @@ pub struct RestoreReport {
 pub fn restore(
     repo: &Repository,
     record: &SnapshotRecord,
-    paths: &[String],
+    paths: &[Vec<u8>],
     to: &Path,
     progress: &mut Progress,
 ) -> Result<RestoreReport> {
@@ -332,7 +342,7 @@ impl Restorer<'_, '_> {
     fn run(
         &mut self,
         record: &SnapshotRecord,
-        paths: &[String],
+        paths: &[Vec<u8>],
         staging: &Path,
         target: Option<&std::fs::Metadata>,
     ) -> Result<()> {
@@ -346,12 +356,12 @@ impl Restorer<'_, '_> {
             self.dirs.push((staging.to_path_buf(), root.clone()));
             self.children(&root, staging)?;
         } else {
-            let mut selected: Vec<Vec<&str>> =
+            let mut selected: Vec<Vec<&[u8]>> =
                 paths.iter().map(|p| components(p)).collect::<Result<_>>()?;
             selected.sort();
             selected.dedup();
             // Skip a path when an ancestor of it is selected too.
-            let kept: Vec<&Vec<&str>> = selected
+            let kept: Vec<&Vec<&[u8]>> = selected
                 .iter()
                 .filter(|p| {
                     !selected
@@ -360,7 +370,7 @@ impl Restorer<'_, '_> {
                 })
                 .collect();
             for comps in kept {
-                let chain = resolve(self.repo, &root, &comps.join("/"))?;
+                let chain = resolve(self.repo, &root, &comps.join(&b'/'))?;
                 let mut dst = staging.to_path_buf();
                 for (i, node) in chain.iter().enumerate().skip(1) {
                     dst.push(OsStr::from_bytes(&node.name));

@@ -662,7 +662,8 @@ fn bad_input_fails_with_the_documented_exit_codes() {
 /// object, and of every sealed blob inside it (found by the "BSHP\x01"
 /// magic; a false match only widens what is allowed to say "wrong key").
 fn key_id_ranges(data: &[u8]) -> Vec<std::ops::Range<usize>> {
-    let mut out = vec![6..14];
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    out.push(6..14);
     for i in 0..data.len().saturating_sub(5) {
         if &data[i..i + 5] == b"BSHP\x01" {
             out.push(i + 6..i + 14);

@@ -30,7 +30,7 @@ fn harness_detects_every_kind_of_difference() {
 
     // The generated tree covers what the round-trip tests rely on.
     let t = snapshot_tree(&share);
-    let has = |f: &dyn Fn(&Entry) -> bool| t.entries.values().any(|e| f(e));
+    let has = |f: &dyn Fn(&Entry) -> bool| t.entries.values().any(f);
     assert!(has(&|e| e.kind == Kind::Symlink), "no symlink");
     assert!(has(&|e| e.kind == Kind::Fifo), "no fifo");
     assert!(has(&|e| e.kind == Kind::Dir), "no dir");
@@ -172,7 +172,8 @@ fn mutator_is_deterministic() {
         m.populate(&share, 80);
         m.mutate(&share, 60);
         let t = snapshot_tree(&share);
-        let shape: BTreeSet<(Vec<u8>, String, Option<u64>, Option<u64>, u32)> = t
+        type Shape = BTreeSet<(Vec<u8>, String, Option<u64>, Option<u64>, u32)>;
+        let shape: Shape = t
             .entries
             .iter()
             .map(|(k, e)| (k.clone(), format!("{:?}", e.kind), e.size, e.hash, e.mode))

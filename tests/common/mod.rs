@@ -328,7 +328,7 @@ pub fn repo_objects(repo: &Path) -> Vec<(String, PathBuf)> {
 pub fn walk(root: &Path) -> Vec<(Vec<OsString>, fs::Metadata)> {
     let mut out = Vec::new();
     walk_into(root, &mut Vec::new(), &mut out);
-    out.sort_by(|a, b| join_rel(&a.0).cmp(&join_rel(&b.0)));
+    out.sort_by_cached_key(|a| join_rel(&a.0));
     out
 }
 
