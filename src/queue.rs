@@ -43,7 +43,7 @@ pub fn take_and_ship(
         }
     }
 
-    let new = area.create_snapshot(&share)?;
+    let new = area.create_snapshot(share)?;
     state.add_taken(&new.name, &new.time.to_rfc3339())?;
 
     let mut reports = Vec::new();
@@ -66,7 +66,7 @@ pub fn take_and_ship(
             root: &info.path,
             parent,
         };
-        let (report, tree) = match ship::ship(&repo, &state, &input, &mut progress) {
+        let (report, tree) = match ship::ship(repo, state, &input, &mut progress) {
             Ok(r) => r,
             Err(e) => {
                 let _ = state.log_event("error", &format!("shipping {}: {e:#}", info.name));
