@@ -10,7 +10,9 @@
 use crate::exit::{UserError, DAMAGED, NOT_FOUND, TARGET};
 use crate::progress::Progress;
 use anyhow::{Context, Result};
-use btrship_upload::format::{unsafe_name_reason, BlobKind, Node, NodeKind, SnapshotRecord, Tree};
+use btrship_upload::format::{
+    unsafe_name_reason, BlobKind, Extent, Node, NodeKind, SnapshotRecord, Tree,
+};
 use btrship_upload::Repository;
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
@@ -244,6 +246,7 @@ pub fn restore(
         repo,
         hardlinks: HashMap::new(),
         dirs: Vec::new(),
+        files: Vec::new(),
         report: RestoreReport::default(),
         progress,
     };
@@ -328,15 +331,26 @@ fn sync_fs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Restore runs in three phases: create the whole namespace (directories,
+/// empty files at their final size, links, special files), fill file
+/// contents on several threads (blobs are read, authenticated and written
+/// in parallel, in pieces of a few chunks, so one huge file and many small
+/// ones both use every core), then apply file metadata and finally
+/// directory metadata, deepest first (so mtimes stick).
 struct Restorer<'r, 'p> {
     repo: &'r Repository,
     /// Inode number in the snapshot → first restored path (hard links).
     hardlinks: HashMap<u64, PathBuf>,
     /// Directories made, in creation order; metadata applied in reverse.
     dirs: Vec<(PathBuf, Node)>,
+    /// Files created empty, to be filled and then given their metadata.
+    files: Vec<(PathBuf, Node)>,
     report: RestoreReport,
     progress: &'p mut Progress,
 }
+
+/// Extents per unit of parallel work.
+const EXTENTS_PER_PIECE: usize = 16;
 
 impl Restorer<'_, '_> {
     fn run(
@@ -386,8 +400,75 @@ impl Restorer<'_, '_> {
                 .unwrap_or(0o755);
             std::fs::set_permissions(staging, std::fs::Permissions::from_mode(mode))?;
         }
+        self.fill_files()?;
+        for (path, node) in &self.files {
+            apply_meta(path, node).with_context(|| format!("{}", path.display()))?;
+        }
         for (path, node) in self.dirs.iter().rev() {
             apply_meta(path, node).with_context(|| format!("{}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Phase 2: writes every file's data regions, in parallel.
+    fn fill_files(&mut self) -> Result<()> {
+        let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, (_, node)) in self.files.iter().enumerate() {
+            let n = node.content.len();
+            let mut start = 0;
+            while start < n {
+                let end = (start + EXTENTS_PER_PIECE).min(n);
+                pieces.push((i, start, end));
+                start = end;
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let (files, repo) = (&self.files, self.repo);
+        let errors: Vec<anyhow::Error> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| -> Result<()> {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        while !failed.load(Relaxed) {
+                            let Some(&(i, start, end)) = pieces.get(next.fetch_add(1, Relaxed))
+                            else {
+                                return Ok(());
+                            };
+                            let (path, node) = &files[i];
+                            let r = write_piece(repo, path, node, &node.content[start..end])
+                                .with_context(|| format!("{}", path.display()));
+                            match r {
+                                Ok(bytes) => {
+                                    written.fetch_add(bytes, Relaxed);
+                                }
+                                Err(e) => {
+                                    failed.store(true, Relaxed);
+                                    return Err(e);
+                                }
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some(anyhow::anyhow!("a restore thread panicked")),
+                })
+                .collect()
+        });
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
+        self.report.bytes += written.into_inner();
+        for (_, node) in &self.files {
+            self.progress.file(node.size);
         }
         Ok(())
     }
@@ -427,6 +508,7 @@ impl Restorer<'_, '_> {
                 if node.nlink > 1 {
                     self.hardlinks.insert(node.ino, path.to_path_buf());
                 }
+                return Ok(()); // contents and metadata in later phases
             }
             NodeKind::Symlink => {
                 let target = node.target.as_deref().unwrap_or_default();
@@ -449,6 +531,8 @@ impl Restorer<'_, '_> {
         apply_meta(path, node).with_context(ctx)
     }
 
+    /// Phase 1 for a file: create it empty at its final size (holes stay
+    /// holes); contents and metadata come later.
     fn file(&mut self, node: &Node, path: &Path) -> Result<()> {
         let f = OpenOptions::new()
             .write(true)
@@ -458,24 +542,39 @@ impl Restorer<'_, '_> {
             .open(path)?;
         f.set_len(node.size)?;
         for ext in &node.content {
-            let (offset, id, len) = (ext.0, ext.1 .0, ext.2);
+            let (offset, len) = (ext.0, ext.2);
             if offset.checked_add(len).is_none_or(|end| end > node.size) {
                 return Err(damaged(format!("extent {offset}+{len} lies beyond the file size {}: the repository is damaged or hostile", node.size)));
             }
-            let data = self.repo.read_blob(&id, BlobKind::Data)?;
-            if data.len() as u64 != len {
-                return Err(damaged(format!(
-                    "blob {id} is {} bytes, the tree says {len}",
-                    data.len()
-                )));
-            }
-            f.write_all_at(&data, offset)?;
-            self.report.bytes += len;
         }
         self.report.files += 1;
-        self.progress.file(node.size);
+        self.files.push((path.to_path_buf(), node.clone()));
         Ok(())
     }
+}
+
+/// Reads, authenticates and writes some extents of one restored file.
+/// Returns the bytes written.
+fn write_piece(repo: &Repository, path: &Path, node: &Node, extents: &[Extent]) -> Result<u64> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let mut written = 0;
+    for ext in extents {
+        let (offset, id, len) = (ext.0, ext.1 .0, ext.2);
+        let data = repo.read_blob(&id, BlobKind::Data)?;
+        if data.len() as u64 != len {
+            return Err(damaged(format!(
+                "blob {id} is {} bytes, the tree says {len}",
+                data.len()
+            )));
+        }
+        debug_assert!(offset + len <= node.size);
+        f.write_all_at(&data, offset)?;
+        written += len;
+    }
+    Ok(written)
 }
 
 /// Owner, xattrs, mode, mtime — in that order (chown clears setuid bits;
