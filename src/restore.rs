@@ -497,13 +497,14 @@ impl Restorer<'_, '_> {
                 self.mkdir(path, node)?;
                 return self.children(node, path);
             }
+            _ if node.nlink > 1 && self.hardlinks.contains_key(&node.ino) => {
+                // Another name of an inode restored already (files, and
+                // also symlinks or special files that have hard links).
+                let first = &self.hardlinks[&node.ino];
+                std::fs::hard_link(first, path).with_context(ctx)?;
+                return Ok(());
+            }
             NodeKind::File => {
-                if node.nlink > 1 {
-                    if let Some(first) = self.hardlinks.get(&node.ino) {
-                        std::fs::hard_link(first, path).with_context(ctx)?;
-                        return Ok(());
-                    }
-                }
                 self.file(node, path).with_context(ctx)?;
                 if node.nlink > 1 {
                     self.hardlinks.insert(node.ino, path.to_path_buf());
@@ -527,6 +528,9 @@ impl Restorer<'_, '_> {
                     return Err(std::io::Error::last_os_error()).with_context(ctx);
                 }
             }
+        }
+        if node.nlink > 1 {
+            self.hardlinks.insert(node.ino, path.to_path_buf());
         }
         apply_meta(path, node).with_context(ctx)
     }
