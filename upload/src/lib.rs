@@ -9,9 +9,11 @@
 
 pub mod conformance;
 pub mod format;
+pub mod layers;
 pub mod local;
 pub mod pack;
 pub mod repo;
+pub mod s3;
 pub mod store;
 
 pub use repo::{BlobLocation, PackWriter, RepoError, Repository, WriteStats};
