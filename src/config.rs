@@ -102,6 +102,9 @@ pub fn validate_name(name: &str) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoAddress {
     Local(PathBuf),
+    /// `s3://bucket[/prefix][?endpoint=...&region=...&path_style=true]`,
+    /// credentials from the standard AWS chain (never from the URL).
+    S3(String),
 }
 
 impl RepoAddress {
@@ -110,10 +113,7 @@ impl RepoAddress {
             crate::exit::UserError::new(crate::exit::USAGE, msg).into()
         };
         if s.starts_with("s3://") {
-            return Err(usage(format!(
-                "repository {s}: S3 repositories are not supported by this version yet; \
-                 use a local directory (file:///path or /path)"
-            )));
+            return Ok(RepoAddress::S3(s.to_string()));
         }
         let path = match s.strip_prefix("file://") {
             Some(p) => p,
@@ -147,7 +147,11 @@ mod tests {
             RepoAddress::parse("/srv/repo").unwrap(),
             RepoAddress::Local("/srv/repo".into())
         );
-        for bad in ["repo", "file://relative", "ftp://x/y", "s3://bucket/prefix"] {
+        assert_eq!(
+            RepoAddress::parse("s3://bucket/prefix").unwrap(),
+            RepoAddress::S3("s3://bucket/prefix".into())
+        );
+        for bad in ["repo", "file://relative", "ftp://x/y"] {
             assert!(RepoAddress::parse(bad).is_err(), "{bad}");
         }
     }

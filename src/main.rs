@@ -5,7 +5,9 @@ use anyhow::{Context, Result};
 use btrship::{check, config, exit, progress, queue, restore, ship, state, timespec};
 use btrship_crypto::MasterKey;
 use btrship_snapshot::{PrivateArea, Share};
+use btrship_upload::layers;
 use btrship_upload::local::LocalStore;
+use btrship_upload::s3::{S3Config, S3Store};
 use btrship_upload::{Repository, Store};
 use clap::{Parser, Subcommand};
 use config::{RepoAddress, ShareConfig};
@@ -43,6 +45,12 @@ struct Cli {
     /// Never draw progress lines (they are drawn only on a terminal anyway).
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Requests to the store in flight at most.
+    #[arg(long, global = true, default_value_t = 8)]
+    max_connections: usize,
+    /// Bandwidth limit for store transfers, e.g. 10M (bytes per second; K, M, G).
+    #[arg(long, global = true, value_parser = parse_bwlimit)]
+    bwlimit: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -187,10 +195,17 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+fn parse_bwlimit(s: &str) -> std::result::Result<u64, String> {
+    layers::parse_bwlimit(s).ok_or_else(|| format!("{s:?} is not a bandwidth like 10M, 500K or 1G"))
+}
+
 struct App {
     config_dir: PathBuf,
     state_dir: PathBuf,
     progress: bool,
+    max_connections: usize,
+    bwlimit: Option<u64>,
+    counters: Arc<layers::Counters>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -199,6 +214,9 @@ fn run(cli: Cli) -> Result<u8> {
         config_dir: cli.config_dir,
         state_dir: cli.state_dir,
         progress: !cli.no_progress,
+        max_connections: cli.max_connections,
+        bwlimit: cli.bwlimit,
+        counters: Arc::new(layers::Counters::default()),
         rt: tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -323,9 +341,27 @@ impl App {
                 } else {
                     LocalStore::open(&path)?
                 };
-                Ok(Arc::new(store))
+                Ok(self.layered(Arc::new(store)))
+            }
+            RepoAddress::S3(url) => {
+                let cfg = S3Config::parse_url(&url)?;
+                let store = self.rt.block_on(S3Store::connect(cfg))?;
+                Ok(self.layered(Arc::new(store)))
             }
         }
+    }
+
+    /// Every backend gets the same retries, limits and counters.
+    fn layered(&self, backend: Arc<dyn Store>) -> Arc<dyn Store> {
+        layers::layered(
+            backend,
+            layers::LayerOptions {
+                retry: layers::RetryPolicy::default(),
+                max_connections: Some(self.max_connections),
+                bwlimit_bytes_per_sec: self.bwlimit,
+            },
+            self.counters.clone(),
+        )
     }
 
     /// The repository and key for a read command: from --repo/--key-file
