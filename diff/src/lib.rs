@@ -17,7 +17,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -231,10 +231,14 @@ pub fn data_regions(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64
     Ok(regions)
 }
 
+/// Data regions up to this size are read whole and chunked in memory.
+const IN_MEMORY_REGION: u64 = 8 << 20;
+
 /// Reads a file's data regions and calls `f(offset, chunk)` for each
 /// content-defined chunk, in offset order. A region smaller than `min` is
 /// one chunk. Returns the number of bytes read. Fails on chunk sizes the
 /// chunker does not support ([`ChunkSizes::check`]).
+
 pub fn chunk_file<E>(
     path: &Path,
     sizes: ChunkSizes,
@@ -248,6 +252,22 @@ where
     let size = file.metadata().map_err(|e| DiffError::io(path, e))?.len();
     let mut read = 0;
     for (start, len) in data_regions(&file, path, size)? {
+        if len <= IN_MEMORY_REGION {
+            // Small regions (most files): one exact-size read and the slice
+            // chunker, instead of the streaming chunker's max-size buffer
+            // (allocated and zeroed per call).
+            let mut data = vec![0u8; len as usize];
+            file.read_exact_at(&mut data, start)
+                .map_err(|e| DiffError::io(path, e))?;
+            read += len;
+            for c in fastcdc::v2020::FastCDC::new(&data, sizes.min, sizes.avg, sizes.max) {
+                f(
+                    start + c.offset as u64,
+                    &data[c.offset..c.offset + c.length],
+                )?;
+            }
+            continue;
+        }
         file.seek(SeekFrom::Start(start))
             .map_err(|e| DiffError::io(path, e))?;
         let reader = (&mut file).take(len);
