@@ -238,7 +238,6 @@ const IN_MEMORY_REGION: u64 = 8 << 20;
 /// content-defined chunk, in offset order. A region smaller than `min` is
 /// one chunk. Returns the number of bytes read. Fails on chunk sizes the
 /// chunker does not support ([`ChunkSizes::check`]).
-
 pub fn chunk_file<E>(
     path: &Path,
     sizes: ChunkSizes,
