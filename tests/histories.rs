@@ -19,7 +19,7 @@ use btrship::state::State;
 use btrship_crypto::{ContentId, MasterKey};
 use btrship_upload::local::LocalStore;
 use btrship_upload::Repository;
-use common::{assert_same_tree, run, LoopBtrfs, Mutator};
+use common::{assert_same_tree, reference_snapshot, run, LoopBtrfs, Mutator};
 use rand::Rng;
 use std::ffi::OsStr;
 use std::fs;
@@ -202,16 +202,7 @@ fn one_history(
             }
         }
         let snap = snaps.join(format!("s{round}"));
-        run(
-            "btrfs",
-            &[
-                OsStr::new("subvolume"),
-                OsStr::new("snapshot"),
-                OsStr::new("-r"),
-                share.as_os_str(),
-                snap.as_os_str(),
-            ],
-        );
+        reference_snapshot(&share, &snap);
         let p = parent.as_ref().map(|(name, tree, path)| Parent {
             name: name.clone(),
             tree: *tree,

@@ -507,17 +507,7 @@ impl S3Store {
             .if_none_match("*")
             .send()
             .await;
-        match completed {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(e) => {
-                let f = Failure::new(e);
-                if f.is_precondition_failed() {
-                    Ok(PutOutcome::AlreadyExists)
-                } else {
-                    Err(self.error("complete multipart upload of", key, f))
-                }
-            }
-        }
+        self.create_outcome("complete multipart upload of", key, completed.map(|_| ()))
     }
 
     /// Collects a response body of `expected` bytes (when known).
@@ -671,17 +661,7 @@ impl Store for S3Store {
             .body(sized_body(data))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(PutOutcome::Created),
-            Err(e) => {
-                let f = Failure::new(e);
-                if f.is_precondition_failed() {
-                    Ok(PutOutcome::AlreadyExists)
-                } else {
-                    Err(self.error("put", key, f))
-                }
-            }
-        }
+        self.create_outcome("put", key, result.map(|_| ()))
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -1040,6 +1020,33 @@ struct Failure {
     retryable: bool,
     /// Whether resolving credentials failed (no request was sent).
     credentials: bool,
+}
+
+impl S3Store {
+    /// The answer to a conditional create (`If-None-Match: *`): 412 means
+    /// the object exists — possibly our own earlier attempt — which callers
+    /// treat as success (names are content-addressed or random).
+    fn create_outcome<E>(
+        &self,
+        what: &str,
+        key: &str,
+        result: Result<(), SdkError<E, HttpResponse>>,
+    ) -> Result<PutOutcome, StoreError>
+    where
+        E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
+    {
+        match result {
+            Ok(()) => Ok(PutOutcome::Created),
+            Err(e) => {
+                let f = Failure::new(e);
+                if f.is_precondition_failed() {
+                    Ok(PutOutcome::AlreadyExists)
+                } else {
+                    Err(self.error(what, key, f))
+                }
+            }
+        }
+    }
 }
 
 impl Failure {
