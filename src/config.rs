@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 /// Local snapshots kept after shipping (the newest is the parent of the next ship).
 pub const DEFAULT_KEEP_LOCAL: usize = 8;
 
+/// Snapshots waiting to be shipped at most (the local spool). Two days of
+/// the default hourly timer: an outage of the store that long loses no
+/// point in time.
+pub const DEFAULT_MAX_QUEUED: usize = 48;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ShareConfig {
@@ -17,10 +22,19 @@ pub struct ShareConfig {
     pub key_file: PathBuf,
     #[serde(default = "default_keep_local")]
     pub keep_local_snapshots: usize,
+    /// The spool limit: snapshots taken but not shipped yet, at most. When a
+    /// new snapshot would exceed it, the newest queued one is coalesced into
+    /// the new one (see README, "When the store is away").
+    #[serde(default = "default_max_queued")]
+    pub max_queued_snapshots: usize,
 }
 
 fn default_keep_local() -> usize {
     DEFAULT_KEEP_LOCAL
+}
+
+fn default_max_queued() -> usize {
+    DEFAULT_MAX_QUEUED
 }
 
 pub fn config_path(config_dir: &Path, name: &str) -> PathBuf {
@@ -175,6 +189,7 @@ mod tests {
             repo: "/var/lib/btrship/repo".into(),
             key_file: "/etc/btrship/share.key".into(),
             keep_local_snapshots: 3,
+            max_queued_snapshots: 5,
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);

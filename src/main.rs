@@ -80,9 +80,19 @@ enum Command {
         /// Key file; created if it does not exist (default: <config-dir>/NAME.key).
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Target size of pack objects in a new repository, 4M to 256M (fewer,
+        /// larger objects mean fewer requests; an existing repository keeps its size).
+        #[arg(long, default_value = "16M", value_parser = parse_pack_size)]
+        pack_size: u64,
     },
     /// Take a read-only snapshot now and ship it (and any earlier unshipped one).
     Snapshot {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the queue (snapshots waiting for the store), the last ship, the last error and whether the store is reachable.
+    Status {
         name: String,
         #[arg(long)]
         json: bool,
@@ -195,6 +205,18 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+fn parse_pack_size(s: &str) -> std::result::Result<u64, String> {
+    let range = btrship_upload::repo::PACK_TARGET_RANGE;
+    match layers::parse_bwlimit(s) {
+        Some(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a pack size from {}M to {}M",
+            range.start() >> 20,
+            range.end() >> 20
+        )),
+    }
+}
+
 fn parse_bwlimit(s: &str) -> std::result::Result<u64, String> {
     layers::parse_bwlimit(s).ok_or_else(|| format!("{s:?} is not a bandwidth like 10M, 500K or 1G"))
 }
@@ -229,8 +251,10 @@ fn run(cli: Cli) -> Result<u8> {
             name,
             repo,
             key_file,
-        } => app.init(&path, name, repo, key_file),
+            pack_size,
+        } => app.init(&path, name, repo, key_file, pack_size),
         Command::Snapshot { name, json } => app.snapshot(&name, json),
+        Command::Status { name, json } => app.status(&name, json),
         Command::Snapshots { name, json, repo } => app.snapshots(&name, json, &repo),
         Command::Ls {
             name,
@@ -292,6 +316,7 @@ fn print_ship(report: &ship::ShipReport) {
         report.objects_written,
         report.seconds
     );
+    println!("  store: {}", report.store);
 }
 
 fn mib(bytes: u64) -> String {
@@ -324,6 +349,15 @@ impl App {
     }
 
     fn store(&self, address: &str, create: bool) -> Result<Arc<dyn Store>> {
+        self.store_with(address, create, layers::RetryPolicy::default())
+    }
+
+    fn store_with(
+        &self,
+        address: &str,
+        create: bool,
+        retry: layers::RetryPolicy,
+    ) -> Result<Arc<dyn Store>> {
         match RepoAddress::parse(address)? {
             RepoAddress::Local(path) => {
                 if !create && !path.is_dir() {
@@ -341,22 +375,22 @@ impl App {
                 } else {
                     LocalStore::open(&path)?
                 };
-                Ok(self.layered(Arc::new(store)))
+                Ok(self.layered(Arc::new(store), retry))
             }
             RepoAddress::S3(url) => {
                 let cfg = S3Config::parse_url(&url)?;
                 let store = self.rt.block_on(S3Store::connect(cfg))?;
-                Ok(self.layered(Arc::new(store)))
+                Ok(self.layered(Arc::new(store), retry))
             }
         }
     }
 
     /// Every backend gets the same retries, limits and counters.
-    fn layered(&self, backend: Arc<dyn Store>) -> Arc<dyn Store> {
+    fn layered(&self, backend: Arc<dyn Store>, retry: layers::RetryPolicy) -> Arc<dyn Store> {
         layers::layered(
             backend,
             layers::LayerOptions {
-                retry: layers::RetryPolicy::default(),
+                retry,
                 max_connections: Some(self.max_connections),
                 bwlimit_bytes_per_sec: self.bwlimit,
             },
@@ -404,6 +438,7 @@ impl App {
         name: Option<String>,
         repo: Option<String>,
         key_file: Option<PathBuf>,
+        pack_size: u64,
     ) -> Result<u8> {
         let share = Share::open(path)?;
         let name = match name {
@@ -426,6 +461,7 @@ impl App {
             repo: repo.unwrap_or_else(|| self.default_repo()),
             key_file: key_file.unwrap_or_else(|| self.default_key_file(&name)),
             keep_local_snapshots: config::DEFAULT_KEEP_LOCAL,
+            max_queued_snapshots: config::DEFAULT_MAX_QUEUED,
         };
         if config::config_path(&self.config_dir, &name).exists() {
             let old = ShareConfig::load(&self.config_dir, &name)?;
@@ -446,9 +482,14 @@ impl App {
         }
         let key = self.read_key(&cfg.key_file)?;
         let store = self.store(&cfg.repo, true)?;
-        let (_, repo_created) =
-            Repository::open_or_create(store, key, self.rt.handle().clone(), &host_name())
-                .with_context(|| format!("repository {}", cfg.repo))?;
+        let (_, repo_created) = Repository::open_or_create_with(
+            store,
+            key,
+            self.rt.handle().clone(),
+            &host_name(),
+            pack_size,
+        )
+        .with_context(|| format!("repository {}", cfg.repo))?;
         PrivateArea::open(&share, &name)?;
         state::State::open(&self.state_path(&name))?;
         cfg.save(&self.config_dir)?;
@@ -474,30 +515,220 @@ impl App {
     fn snapshot(&self, name: &str, json: bool) -> Result<u8> {
         let cfg = ShareConfig::load(&self.config_dir, name)?;
         let _lock = lock_share(&self.state_dir, name)?;
-        let key = self.read_key(&cfg.key_file)?;
-        let repo = Repository::open(self.store(&cfg.repo, false)?, key, self.rt.handle().clone())?;
         let share = Share::open(&cfg.path)?;
         let area = PrivateArea::open(&share, name)?;
         let mut state = state::State::open(&self.state_path(name))?;
 
-        let reports = queue::take_and_ship(
+        // Taking the snapshot needs no store: it queues locally first.
+        let taken = queue::take(&mut state, &share, &area, &cfg)?;
+        if !json {
+            for c in &taken.coalesced {
+                eprintln!(
+                    "btrship: warning: spool full ({} queued): snapshot {c} coalesced into {}",
+                    cfg.max_queued_snapshots, taken.snapshot
+                );
+            }
+        }
+        let shipped = self.ship_queue(&cfg, &mut state, &area, json);
+        let (reports, failure) = match shipped {
+            Ok(reports) => (reports, None),
+            Err((reports, e)) => (reports, Some(e)),
+        };
+        queue::prune_local(&state, &area, &cfg)?;
+        let queued = state.queued()?;
+        if json {
+            print_json(&serde_json::json!({
+                "version": 1,
+                "taken": taken,
+                "shipped": reports,
+                "queued": queued.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "error": failure.as_ref().map(|e| format!("{e:#}")),
+            }))?;
+        }
+        match failure {
+            None => Ok(exit::OK),
+            Some(e) => {
+                let oldest = queued.first().map(|s| s.taken_at.as_str()).unwrap_or("-");
+                let msg = format!("{e:#}");
+                state.log_event("error", "ship_failed", &msg)?;
+                Err(e.context(format!(
+                    "{} snapshots stay queued locally (oldest taken {oldest}, limit {}); \
+                     they ship on the next run (btrship status {name})",
+                    queued.len(),
+                    cfg.max_queued_snapshots
+                )))
+            }
+        }
+    }
+
+    /// Opens the repository and ships the queue; on failure returns what
+    /// did ship and the error.
+    #[allow(clippy::type_complexity)]
+    fn ship_queue(
+        &self,
+        cfg: &ShareConfig,
+        state: &mut state::State,
+        area: &PrivateArea,
+        json: bool,
+    ) -> std::result::Result<Vec<ship::ShipReport>, (Vec<ship::ShipReport>, anyhow::Error)> {
+        let repo = (|| {
+            let key = self.read_key(&cfg.key_file)?;
+            let store = self.store(&cfg.repo, false)?;
+            Ok(Repository::open(store, key, self.rt.handle().clone())?)
+        })()
+        .map_err(|e: anyhow::Error| (Vec::new(), e.context(format!("repository {}", cfg.repo))))?;
+        let mut reports = Vec::new();
+        let result = queue::ship_queued(
             &repo,
-            &mut state,
-            &share,
-            &area,
-            &cfg,
+            state,
+            area,
+            cfg,
             &host_name(),
+            &self.counters,
             self.progress && !json,
             |report| {
                 if !json {
                     print_ship(report)
                 }
+                reports.push(report.clone());
             },
-        )?;
+        );
+        match result {
+            Ok(_) => Ok(reports),
+            Err(e) => Err((reports, e)),
+        }
+    }
+
+    fn status(&self, name: &str, json: bool) -> Result<u8> {
+        let cfg = ShareConfig::load(&self.config_dir, name)?;
+        let state = state::State::open(&self.state_path(name))?;
+        let snapshots = state.snapshots()?;
+        let queued: Vec<_> = snapshots.iter().filter(|s| !s.shipped).collect();
+        let last_shipped = snapshots.iter().rev().find(|s| s.shipped);
+        let last_taken = snapshots.last();
+        let now = chrono::Utc::now();
+        let age = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0))
+        };
+        let last_error = state.last_event("ship_failed")?;
+        let last_ok = state.last_event("shipped")?;
+        // Errors newer than the last success are current.
+        let failing = match (&last_error, &last_ok) {
+            (Some(e), Some(ok)) => e.time > ok.time,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let spool_full = queued.len() >= cfg.max_queued_snapshots.max(1);
+        let health = if queued.is_empty() {
+            "ok"
+        } else if spool_full {
+            "spool_full"
+        } else if failing {
+            "store_failing"
+        } else {
+            "backlog"
+        };
+        let probe = self.probe_store(&cfg.repo);
+        let last_ship_store = last_shipped
+            .and_then(|s| s.stats.as_deref())
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+            .and_then(|v| v.get("store").cloned());
+        let status = serde_json::json!({
+            "version": 1,
+            "share": cfg.name,
+            "path": cfg.path,
+            "repository": cfg.repo,
+            "health": health,
+            "queue": {
+                "snapshots": queued.len(),
+                "names": queued.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "oldest_taken_at": queued.first().map(|s| &s.taken_at),
+                "oldest_age_seconds": queued.first().and_then(|s| age(&s.taken_at)),
+                "limit": cfg.max_queued_snapshots,
+                "full": spool_full,
+            },
+            "coalesced_total": state.count_events("coalesced")?,
+            "last_snapshot": last_taken.map(|s| serde_json::json!({"name": s.name, "taken_at": s.taken_at})),
+            "last_shipped": last_shipped.map(|s| serde_json::json!({
+                "name": s.name,
+                "taken_at": s.taken_at,
+                "shipped_at": s.shipped_at,
+                "record": s.record,
+                "store": last_ship_store,
+            })),
+            "last_error": last_error.as_ref().map(|e| serde_json::json!({"time": e.time, "message": e.message, "current": failing})),
+            "store": {
+                "reachable": probe.is_ok(),
+                "error": probe.as_ref().err().map(|e| format!("{e:#}")),
+                "latency_ms": probe.as_ref().ok(),
+            },
+        });
         if json {
-            print_json(&serde_json::json!({ "version": 1, "shipped": reports }))?;
+            print_json(&status)?;
+            return Ok(exit::OK);
+        }
+        println!("share {}: {} -> {}", cfg.name, cfg.path.display(), cfg.repo);
+        println!("health: {health}");
+        match queued.first() {
+            None => println!("queue: empty"),
+            Some(oldest) => println!(
+                "queue: {} snapshots waiting (limit {}), oldest taken {} ({} s ago)",
+                queued.len(),
+                cfg.max_queued_snapshots,
+                oldest.taken_at,
+                age(&oldest.taken_at).unwrap_or(0)
+            ),
+        }
+        if let Some(s) = last_taken {
+            println!("last snapshot: {} (taken {})", s.name, s.taken_at);
+        }
+        match last_shipped {
+            Some(s) => println!(
+                "last shipped: {} (shipped {})",
+                s.name,
+                s.shipped_at.as_deref().unwrap_or("-")
+            ),
+            None => println!("last shipped: none yet"),
+        }
+        if let Some(ok) = &last_ok {
+            println!("last ship: {}", ok.message);
+        }
+        let coalesced = state.count_events("coalesced")?;
+        if coalesced > 0 {
+            println!("coalesced snapshots (spool full): {coalesced}");
+        }
+        if let Some(e) = &last_error {
+            println!(
+                "last error{}: {} at {}",
+                if failing { "" } else { " (since resolved)" },
+                e.message,
+                e.time
+            );
+        }
+        match &probe {
+            Ok(ms) => println!("store: reachable ({ms} ms)"),
+            Err(e) => println!("store: NOT reachable: {e:#}"),
         }
         Ok(exit::OK)
+    }
+
+    /// Can the store be reached now? One request (the config object's
+    /// metadata), no retries, at most 10 s. Returns its latency.
+    fn probe_store(&self, address: &str) -> Result<u64> {
+        let once = layers::RetryPolicy {
+            attempts: 1,
+            ..Default::default()
+        };
+        let store = self.store_with(address, false, once)?;
+        let started = std::time::Instant::now();
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), store.head("config")).await
+            })
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
+        Ok(started.elapsed().as_millis() as u64)
     }
 
     fn snapshots(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {

@@ -1,11 +1,20 @@
-//! The snapshot queue of one share: reconcile the state database with the
-//! snapshots on disk, take a new read-only snapshot, ship every snapshot not
-//! shipped yet (oldest first, each against the last shipped one), then
-//! delete local snapshots beyond the number to keep.
+//! The snapshot queue (the local spool) of one share: reconcile the state
+//! database with the snapshots on disk, take a new read-only snapshot, keep
+//! the queue within its limit, ship every snapshot not shipped yet (oldest
+//! first, each against the last shipped one), then delete local snapshots
+//! beyond the number to keep.
 //!
+//! Taking a snapshot never needs the store: when the store is away the
+//! snapshot waits in the queue, and the next run ships the whole backlog.
 //! A snapshot is queued (a state transaction) right after it is taken and
 //! marked shipped only after its record is durable in the store, so a crash
-//! at any point leaves it queued, and the next run ships it.
+//! at any point leaves it queued.
+//!
+//! The spool limit (`max_queued_snapshots`): when a new snapshot would
+//! exceed it, the newest queued snapshot is deleted and its changes are
+//! carried by the new one (coalesced). The latest state and the oldest
+//! queued points in time are kept; the dropped point in time is logged as a
+//! warning, counted in `status`, and reported by the command that took it.
 
 use crate::config::ShareConfig;
 use crate::progress::Progress;
@@ -13,20 +22,30 @@ use crate::ship::{self, ShipReport};
 use crate::state::State;
 use anyhow::Result;
 use btrship_snapshot::{PrivateArea, Share};
+use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 
-#[allow(clippy::too_many_arguments)]
-pub fn take_and_ship(
-    repo: &Repository,
+/// What [`take`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Taken {
+    /// The new snapshot's name.
+    pub snapshot: String,
+    /// Queued snapshots deleted to stay within the spool limit.
+    pub coalesced: Vec<String>,
+    /// Snapshots waiting to be shipped, the new one included.
+    pub queued: usize,
+}
+
+/// Reconciles the queue with the disk, takes a snapshot and queues it,
+/// then enforces the spool limit. Touches no store.
+pub fn take(
     state: &mut State,
     share: &Share,
     area: &PrivateArea,
     cfg: &ShareConfig,
-    host: &str,
-    show_progress: bool,
-    mut on_shipped: impl FnMut(&ShipReport),
-) -> Result<Vec<ShipReport>> {
-    // Reconcile the queue with the snapshots on disk (a crash may sit between the two).
+) -> Result<Taken> {
+    // A crash may sit between taking a snapshot and queueing it, or between
+    // dropping one from the queue and deleting it.
     let on_disk = area.list_snapshots()?;
     let known = state.snapshots()?;
     for s in &on_disk {
@@ -36,18 +55,58 @@ pub fn take_and_ship(
     }
     for k in known.iter().filter(|k| !k.shipped) {
         if !on_disk.iter().any(|s| s.name == k.name) {
-            let msg = format!("snapshot {} vanished before it was shipped", k.name);
+            let msg = format!(
+                "snapshot {} vanished before it was shipped: its point in time is lost \
+                 (later snapshots carry its changes)",
+                k.name
+            );
             tracing::error!("{msg}");
-            state.log_event("error", &msg)?;
-            state.forget(&k.name)?;
+            state.forget(&k.name, "error", "vanished", &msg)?;
         }
     }
 
     let new = area.create_snapshot(share)?;
     state.add_taken(&new.name, &new.time.to_rfc3339())?;
 
+    let limit = cfg.max_queued_snapshots.max(1);
+    let mut coalesced = Vec::new();
+    let mut queued = state.queued()?;
+    while queued.len() > limit {
+        // The newest queued one before the new snapshot.
+        let victim = queued.remove(queued.len() - 2);
+        let msg = format!(
+            "spool full ({limit} snapshots queued, the store has not taken them): \
+             snapshot {} coalesced into {}; its point in time is not kept",
+            victim.name, new.name
+        );
+        tracing::warn!("{msg}");
+        state.forget(&victim.name, "warn", "coalesced", &msg)?;
+        area.delete_snapshot(&victim.name)?;
+        coalesced.push(victim.name);
+    }
+    Ok(Taken {
+        snapshot: new.name,
+        coalesced,
+        queued: queued.len(),
+    })
+}
+
+/// Ships every queued snapshot, oldest first, and stops at the first
+/// failure: that snapshot and every later one stay queued. Each ship's
+/// store traffic (from `counters`) goes into its report and the event log.
+#[allow(clippy::too_many_arguments)]
+pub fn ship_queued(
+    repo: &Repository,
+    state: &mut State,
+    area: &PrivateArea,
+    cfg: &ShareConfig,
+    host: &str,
+    counters: &Counters,
+    show_progress: bool,
+    mut on_shipped: impl FnMut(&ShipReport),
+) -> Result<Vec<ShipReport>> {
     let mut reports = Vec::new();
-    for pending in state.snapshots()?.into_iter().filter(|s| !s.shipped) {
+    for pending in state.queued()? {
         let info = area.get(&pending.name)?;
         let parent = state.last_shipped()?.and_then(|s| {
             let tree = <[u8; 32]>::try_from(s.tree?.as_slice()).ok()?;
@@ -66,24 +125,31 @@ pub fn take_and_ship(
             root: &info.path,
             parent,
         };
-        let (report, tree) = match ship::ship(repo, state, &input, &mut progress) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = state.log_event("error", &format!("shipping {}: {e:#}", info.name));
-                return Err(e.context(format!("shipping snapshot {} (it stays queued)", info.name)));
-            }
-        };
+        let before = counters.values();
+        let (mut report, tree) = ship::ship(repo, state, &input, &mut progress)?;
+        report.store = counters.values().since(&before);
+        let message = format!(
+            "shipped {}: {} files, {} new bytes; store: {}",
+            info.name, report.files, report.new_bytes, report.store
+        );
+        tracing::info!("{message}");
         state.mark_shipped(
             &info.name,
             &report.record,
             tree.as_bytes(),
             &serde_json::to_string(&report)?,
+            &message,
         )?;
         on_shipped(&report);
         reports.push(report);
     }
+    Ok(reports)
+}
 
-    // Keep the newest shipped snapshots on disk; delete older ones.
+/// Keeps the newest `keep_local_snapshots` shipped snapshots on disk (the
+/// newest is the parent of the next ship); deletes older shipped ones.
+/// Queued snapshots are never deleted here.
+pub fn prune_local(state: &State, area: &PrivateArea, cfg: &ShareConfig) -> Result<()> {
     let shipped: Vec<_> = state
         .snapshots()?
         .into_iter()
@@ -102,5 +168,5 @@ pub fn take_and_ship(
     {
         area.delete_snapshot(&old.name)?;
     }
-    Ok(reports)
+    Ok(())
 }

@@ -69,6 +69,8 @@ pub struct ShipReport {
     pub uploaded_bytes: u64,
     pub objects_written: u64,
     pub seconds: f64,
+    /// Store requests and bytes of this ship, retries included.
+    pub store: btrship_upload::layers::CounterValues,
 }
 
 /// The last shipped snapshot: its tree in the repository and, when it is
@@ -234,6 +236,7 @@ pub fn ship(
             uploaded_bytes: written.uploaded_bytes,
             objects_written: written.objects_written + 1,
             seconds: started.elapsed().as_secs_f64(),
+            store: Default::default(),
         },
         tree,
     ))

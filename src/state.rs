@@ -41,6 +41,12 @@ const MIGRATIONS: &[&str] = &[
         bytes INTEGER NOT NULL
     ) WITHOUT ROWID;
 ",
+    "
+    -- What an event is about, for `status`: ship_failed, shipped, coalesced,
+    -- vanished (NULL for older rows).
+    ALTER TABLE events ADD COLUMN kind TEXT;
+    CREATE INDEX events_kind ON events (kind, id);
+",
 ];
 
 pub struct State {
@@ -50,9 +56,22 @@ pub struct State {
 #[derive(Debug, Clone)]
 pub struct LocalSnapshot {
     pub name: String,
+    pub taken_at: String,
     pub shipped: bool,
     pub record: Option<String>,
     pub tree: Option<Vec<u8>>,
+    pub shipped_at: Option<String>,
+    /// The ship report (JSON) once shipped.
+    pub stats: Option<String>,
+}
+
+/// One row of the event log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub time: String,
+    pub level: String,
+    pub kind: Option<String>,
+    pub message: String,
 }
 
 impl State {
@@ -87,6 +106,7 @@ impl State {
         record: &str,
         tree: &[u8],
         stats: &str,
+        message: &str,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
@@ -96,29 +116,46 @@ impl State {
             params![name, record, tree, stats],
         )?;
         anyhow::ensure!(n == 1, "snapshot {name} is not in the state database");
+        insert_event(&tx, "info", "shipped", message)?;
         tx.commit()?;
         Ok(())
     }
 
-    pub fn forget(&self, name: &str) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM snapshots WHERE name = ?1", params![name])?;
+    /// Drops a snapshot from the queue and logs why, in one transaction.
+    pub fn forget(&mut self, name: &str, level: &str, kind: &str, message: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM snapshots WHERE name = ?1", params![name])?;
+        insert_event(&tx, level, kind, message)?;
+        tx.commit()?;
         Ok(())
     }
 
     pub fn snapshots(&self) -> Result<Vec<LocalSnapshot>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, state, record, tree FROM snapshots ORDER BY taken_at, name")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT name, taken_at, state, record, tree, shipped_at, stats
+             FROM snapshots ORDER BY taken_at, name",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok(LocalSnapshot {
                 name: r.get(0)?,
-                shipped: r.get::<_, String>(1)? == "shipped",
-                record: r.get(2)?,
-                tree: r.get(3)?,
+                taken_at: r.get(1)?,
+                shipped: r.get::<_, String>(2)? == "shipped",
+                record: r.get(3)?,
+                tree: r.get(4)?,
+                shipped_at: r.get(5)?,
+                stats: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// Snapshots taken and not shipped yet, oldest first: the spool.
+    pub fn queued(&self) -> Result<Vec<LocalSnapshot>> {
+        Ok(self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| !s.shipped)
+            .collect())
     }
 
     /// The newest shipped snapshot: the parent of the next ship.
@@ -165,14 +202,46 @@ impl State {
         Ok(())
     }
 
-    pub fn log_event(&self, level: &str, message: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO events (time, level, message)
-             VALUES (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?1, ?2)",
-            params![level, message],
-        )?;
-        Ok(())
+    /// Appends to the event log (`status` shows the latest of each kind).
+    pub fn log_event(&self, level: &str, kind: &str, message: &str) -> Result<()> {
+        insert_event(&self.conn, level, kind, message)
     }
+
+    /// The newest event of a kind.
+    pub fn last_event(&self, kind: &str) -> Result<Option<Event>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT time, level, kind, message FROM events WHERE kind = ?1 ORDER BY id DESC LIMIT 1",
+        )?;
+        let mut rows = stmt.query(params![kind])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(Event {
+                time: r.get(0)?,
+                level: r.get(1)?,
+                kind: r.get(2)?,
+                message: r.get(3)?,
+            }),
+            None => None,
+        })
+    }
+
+    /// How many events of a kind were logged in all.
+    pub fn count_events(&self, kind: &str) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM events WHERE kind = ?1",
+            params![kind],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+}
+
+fn insert_event(conn: &Connection, level: &str, kind: &str, message: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO events (time, level, kind, message)
+         VALUES (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?1, ?2, ?3)",
+        params![level, kind, message],
+    )?;
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -211,11 +280,20 @@ mod tests {
         let snaps = st.snapshots().unwrap();
         assert_eq!(snaps.len(), 1);
         assert!(!snaps[0].shipped);
-        st.mark_shipped("@GMT-2026.11.25-10.00.00", "snapshots/ab", &[1; 32], "{}")
-            .unwrap();
+        st.mark_shipped(
+            "@GMT-2026.11.25-10.00.00",
+            "snapshots/ab",
+            &[1; 32],
+            "{}",
+            "shipped",
+        )
+        .unwrap();
+        assert_eq!(st.count_events("shipped").unwrap(), 1);
+        assert!(st.queued().unwrap().is_empty());
         let last = st.last_shipped().unwrap().unwrap();
         assert_eq!(last.record.as_deref(), Some("snapshots/ab"));
-        assert!(st.mark_shipped("missing", "x", &[], "{}").is_err());
+        assert!(st.mark_shipped("missing", "x", &[], "{}", "m").is_err());
+        assert_eq!(st.count_events("shipped").unwrap(), 1);
     }
 
     #[test]

@@ -10,91 +10,22 @@
 #[macro_use]
 mod common;
 
+use common::s3env::{aws_test_env, create_bucket, skipped, Moto};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs, Mutator};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-struct Moto {
-    dir: tempfile::TempDir,
-    endpoint: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-test-server")
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()
-            .expect("run scripts/s3-test-server");
-        assert!(
-            out.status.success(),
-            "cannot start the S3 test server: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let endpoint = std::fs::read_to_string(dir.path().join("endpoint"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Moto { dir, endpoint }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 #[test]
 fn ship_to_s3_and_restore_on_a_fresh_machine() {
-    if std::env::var_os("BTRSHIP_SKIP_S3").is_some() {
-        eprintln!(
-            "\n*** SKIPPED: BTRSHIP_SKIP_S3 is set; the S3 end-to-end test did not run ***\n"
-        );
+    if skipped("the S3 end-to-end test") {
         return;
     }
     let moto = Moto::start();
-    for v in [
-        "AWS_PROFILE",
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_SESSION_TOKEN",
-    ] {
-        std::env::remove_var(v);
-    }
-    std::env::set_var("AWS_CONFIG_FILE", "/dev/null");
-    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
-    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test-secret");
-
-    // The bucket, made with the SDK client the store uses.
+    aws_test_env();
     let bucket = format!("btrship-e2e-{}", std::process::id());
     let url = format!(
         "s3://{bucket}/office?endpoint={}&region=us-east-1",
         moto.endpoint
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let cfg = btrship_upload::s3::S3Config::parse_url(&url).unwrap();
-        let store = btrship_upload::s3::S3Store::connect(cfg).await.unwrap();
-        store
-            .client()
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-    });
+    create_bucket(&moto.endpoint, &bucket);
 
     let fs = LoopBtrfs::new(1024);
     let share = fs.subvolume("share");

@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+pub mod s3env;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fmt::Write as _;

@@ -55,6 +55,7 @@ pub struct Retry {
     inner: Arc<dyn Store>,
     policy: RetryPolicy,
     retries: AtomicU64,
+    counters: Option<Arc<Counters>>,
 }
 
 impl Retry {
@@ -63,7 +64,14 @@ impl Retry {
             inner,
             policy,
             retries: AtomicU64::new(0),
+            counters: None,
         }
+    }
+
+    /// Also counts retries (each one a request sent again) in `counters`.
+    pub fn with_counters(mut self, counters: Arc<Counters>) -> Self {
+        self.counters = Some(counters);
+        self
     }
 
     pub fn retries(&self) -> u64 {
@@ -82,6 +90,9 @@ impl Retry {
                     let delay = self.policy.delay(attempt);
                     tracing::debug!("{what} {key}: {e}; retry {} in {delay:?}", attempt + 1);
                     self.retries.fetch_add(1, Relaxed);
+                    if let Some(c) = &self.counters {
+                        c.retries.fetch_add(1, Relaxed);
+                    }
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
@@ -245,7 +256,10 @@ pub struct Counters {
     pub lists: AtomicU64,
     pub heads: AtomicU64,
     pub deletes: AtomicU64,
+    /// Requests that failed after any retries.
     pub errors: AtomicU64,
+    /// Attempts sent again after a temporary failure (each one more request).
+    pub retries: AtomicU64,
     pub uploaded_bytes: AtomicU64,
     pub downloaded_bytes: AtomicU64,
 }
@@ -259,8 +273,52 @@ pub struct CounterValues {
     pub heads: u64,
     pub deletes: u64,
     pub errors: u64,
+    pub retries: u64,
     pub uploaded_bytes: u64,
     pub downloaded_bytes: u64,
+}
+
+impl CounterValues {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &CounterValues) -> CounterValues {
+        CounterValues {
+            puts: self.puts.saturating_sub(earlier.puts),
+            gets: self.gets.saturating_sub(earlier.gets),
+            lists: self.lists.saturating_sub(earlier.lists),
+            heads: self.heads.saturating_sub(earlier.heads),
+            deletes: self.deletes.saturating_sub(earlier.deletes),
+            errors: self.errors.saturating_sub(earlier.errors),
+            retries: self.retries.saturating_sub(earlier.retries),
+            uploaded_bytes: self.uploaded_bytes.saturating_sub(earlier.uploaded_bytes),
+            downloaded_bytes: self
+                .downloaded_bytes
+                .saturating_sub(earlier.downloaded_bytes),
+        }
+    }
+
+    /// Requests sent, retries included.
+    pub fn requests(&self) -> u64 {
+        self.puts + self.gets + self.lists + self.heads + self.deletes + self.retries
+    }
+}
+
+impl std::fmt::Display for CounterValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests (put {}, get {}, list {}, head {}, delete {}, retried {}, failed {}), {} bytes up, {} bytes down",
+            self.requests(),
+            self.puts,
+            self.gets,
+            self.lists,
+            self.heads,
+            self.deletes,
+            self.retries,
+            self.errors,
+            self.uploaded_bytes,
+            self.downloaded_bytes
+        )
+    }
 }
 
 impl Counters {
@@ -272,6 +330,7 @@ impl Counters {
             heads: self.heads.load(Relaxed),
             deletes: self.deletes.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            retries: self.retries.load(Relaxed),
             uploaded_bytes: self.uploaded_bytes.load(Relaxed),
             downloaded_bytes: self.downloaded_bytes.load(Relaxed),
         }
@@ -375,7 +434,7 @@ pub fn layered(
     if let Some(n) = opts.max_connections {
         s = Arc::new(Limit::new(s, n));
     }
-    s = Arc::new(Retry::new(s, opts.retry));
+    s = Arc::new(Retry::new(s, opts.retry).with_counters(counters.clone()));
     Arc::new(Counting::new(s, counters))
 }
 
@@ -471,7 +530,8 @@ mod tests {
             calls: AtomicU32::new(0),
             retryable: true,
         });
-        let r = Retry::new(flaky, fast());
+        let counters = Arc::new(Counters::default());
+        let r = Retry::new(flaky, fast()).with_counters(counters.clone());
         assert_eq!(
             r.put_if_absent("a/b", Bytes::from_static(b"x"))
                 .await
@@ -479,6 +539,7 @@ mod tests {
             PutOutcome::Created
         );
         assert_eq!(r.retries(), 3);
+        assert_eq!(counters.values().retries, 3);
         let permanent = Arc::new(Flaky {
             inner: local,
             fail: 1,

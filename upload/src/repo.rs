@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 /// Default pack size target (FORMAT.md §6).
 pub const DEFAULT_PACK_TARGET: u64 = 16 * 1024 * 1024;
+/// Pack sizes a new repository may choose (`btrship init --pack-size`).
+pub const PACK_TARGET_RANGE: std::ops::RangeInclusive<u64> = (4 << 20)..=(256 << 20);
 /// Pack uploads in flight per writer.
 const UPLOADS_IN_FLIGHT: usize = 4;
 
@@ -126,6 +128,18 @@ impl Repository {
         rt: Handle,
         host: &str,
     ) -> Result<(Self, bool)> {
+        Self::open_or_create_with(store, key, rt, host, DEFAULT_PACK_TARGET)
+    }
+
+    /// [`Repository::open_or_create`] with the pack size a new repository
+    /// gets (an existing one keeps its own).
+    pub fn open_or_create_with(
+        store: Arc<dyn Store>,
+        key: Arc<MasterKey>,
+        rt: Handle,
+        host: &str,
+        pack_target: u64,
+    ) -> Result<(Self, bool)> {
         match Self::open(store.clone(), key.clone(), rt.clone()) {
             Ok(repo) => return Ok((repo, false)),
             Err(RepoError::NoRepository { .. }) => {}
@@ -136,7 +150,7 @@ impl Repository {
             repo_id: MasterKey::random_id().as_bytes()[..16].to_vec(),
             created: now_rfc3339(),
             chunker: ChunkerParams::default(),
-            pack_target: DEFAULT_PACK_TARGET,
+            pack_target,
         };
         let check = KeyCheck {
             key_id: key.key_id().0.to_vec(),
