@@ -79,7 +79,7 @@ pub fn take(
              snapshot {} coalesced into {}; its point in time is not kept",
             victim.name, new.name
         );
-        tracing::warn!("{msg}");
+        tracing::info!("{msg}");
         state.forget(&victim.name, "warn", "coalesced", &msg)?;
         area.delete_snapshot(&victim.name)?;
         coalesced.push(victim.name);

@@ -1769,3 +1769,19 @@ impl Mutator {
             .push(format!("setfacl {} {}", show_args(&args), p.display()));
     }
 }
+
+/// Writes `len` bytes of seeded, incompressible data to a new file
+/// (streamed in 1 MiB pieces) and fsyncs it.
+pub fn write_random_file(path: &Path, len: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_f11e);
+    let mut f = fs::File::create(path).expect("create random file");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).expect("write random file");
+        left -= n as u64;
+    }
+    f.sync_all().expect("fsync random file");
+}
