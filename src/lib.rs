@@ -13,4 +13,5 @@ pub mod queue;
 pub mod restore;
 pub mod ship;
 pub mod state;
+pub mod systemd;
 pub mod timespec;

@@ -84,6 +84,19 @@ enum Command {
         /// larger objects mean fewer requests; an existing repository keeps its size).
         #[arg(long, default_value = "16M", value_parser = parse_pack_size)]
         pack_size: u64,
+        /// How often the snapshot timer runs: 1h, 30m, 1d ... (at least 1m).
+        #[arg(long, default_value = "1h", value_parser = parse_interval)]
+        snapshot_every: u64,
+        /// Do not write systemd units.
+        #[arg(long)]
+        no_systemd: bool,
+        /// Where systemd units go.
+        #[arg(
+            long,
+            env = "BTRSHIP_SYSTEMD_DIR",
+            default_value = "/etc/systemd/system"
+        )]
+        systemd_dir: PathBuf,
     },
     /// Take a read-only snapshot now and ship it (and any earlier unshipped one).
     Snapshot {
@@ -205,6 +218,22 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+fn parse_interval(s: &str) -> std::result::Result<u64, String> {
+    btrship::systemd::parse_interval(s)
+        .ok_or_else(|| format!("{s:?} is not an interval like 1h, 30m or 1d (at least 1m)"))
+}
+
+/// `init`'s options beyond the path.
+struct InitOptions {
+    name: Option<String>,
+    repo: Option<String>,
+    key_file: Option<PathBuf>,
+    pack_size: u64,
+    snapshot_every: u64,
+    /// Where to write systemd units (None: --no-systemd).
+    systemd_dir: Option<PathBuf>,
+}
+
 fn parse_pack_size(s: &str) -> std::result::Result<u64, String> {
     let range = btrship_upload::repo::PACK_TARGET_RANGE;
     match layers::parse_bwlimit(s) {
@@ -252,7 +281,20 @@ fn run(cli: Cli) -> Result<u8> {
             repo,
             key_file,
             pack_size,
-        } => app.init(&path, name, repo, key_file, pack_size),
+            snapshot_every,
+            no_systemd,
+            systemd_dir,
+        } => app.init(
+            &path,
+            InitOptions {
+                name,
+                repo,
+                key_file,
+                pack_size,
+                snapshot_every,
+                systemd_dir: (!no_systemd).then_some(systemd_dir),
+            },
+        ),
         Command::Snapshot { name, json } => app.snapshot(&name, json),
         Command::Status { name, json } => app.status(&name, json),
         Command::Snapshots { name, json, repo } => app.snapshots(&name, json, &repo),
@@ -432,14 +474,15 @@ impl App {
         Ok((repo, cfg))
     }
 
-    fn init(
-        &self,
-        path: &Path,
-        name: Option<String>,
-        repo: Option<String>,
-        key_file: Option<PathBuf>,
-        pack_size: u64,
-    ) -> Result<u8> {
+    fn init(&self, path: &Path, opts: InitOptions) -> Result<u8> {
+        let InitOptions {
+            name,
+            repo,
+            key_file,
+            pack_size,
+            snapshot_every,
+            systemd_dir,
+        } = opts;
         let share = Share::open(path)?;
         let name = match name {
             Some(n) => n,
@@ -508,7 +551,22 @@ impl App {
         } else {
             println!("key file: {} (existing)", cfg.key_file.display());
         }
-        println!("next: btrship snapshot {name}");
+        match systemd_dir {
+            Some(dir) => {
+                let units = btrship::systemd::Units {
+                    exe: std::env::current_exe().context("cannot find the btrship binary")?,
+                    config_dir: std::path::absolute(&self.config_dir)?,
+                    state_dir: std::path::absolute(&self.state_dir)?,
+                    every_secs: snapshot_every,
+                };
+                for p in units.write(&dir)? {
+                    println!("systemd unit: {}", p.display());
+                }
+                println!("next: btrship snapshot {name}   (first snapshot now)");
+                println!("      systemctl daemon-reload && systemctl enable --now btrship-snapshot@{name}.timer   (every {snapshot_every} s)");
+            }
+            None => println!("next: btrship snapshot {name}"),
+        }
         Ok(exit::OK)
     }
 

@@ -152,7 +152,16 @@ fn outage_queues_locally_and_the_backlog_ships_when_the_store_returns() {
     let key = bs.key_file("share");
     let restore = |at: &str, to: &Path| {
         fresh.ok(osargs![
-            "restore", "share", "--at", at, "--to", to, "--repo", &url, "--key-file", &key
+            "restore",
+            "share",
+            "--at",
+            at,
+            "--to",
+            to,
+            "--repo",
+            &url,
+            "--key-file",
+            &key
         ]);
     };
     for (snap, r) in list.iter().zip([0, 1, 2, 4, 5]) {
@@ -239,7 +248,16 @@ fn twenty_percent_of_requests_faulted_still_ships_and_restores_exactly() {
     let to = fs.dir("restored");
     let t = newest_time(&bs);
     fresh.ok(osargs![
-        "restore", "share", "--at", &t, "--to", &to, "--repo", &url, "--key-file", &key
+        "restore",
+        "share",
+        "--at",
+        &t,
+        "--to",
+        &to,
+        "--repo",
+        &url,
+        "--key-file",
+        &key
     ]);
     assert_same_tree(&refs.join("r0"), &to);
 }

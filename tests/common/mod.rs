@@ -415,6 +415,12 @@ impl Btrship {
         self.state_dir.join("repo")
     }
 
+    /// Where `init` writes systemd units on this machine (never the real
+    /// /etc/systemd/system).
+    pub fn systemd_dir(&self) -> PathBuf {
+        self.config_dir.with_file_name("systemd")
+    }
+
     /// The default key file of share `name`, `<config-dir>/<name>.key`.
     pub fn key_file(&self, name: &str) -> PathBuf {
         self.config_dir.join(format!("{name}.key"))
@@ -451,6 +457,7 @@ impl Btrship {
                 .env_remove("BTRSHIP_LOG")
                 .env_remove("BTRSHIP_CONFIG_DIR")
                 .env_remove("BTRSHIP_STATE_DIR")
+                .env("BTRSHIP_SYSTEMD_DIR", self.systemd_dir())
                 .stdin(Stdio::null()),
             &describe(&full),
         )
