@@ -578,28 +578,29 @@ impl App {
         let mut state = state::State::open(&self.state_path(name))?;
 
         // Taking the snapshot needs no store: it queues locally first.
-        let taken = queue::take(&mut state, &share, &area, &cfg)?;
-        if !json {
-            for c in &taken.coalesced {
-                eprintln!(
-                    "btrship: warning: spool full ({} queued): snapshot {c} coalesced into {}",
-                    cfg.max_queued_snapshots, taken.snapshot
-                );
-            }
-        }
-        let shipped = self.ship_queue(&cfg, &mut state, &area, json);
-        let (reports, failure) = match shipped {
+        let taken = queue::take(&mut state, &share, &area)?;
+        let (reports, failure) = match self.ship_queue(&cfg, &mut state, &area, json) {
             Ok(reports) => (reports, None),
             Err((reports, e)) => (reports, Some(e)),
         };
+        let coalesced = queue::enforce_spool_limit(&mut state, &area, &cfg)?;
+        if !json {
+            for c in &coalesced {
+                eprintln!(
+                    "btrship: warning: spool full ({} queued): snapshot {c} coalesced into {taken}",
+                    cfg.max_queued_snapshots
+                );
+            }
+        }
         queue::prune_local(&state, &area, &cfg)?;
         let queued = state.queued()?;
         if json {
             print_json(&serde_json::json!({
                 "version": 1,
-                "taken": taken,
+                "snapshot": taken,
                 "shipped": reports,
                 "queued": queued.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "coalesced": coalesced,
                 "error": failure.as_ref().map(|e| format!("{e:#}")),
             }))?;
         }

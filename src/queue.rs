@@ -10,11 +10,12 @@
 //! marked shipped only after its record is durable in the store, so a crash
 //! at any point leaves it queued.
 //!
-//! The spool limit (`max_queued_snapshots`): when a new snapshot would
-//! exceed it, the newest queued snapshot is deleted and its changes are
-//! carried by the new one (coalesced). The latest state and the oldest
-//! queued points in time are kept; the dropped point in time is logged as a
-//! warning, counted in `status`, and reported by the command that took it.
+//! The spool limit (`max_queued_snapshots`): when snapshots are still
+//! queued beyond it after a ship attempt, the newest queued snapshot before
+//! the latest is deleted and its changes are carried by the latest one
+//! (coalesced). The latest state and the oldest queued points in time are
+//! kept; the dropped point in time is logged as a warning, counted in
+//! `status`, and reported by the command that took the latest snapshot.
 
 use crate::config::ShareConfig;
 use crate::progress::Progress;
@@ -25,25 +26,9 @@ use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 
-/// What [`take`] did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Taken {
-    /// The new snapshot's name.
-    pub snapshot: String,
-    /// Queued snapshots deleted to stay within the spool limit.
-    pub coalesced: Vec<String>,
-    /// Snapshots waiting to be shipped, the new one included.
-    pub queued: usize,
-}
-
-/// Reconciles the queue with the disk, takes a snapshot and queues it,
-/// then enforces the spool limit. Touches no store.
-pub fn take(
-    state: &mut State,
-    share: &Share,
-    area: &PrivateArea,
-    cfg: &ShareConfig,
-) -> Result<Taken> {
+/// Reconciles the queue with the disk, takes a snapshot and queues it.
+/// Touches no store. Returns the new snapshot's name.
+pub fn take(state: &mut State, share: &Share, area: &PrivateArea) -> Result<String> {
     // A crash may sit between taking a snapshot and queueing it, or between
     // dropping one from the queue and deleting it.
     let on_disk = area.list_snapshots()?;
@@ -67,28 +52,35 @@ pub fn take(
 
     let new = area.create_snapshot(share)?;
     state.add_taken(&new.name, &new.time.to_rfc3339())?;
+    Ok(new.name)
+}
 
+/// Keeps the queue within `max_queued_snapshots` (call it after a ship
+/// attempt): while it is longer, the newest queued snapshot before the
+/// latest one is dropped from the queue (logged, in one transaction) and
+/// deleted. Returns the names dropped.
+pub fn enforce_spool_limit(
+    state: &mut State,
+    area: &PrivateArea,
+    cfg: &ShareConfig,
+) -> Result<Vec<String>> {
     let limit = cfg.max_queued_snapshots.max(1);
     let mut coalesced = Vec::new();
     let mut queued = state.queued()?;
     while queued.len() > limit {
-        // The newest queued one before the new snapshot.
         let victim = queued.remove(queued.len() - 2);
+        let latest = &queued[queued.len() - 1].name;
         let msg = format!(
             "spool full ({limit} snapshots queued, the store has not taken them): \
-             snapshot {} coalesced into {}; its point in time is not kept",
-            victim.name, new.name
+             snapshot {} coalesced into {latest}; its point in time is not kept",
+            victim.name
         );
         tracing::info!("{msg}");
         state.forget(&victim.name, "warn", "coalesced", &msg)?;
         area.delete_snapshot(&victim.name)?;
         coalesced.push(victim.name);
     }
-    Ok(Taken {
-        snapshot: new.name,
-        coalesced,
-        queued: queued.len(),
-    })
+    Ok(coalesced)
 }
 
 /// Ships every queued snapshot, oldest first, and stops at the first

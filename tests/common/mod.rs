@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod s3env;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
