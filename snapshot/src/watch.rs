@@ -146,10 +146,11 @@ impl Handle {
     }
 }
 
-/// What happened, decoded from the event mask. The kernel merges events on
-/// the same object that are still queued, so several flags can be set (for
-/// example `create` and `close_write` for a file written right after
-/// creation).
+/// What happened, decoded from the event mask. The kernel merges queued
+/// events with the same directory, name and object, so several flags can be
+/// set and their order is lost: `create | close_write` for a file written
+/// right after creation, `create | delete` for one that came and went before
+/// the events were read. Check the filesystem for the current state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EventKind {
     /// `FAN_CLOSE_WRITE`: a file opened for writing was closed.
