@@ -23,6 +23,10 @@
 //! module notes); [`inode_paths`] turns an inode number into its paths and
 //! [`subvol_generations`] gives the transaction ids to compare.
 //!
+//! [`watch::Watcher`] reports live changes in a share (fanotify in FID mode
+//! with a filesystem mark on the top level), and [`watch::clone_file`] makes
+//! reflink copies of the files it reports.
+//!
 //! This crate is the only place in btrship that issues btrfs ioctls or
 //! contains `unsafe` code; all of it is in the private `sys` module.
 //! Creating the private area, creating or deleting snapshots and the
@@ -31,6 +35,7 @@
 mod changes;
 mod mountinfo;
 mod sys;
+pub mod watch;
 
 pub use changes::{
     changed_inodes, inode_paths, subvol_generations, ChangedInode, SubvolGenerations,
@@ -98,6 +103,10 @@ pub enum SnapshotError {
     InvalidSnapshotName { name: String },
     #[error("snapshot {name} not found")]
     NotFound { name: String },
+    #[error("inode {ino} (generation {gen}) of subvolume {root} no longer exists")]
+    ObjectGone { root: u64, ino: u64, gen: u32 },
+    #[error("inode {ino} of subvolume {root} is not a regular file")]
+    NotRegularFile { root: u64, ino: u64 },
 }
 
 /// Result type of this crate.

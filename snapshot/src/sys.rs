@@ -600,3 +600,151 @@ pub fn mount_top_level_detached(device: &Path) -> io::Result<OwnedFd> {
         )
     })
 }
+
+// fanotify, file handles and FICLONE (used by the `watch` module).
+
+/// `struct file_handle` header (`handle_bytes`, `handle_type`) followed by
+/// room for the largest handle (`MAX_HANDLE_SZ` bytes), 4-byte aligned like
+/// the kernel's.
+#[repr(C)]
+struct FileHandleBuf {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+const _: () = assert!(MAX_HANDLE_SZ == libc::MAX_HANDLE_SZ as usize);
+const _: () = assert!(std::mem::size_of::<libc::file_handle>() == 8);
+const _: () = assert!(std::mem::offset_of!(FileHandleBuf, f_handle) == 8);
+
+/// `fanotify_init(flags, event_f_flags)`.
+pub fn fanotify_init(flags: libc::c_uint, event_f_flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: fanotify_init takes two integers and returns a new fd or -1.
+    let fd = check(unsafe { libc::fanotify_init(flags, event_f_flags) })?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fanotify_mark(fan, flags, mask, dirfd, path)`.
+pub fn fanotify_mark(
+    fan: BorrowedFd<'_>,
+    flags: libc::c_uint,
+    mask: u64,
+    dirfd: BorrowedFd<'_>,
+    path: &std::ffi::CStr,
+) -> io::Result<()> {
+    // SAFETY: both fds are open; `path` is NUL-terminated and outlives the
+    // call; the kernel only reads it.
+    check(unsafe {
+        libc::fanotify_mark(
+            fan.as_raw_fd(),
+            flags,
+            mask,
+            dirfd.as_raw_fd(),
+            path.as_ptr(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `name_to_handle_at(AT_FDCWD, path, .., 0)`: the file handle of `path`
+/// as `(handle_type, handle bytes)`.
+pub fn name_to_handle(path: &Path) -> io::Result<(i32, Vec<u8>)> {
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut fh = FileHandleBuf {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `cpath` is NUL-terminated; `fh` is a live, writable
+    // `struct file_handle` whose `handle_bytes` says how much room follows
+    // the header (the kernel writes at most that much, else EOVERFLOW);
+    // `mount_id` is a writable int.
+    check(unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            cpath.as_ptr(),
+            &mut fh as *mut FileHandleBuf as *mut libc::file_handle,
+            &mut mount_id,
+            0,
+        )
+    })?;
+    let len = (fh.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((fh.handle_type, fh.f_handle[..len].to_vec()))
+}
+
+/// `open_by_handle_at(mount_fd, handle, flags)` (needs
+/// `CAP_DAC_READ_SEARCH`). `O_CLOEXEC` is always added.
+pub fn open_by_handle(
+    mount_fd: BorrowedFd<'_>,
+    handle_type: i32,
+    handle: &[u8],
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    if handle.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "file handle longer than MAX_HANDLE_SZ",
+        ));
+    }
+    let mut fh = FileHandleBuf {
+        handle_bytes: handle.len() as u32,
+        handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    fh.f_handle[..handle.len()].copy_from_slice(handle);
+    // SAFETY: `fh` is a live `struct file_handle` with `handle_bytes` valid
+    // bytes following the header; the kernel only reads it. Returns a new
+    // fd or -1.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            &mut fh as *mut FileHandleBuf as *mut libc::file_handle,
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `timeout_ms` (-1: forever) for `fd` to become readable.
+/// Returns `Ok(false)` on timeout or when a signal interrupted the wait.
+pub fn poll_readable(fd: BorrowedFd<'_>, timeout_ms: libc::c_int) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one live, writable `struct pollfd`, and nfds is 1.
+    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(ret > 0)
+}
+
+/// Closes an fd the kernel put into a fanotify event (fd-mode events only;
+/// FID-mode groups always report `FAN_NOFD`).
+pub fn close_event_fd(fd: libc::c_int) {
+    if fd >= 0 {
+        // SAFETY: a well-formed fanotify event with fd >= 0 carries a new fd
+        // that the kernel installed for the reader, which owns it; nothing
+        // else in this process knows the number yet.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
+/// `ioctl(dst, FICLONE, src)`: makes `dst` share all of `src`'s extents.
+pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as a plain int argument; both fds
+    // are open.
+    check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })?;
+    Ok(())
+}
