@@ -354,6 +354,30 @@ impl PrivateArea {
         })
     }
 
+    /// The staging subvolume `.btrship/<name>/staging` (created on first
+    /// use, mode 0700): where the daemon keeps reflink clones of closed
+    /// files. A subvolume of its own, so its writes carry its own subvolume
+    /// id and the watcher drops them.
+    pub fn staging_dir(&self) -> Result<PathBuf> {
+        let parent = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+        let staging = parent.join("staging");
+        match std::fs::symlink_metadata(&staging) {
+            Ok(m) if m.is_dir() => return Ok(staging),
+            Ok(_) => return Err(SnapshotError::NotDirectory { path: staging }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&staging)(e)),
+        }
+        let dir = open_dir(&parent).map_err(io_err(&parent))?;
+        match sys::subvol_create(dir.as_fd(), "staging") {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(ioctl_err("BTRFS_IOC_SUBVOL_CREATE_V2", &staging)(e)),
+        }
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&staging))?;
+        Ok(staging)
+    }
+
     /// `/proc/self/fd/N/.btrship/<name>/snapshots`.
     pub fn snapshots_dir(&self) -> &Path {
         &self.dir

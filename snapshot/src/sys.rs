@@ -227,6 +227,7 @@ const _: () = assert!(std::mem::size_of::<InoPathArgs>() == 56);
 const BTRFS_IOC_SNAP_DESTROY: u32 = iow(15, std::mem::size_of::<VolArgs>());
 const BTRFS_IOC_INO_LOOKUP: u32 = iowr(18, std::mem::size_of::<InoLookupArgs>());
 const BTRFS_IOC_SNAP_CREATE_V2: u32 = iow(23, std::mem::size_of::<VolArgsV2>());
+const BTRFS_IOC_SUBVOL_CREATE_V2: u32 = iow(24, std::mem::size_of::<VolArgsV2>());
 const BTRFS_IOC_SUBVOL_GETFLAGS: u32 = ior(25, std::mem::size_of::<u64>());
 const BTRFS_IOC_FS_INFO: u32 = ior(31, std::mem::size_of::<FsInfoArgs>());
 const BTRFS_IOC_TREE_SEARCH_V2: u32 = iowr(
@@ -365,6 +366,44 @@ pub fn snap_create_ro(dest_dir: BorrowedFd<'_>, src: BorrowedFd<'_>, name: &str)
             &mut args as *mut VolArgsV2,
         )
     })?;
+    Ok(())
+}
+
+/// Creates an empty subvolume `dir/name` (`BTRFS_IOC_SUBVOL_CREATE_V2`).
+pub fn subvol_create(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    let mut args = VolArgsV2 {
+        fd: 0,
+        transid: 0,
+        flags: 0,
+        unused: [0; 4],
+        name: [0; BTRFS_SUBVOL_NAME_MAX + 1],
+    };
+    fill_name(&mut args.name, name)?;
+    // SAFETY: as in snap_create_ro: the request number encodes the size of
+    // `VolArgsV2`, and `args` is a live struct of that layout.
+    check(unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            BTRFS_IOC_SUBVOL_CREATE_V2 as libc::Ioctl,
+            &mut args as *mut VolArgsV2,
+        )
+    })?;
+    Ok(())
+}
+
+/// Takes a read lease on `fd` (`F_SETLEASE F_RDLCK`). Fails with EAGAIN
+/// when any process has the file open for writing; while held, an open
+/// for writing waits until it is released.
+pub fn read_lease(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl with F_SETLEASE takes an int argument; fd is open.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) })?;
+    Ok(())
+}
+
+/// Releases a lease taken with [`read_lease`].
+pub fn release_lease(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: as in read_lease.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) })?;
     Ok(())
 }
 

@@ -865,6 +865,36 @@ pub fn clone_file(src: &File, dst: &File) -> Result<()> {
     })
 }
 
+/// Clones `src` into `dst` only if nobody has `src` open for writing:
+/// under a read lease (`F_SETLEASE`), which the kernel grants only when no
+/// writer has the file open and which holds off new writers until
+/// released. So the clone is exactly what the last writer closed, never a
+/// mix with a write in progress. Returns `Ok(false)` (nothing cloned) when
+/// a writer has it open: its own close will come. `src` must be opened
+/// read-only.
+pub fn clone_closed_file(src: &File, dst: &File) -> Result<bool> {
+    match sys::read_lease(src.as_fd()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),
+        Err(source) => {
+            return Err(SnapshotError::Ioctl {
+                op: "F_SETLEASE",
+                path: fd_path(src),
+                source,
+            })
+        }
+    }
+    let cloned = clone_file(src, dst);
+    let released = sys::release_lease(src.as_fd()).map_err(|source| SnapshotError::Ioctl {
+        op: "F_SETLEASE(F_UNLCK)",
+        path: fd_path(src),
+        source,
+    });
+    cloned?;
+    released?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

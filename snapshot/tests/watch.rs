@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use btrship_snapshot::watch::{clone_file, Handle, WatchEvent, Watcher};
+use btrship_snapshot::watch::{clone_closed_file, clone_file, Handle, WatchEvent, Watcher};
 use btrship_snapshot::{PrivateArea, Share, SnapshotError};
 use common::{run, Layout, LoopFs};
 
@@ -598,4 +598,47 @@ fn clone_file_makes_an_independent_shared_copy() {
         clone_file(&src, &tmp),
         Err(SnapshotError::Ioctl { op: "FICLONE", .. })
     ));
+}
+
+#[test]
+fn clone_closed_file_refuses_while_a_writer_has_it_open() {
+    let mut s = setup(Layout::ShareOnly);
+    let path = s.share.path.join("doc.txt");
+    fs::write(&path, b"version one").expect("write");
+    let staging = s.area.staging_dir().expect("staging subvolume");
+    assert_eq!(s.area.staging_dir().expect("again"), staging);
+    let mut writer = fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open for writing");
+    writer.write_all(b"VERSION").expect("write");
+    let new_clone = |name: &str| {
+        fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(staging.join(name))
+            .expect("create clone")
+    };
+    let src = fs::File::open(&path).expect("open read-only");
+    assert!(
+        !clone_closed_file(&src, &new_clone("a")).expect("lease attempt"),
+        "cloned while a writer had the file open"
+    );
+    drop(writer);
+    assert!(clone_closed_file(&src, &new_clone("b")).expect("clone after close"));
+    assert_eq!(fs::read(staging.join("b")).expect("read"), b"VERSION one");
+    // The lease is released: a writer can open the file again at once.
+    let t = Instant::now();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("reopen for writing");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Writes in the staging subvolume are not reported.
+    let evs = drain(&mut s.watcher);
+    assert!(
+        !evs.iter().any(|e| name_is(e, "a") || name_is(e, "b")),
+        "staging writes were reported"
+    );
 }

@@ -140,6 +140,45 @@ pub struct SnapshotRecord {
     pub stats: SnapshotStats,
 }
 
+/// FORMAT.md §5 version batch: what the daemon captured between
+/// snapshots, several paths per object (one PUT for many closes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionBatch {
+    pub share: String,
+    pub host: String,
+    /// Entries in capture order; a reader applies them in that order.
+    pub entries: Vec<VersionEntry>,
+}
+
+/// One captured state of one path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionEntry {
+    /// Capture time: RFC 3339, UTC, nanoseconds. The entry is the path's
+    /// state at that moment.
+    pub time: String,
+    /// Share-relative, '/'-separated, each component a safe name.
+    #[serde(with = "serde_bytes")]
+    pub path: Vec<u8>,
+    pub kind: VersionKind,
+    /// The entry's node (name = last path component); absent for `delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Node>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionKind {
+    /// A regular file as a writer closed it (content and metadata).
+    Close,
+    /// A directory's own metadata; its entries are unchanged by this.
+    Mkdir,
+    /// Anything else at the path (symlink, special file) or a file whose
+    /// metadata changed.
+    Node,
+    /// Nothing at the path any more (and nothing below it).
+    Delete,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct SnapshotStats {
     pub files: u64,

@@ -9,7 +9,7 @@
 
 use crate::format::{
     from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
-    PackedBlob, SnapshotRecord, Tree,
+    PackedBlob, SnapshotRecord, Tree, VersionBatch,
 };
 use crate::pack::{self, PackBuilder, PackError};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
@@ -98,6 +98,8 @@ pub struct Repository {
     index: RwLock<HashMap<ContentId, BlobLocation>>,
     loaded_indexes: Mutex<HashSet<String>>,
     verified_packs: Mutex<HashSet<String>>,
+    /// Trees built in memory (restore between snapshots), never uploaded.
+    staged_trees: Mutex<HashMap<ContentId, Tree>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -231,6 +233,7 @@ impl Repository {
             index: RwLock::default(),
             loaded_indexes: Mutex::default(),
             verified_packs: Mutex::default(),
+            staged_trees: Mutex::default(),
         };
         Ok(repo)
     }
@@ -471,11 +474,44 @@ impl Repository {
     }
 
     pub fn read_tree(&self, id: &ContentId) -> Result<Tree> {
+        if let Some(t) = self
+            .staged_trees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            return Ok(t.clone());
+        }
         let body = self.read_blob(id, BlobKind::Tree)?;
         from_cbor(&body).map_err(|reason| RepoError::Format {
             object: format!("tree {id}"),
             reason,
         })
+    }
+
+    /// Keeps `tree` in memory under its content id, so [`read_tree`] finds
+    /// it: trees of a moment between snapshots, built for a restore. Nothing
+    /// is uploaded.
+    ///
+    /// [`read_tree`]: Repository::read_tree
+    pub fn stage_tree(&self, tree: Tree) -> ContentId {
+        let id = self.key.content_id(&to_cbor(&tree));
+        self.staged_trees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tree);
+        id
+    }
+
+    /// Every version batch, in name order (entries carry their own times).
+    /// Fails naming the first batch that does not authenticate.
+    pub fn version_batches(&self) -> Result<Vec<(String, VersionBatch)>> {
+        let mut out = Vec::new();
+        for meta in self.list("versions/")? {
+            let b: VersionBatch = self.get_cbor(ObjectKind::Version, &meta.key)?;
+            out.push((meta.key, b));
+        }
+        Ok(out)
     }
 
     /// Seals and uploads a record under a fresh random name
