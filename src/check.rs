@@ -15,6 +15,9 @@ use std::collections::{HashMap, HashSet};
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CheckReport {
     pub snapshots: u64,
+    /// Version batches (daemon) and the entries in them.
+    pub version_batches: u64,
+    pub version_entries: u64,
     pub trees: u64,
     pub packs: u64,
     pub packs_read: u64,
@@ -33,6 +36,7 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
         }
     };
     let sizes: HashMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    let mut version_refs = HashSet::new();
     for o in &objects {
         let key = o.key.as_str();
         let prefix = key.split('/').next().unwrap_or_default();
@@ -48,7 +52,24 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
                     r.problems.push(format!("{e}"));
                 }
             }
-            "versions" | "locks" => {}
+            "versions" => match repo.version_batch(key) {
+                Err(e) => r.problems.push(format!("{e}")),
+                Ok(b) => {
+                    r.version_batches += 1;
+                    r.version_entries += b.entries.len() as u64;
+                    for e in &b.entries {
+                        let Some(n) = &e.node else { continue };
+                        if unsafe_path(&e.path) {
+                            r.problems.push(format!(
+                                "{key}: unsafe path {:?}",
+                                String::from_utf8_lossy(&e.path)
+                            ));
+                        }
+                        version_refs.extend(n.content.iter().map(|x| x.1 .0));
+                    }
+                }
+            },
+            "locks" => {}
             _ => r
                 .warnings
                 .push(format!("{key}: unknown object (not written by btrship)")),
@@ -108,6 +129,7 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
             r.problems.push(format!("{rec}: shipped from this machine but missing from the store (deleted or rolled back)"));
         }
     }
+    referenced.extend(version_refs);
     r.trees = seen_trees.len() as u64;
     r.blobs_referenced = referenced.len() as u64;
     for id in &referenced {
@@ -131,6 +153,11 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
         }
     }
     r
+}
+
+fn unsafe_path(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/')
+        .any(|c| btrship_upload::format::unsafe_name_reason(c).is_some())
 }
 
 fn walk(

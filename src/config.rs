@@ -27,6 +27,63 @@ pub struct ShareConfig {
     /// the new one (see README, "When the store is away").
     #[serde(default = "default_max_queued")]
     pub max_queued_snapshots: usize,
+    /// Daemon: a captured close ships once its path has been quiet this
+    /// long (bursts of closes of one file ship once). `sync` does not wait.
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// Daemon: paths never captured; globs (`*`, `?`) matched against the
+    /// file name, or against the share-relative path when they hold a '/'.
+    #[serde(default = "default_excludes")]
+    pub exclude: Vec<String>,
+}
+
+/// Office lock and temp files, Windows and macOS folder litter.
+pub const DEFAULT_EXCLUDES: &[&str] = &["~$*", "*.tmp", "Thumbs.db", ".DS_Store"];
+
+fn default_settle_ms() -> u64 {
+    2000
+}
+
+fn default_excludes() -> Vec<String> {
+    DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect()
+}
+
+/// Does the glob `pat` (`*` any run, `?` one character) match `s` whole?
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while i < s.len() {
+        if p < pat.len() && (pat[p] == b'?' || pat[p] == s[i]) {
+            p += 1;
+            i += 1;
+        } else if p < pat.len() && pat[p] == b'*' {
+            star = Some(p);
+            mark = i;
+            p += 1;
+        } else if let Some(sp) = star {
+            p = sp + 1;
+            mark += 1;
+            i = mark;
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+impl ShareConfig {
+    /// Is the share-relative `path` excluded from capture?
+    pub fn excluded(&self, path: &[u8]) -> bool {
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        self.exclude.iter().any(|g| {
+            let g = g.as_bytes();
+            if g.contains(&b'/') {
+                glob_match(g, path)
+            } else {
+                glob_match(g, name)
+            }
+        })
+    }
 }
 
 fn default_keep_local() -> usize {
@@ -181,6 +238,40 @@ mod tests {
     }
 
     #[test]
+    fn globs_and_excludes() {
+        for (p, s, m) in [
+            ("~$*", "~$budget.xlsx", true),
+            ("~$*", "budget.xlsx", false),
+            ("*.tmp", "a.tmp", true),
+            ("*.tmp", "a.tmpx", false),
+            ("Thumbs.db", "Thumbs.db", true),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("*", "", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), s.as_bytes()), m, "{p} {s}");
+        }
+        let mut cfg = ShareConfig {
+            name: "s".into(),
+            path: "/s".into(),
+            repo: "/r".into(),
+            key_file: "/k".into(),
+            keep_local_snapshots: 1,
+            max_queued_snapshots: 1,
+            settle_ms: 1,
+            exclude: default_excludes(),
+        };
+        assert!(cfg.excluded(b"docs/~$report.docx"));
+        assert!(cfg.excluded(b"Thumbs.db"));
+        assert!(!cfg.excluded(b"docs/report.docx"));
+        cfg.exclude.push("scratch/*".into());
+        assert!(cfg.excluded(b"scratch/x"));
+        assert!(!cfg.excluded(b"docs/scratch"));
+    }
+
+    #[test]
     fn config_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = ShareConfig {
@@ -190,6 +281,8 @@ mod tests {
             key_file: "/etc/btrship/share.key".into(),
             keep_local_snapshots: 3,
             max_queued_snapshots: 5,
+            settle_ms: 500,
+            exclude: vec!["*.bak".into()],
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);

@@ -7,7 +7,9 @@
 
 pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod exit;
+pub mod moment;
 pub mod progress;
 pub mod queue;
 pub mod restore;

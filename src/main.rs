@@ -15,7 +15,6 @@ use exit::UserError;
 use progress::Progress;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,6 +103,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch the share and ship every closed file version continuously (foreground; systemd Type=notify).
+    Daemon { name: String },
+    /// Wait until every file closed before this call is durable in the store (needs the daemon).
+    Sync {
+        name: String,
+        /// Give up after this long: 30s, 5m, 1h ...
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every shipped version of one path: snapshots it changed in, closes, deletes.
+    Versions {
+        name: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Show the queue (snapshots waiting for the store), the last ship, the last error and whether the store is reachable.
     Status {
         name: String,
@@ -170,6 +189,7 @@ fn main() {
         )
         .without_time()
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -218,6 +238,22 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split]
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
+    let unit = match &t[split..] {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{s:?} is not a duration like 30s, 5m or 1h")),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(unit)))
+}
+
 fn parse_interval(s: &str) -> std::result::Result<u64, String> {
     btrship::systemd::parse_interval(s)
         .ok_or_else(|| format!("{s:?} is not an interval like 1h, 30m or 1d (at least 1m)"))
@@ -250,29 +286,93 @@ fn parse_bwlimit(s: &str) -> std::result::Result<u64, String> {
     layers::parse_bwlimit(s).ok_or_else(|| format!("{s:?} is not a bandwidth like 10M, 500K or 1G"))
 }
 
+/// Builds stores: every backend gets the same retries, limits and
+/// counters. Cloneable into the daemon's shipping thread.
+#[derive(Clone)]
+struct Stores {
+    max_connections: usize,
+    bwlimit: Option<u64>,
+    counters: Arc<layers::Counters>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Stores {
+    fn store(
+        &self,
+        address: &str,
+        create: bool,
+        retry: layers::RetryPolicy,
+    ) -> Result<Arc<dyn Store>> {
+        let backend: Arc<dyn Store> = match RepoAddress::parse(address)? {
+            RepoAddress::Local(path) => {
+                if !create && !path.is_dir() {
+                    return Err(UserError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "no btrship repository at {} (directory does not exist); check --repo",
+                            path.display()
+                        ),
+                    )
+                    .into());
+                }
+                if create {
+                    Arc::new(LocalStore::create(&path)?)
+                } else {
+                    Arc::new(LocalStore::open(&path)?)
+                }
+            }
+            RepoAddress::S3(url) => {
+                let cfg = S3Config::parse_url(&url)?;
+                Arc::new(self.rt.block_on(S3Store::connect(cfg))?)
+            }
+        };
+        Ok(layers::layered(
+            backend,
+            layers::LayerOptions {
+                retry,
+                max_connections: Some(self.max_connections),
+                bwlimit_bytes_per_sec: self.bwlimit,
+            },
+            self.counters.clone(),
+        ))
+    }
+
+    /// Opens an existing repository with its key file.
+    fn open_repository(&self, address: &str, key_file: &Path) -> Result<Repository> {
+        let key = Arc::new(btrship_crypto::read_key_file(key_file)?);
+        let store = self.store(address, false, layers::RetryPolicy::default())?;
+        Ok(Repository::open(store, key, self.rt.clone())?)
+    }
+}
+
 struct App {
     config_dir: PathBuf,
     state_dir: PathBuf,
     progress: bool,
-    max_connections: usize,
-    bwlimit: Option<u64>,
     counters: Arc<layers::Counters>,
+    stores: Stores,
     rt: tokio::runtime::Runtime,
 }
 
 fn run(cli: Cli) -> Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let counters = Arc::new(layers::Counters::default());
     let app = App {
         config_dir: cli.config_dir,
         state_dir: cli.state_dir,
         progress: !cli.no_progress,
-        max_connections: cli.max_connections,
-        bwlimit: cli.bwlimit,
-        counters: Arc::new(layers::Counters::default()),
-        rt: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")?,
+        counters: counters.clone(),
+        stores: Stores {
+            max_connections: cli.max_connections,
+            bwlimit: cli.bwlimit,
+            counters,
+            rt: rt.handle().clone(),
+        },
+        rt,
     };
     match cli.command {
         Command::Init {
@@ -297,6 +397,18 @@ fn run(cli: Cli) -> Result<u8> {
         ),
         Command::Snapshot { name, json } => app.snapshot(&name, json),
         Command::Status { name, json } => app.status(&name, json),
+        Command::Daemon { name } => app.daemon(&name),
+        Command::Sync {
+            name,
+            timeout,
+            json,
+        } => app.sync(&name, timeout, json),
+        Command::Versions {
+            name,
+            path,
+            json,
+            repo,
+        } => app.versions(&name, &path, json, &repo),
         Command::Snapshots { name, json, repo } => app.snapshots(&name, json, &repo),
         Command::Ls {
             name,
@@ -400,44 +512,7 @@ impl App {
         create: bool,
         retry: layers::RetryPolicy,
     ) -> Result<Arc<dyn Store>> {
-        match RepoAddress::parse(address)? {
-            RepoAddress::Local(path) => {
-                if !create && !path.is_dir() {
-                    return Err(UserError::new(
-                        exit::NOT_FOUND,
-                        format!(
-                            "no btrship repository at {} (directory does not exist); check --repo",
-                            path.display()
-                        ),
-                    )
-                    .into());
-                }
-                let store = if create {
-                    LocalStore::create(&path)?
-                } else {
-                    LocalStore::open(&path)?
-                };
-                Ok(self.layered(Arc::new(store), retry))
-            }
-            RepoAddress::S3(url) => {
-                let cfg = S3Config::parse_url(&url)?;
-                let store = self.rt.block_on(S3Store::connect(cfg))?;
-                Ok(self.layered(Arc::new(store), retry))
-            }
-        }
-    }
-
-    /// Every backend gets the same retries, limits and counters.
-    fn layered(&self, backend: Arc<dyn Store>, retry: layers::RetryPolicy) -> Arc<dyn Store> {
-        layers::layered(
-            backend,
-            layers::LayerOptions {
-                retry,
-                max_connections: Some(self.max_connections),
-                bwlimit_bytes_per_sec: self.bwlimit,
-            },
-            self.counters.clone(),
-        )
+        self.stores.store(address, create, retry)
     }
 
     /// The repository and key for a read command: from --repo/--key-file
@@ -505,6 +580,11 @@ impl App {
             key_file: key_file.unwrap_or_else(|| self.default_key_file(&name)),
             keep_local_snapshots: config::DEFAULT_KEEP_LOCAL,
             max_queued_snapshots: config::DEFAULT_MAX_QUEUED,
+            settle_ms: 2000,
+            exclude: config::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         };
         if config::config_path(&self.config_dir, &name).exists() {
             let old = ShareConfig::load(&self.config_dir, &name)?;
@@ -572,7 +652,7 @@ impl App {
 
     fn snapshot(&self, name: &str, json: bool) -> Result<u8> {
         let cfg = ShareConfig::load(&self.config_dir, name)?;
-        let _lock = lock_share(&self.state_dir, name)?;
+        let _lock = state::lock_share(&self.state_dir, name)?;
         let share = Share::open(&cfg.path)?;
         let area = PrivateArea::open(&share, name)?;
         let mut state = state::State::open(&self.state_path(name))?;
@@ -656,6 +736,131 @@ impl App {
             Ok(_) => Ok(reports),
             Err(e) => Err((reports, e)),
         }
+    }
+
+    fn daemon(&self, name: &str) -> Result<u8> {
+        let cfg = ShareConfig::load(&self.config_dir, name)?;
+        let _lock = btrship::daemon::lock_daemon(&self.state_dir, name)?;
+        let share = Share::open(&cfg.path)?;
+        let area = Arc::new(PrivateArea::open(&share, name)?);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            self.rt.spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let key_file = cfg.key_file.clone();
+        let repo_address = cfg.repo.clone();
+        let stores = self.stores.clone();
+        let daemon = btrship::daemon::Daemon {
+            cfg: cfg.clone(),
+            share,
+            area,
+            state_path: self.state_path(name),
+            state_dir: self.state_dir.clone(),
+            host: host_name(),
+            open_repo: Box::new(move || stores.open_repository(&repo_address, &key_file)),
+            counters: self.counters.clone(),
+            stop,
+        };
+        daemon.run()?;
+        Ok(exit::OK)
+    }
+
+    fn sync(&self, name: &str, timeout: std::time::Duration, json: bool) -> Result<u8> {
+        let _cfg = ShareConfig::load(&self.config_dir, name)?;
+        if !btrship::daemon::daemon_running(&self.state_dir, name) {
+            return Err(UserError::new(
+                exit::FAILURE,
+                format!("no btrship daemon is running for share {name}; start it (systemctl start btrship@{name}, or btrship daemon {name})"),
+            )
+            .into());
+        }
+        let state = state::State::open(&self.state_path(name))?;
+        let requested = btrship::daemon::now_text();
+        let id = state.request_sync(&requested)?;
+        let started = std::time::Instant::now();
+        let mut pending = Vec::new();
+        let mut checked = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if checked.elapsed() > std::time::Duration::from_secs(1) {
+                checked = std::time::Instant::now();
+                if !btrship::daemon::daemon_running(&self.state_dir, name) {
+                    state.forget_sync_request(id)?;
+                    return Err(UserError::new(
+                        exit::FAILURE,
+                        format!("the btrship daemon for share {name} stopped while syncing; start it again and retry"),
+                    )
+                    .into());
+                }
+            }
+            if let Some(target) = state.sync_target(id)? {
+                pending = state.pending_upto(target)?;
+                if pending.is_empty() {
+                    state.forget_sync_request(id)?;
+                    if json {
+                        print_json(
+                            &serde_json::json!({"version": 1, "synced": true, "requested_at": requested, "seconds": started.elapsed().as_secs_f64()}),
+                        )?;
+                    } else {
+                        println!("synced: every file closed before {requested} is durable in the store ({:.2} s)", started.elapsed().as_secs_f64());
+                    }
+                    return Ok(exit::OK);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        state.forget_sync_request(id)?;
+        let error = state
+            .last_event("ship_failed")?
+            .map(|e| format!("; last store error at {}: {}", e.time, e.message))
+            .unwrap_or_default();
+        let first = pending
+            .first()
+            .map(|(p, k)| format!(" (first: {} {k})", String::from_utf8_lossy(p)))
+            .unwrap_or_else(|| " (the daemon has not answered)".into());
+        Err(UserError::new(
+            exit::STORE,
+            format!(
+                "sync timed out after {} s: {} changes are not durable yet{first}{error}",
+                timeout.as_secs(),
+                pending.len()
+            ),
+        )
+        .into())
+    }
+
+    fn versions(&self, name: &str, path: &Path, json: bool, args: &RepoArgs) -> Result<u8> {
+        let (repo, _) = self.open_repo(name, args, false)?;
+        let list = btrship::moment::versions_of(&repo, name, path.as_os_str().as_bytes())?;
+        if json {
+            print_json(&serde_json::json!({"version": 1, "path": path, "versions": list}))?;
+        } else if list.is_empty() {
+            println!("no versions of {} in share {name}", path.display());
+        } else {
+            for v in &list {
+                println!(
+                    "{}  {:<8} {:>12}  {}",
+                    v.time,
+                    v.kind,
+                    v.size.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                    v.source
+                );
+            }
+        }
+        Ok(exit::OK)
     }
 
     fn status(&self, name: &str, json: bool) -> Result<u8> {
@@ -843,7 +1048,8 @@ impl App {
     ) -> Result<u8> {
         let at = self.at(at)?;
         let (repo, _) = self.open_repo(name, args, false)?;
-        let (_, rec) = restore::find_snapshot(&repo, name, at)?;
+        let moment = btrship::moment::at(&repo, name, at)?;
+        let rec = moment.record;
         let mut root = rec.root.clone();
         root.subtree = Some(rec.tree);
         let path = path
@@ -852,7 +1058,7 @@ impl App {
         let entries = restore::list(&repo, &root, &path)?;
         if json {
             print_json(
-                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "entries": entries }),
+                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "versions_applied": moment.versions_applied, "entries": entries }),
             )?;
         } else {
             for e in &entries {
@@ -880,7 +1086,8 @@ impl App {
     ) -> Result<u8> {
         let at = self.at(at)?;
         let (repo, _) = self.open_repo(name, args, false)?;
-        let (_, rec) = restore::find_snapshot(&repo, name, at)?;
+        let moment = btrship::moment::at(&repo, name, at)?;
+        let rec = moment.record;
         let mut progress = Progress::new("restoring", self.progress && !json);
         let paths: Vec<Vec<u8>> = paths
             .iter()
@@ -889,11 +1096,15 @@ impl App {
         let report = restore::restore(&repo, &rec, &paths, to, &mut progress)?;
         if json {
             print_json(
-                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "to": to, "restored": report }),
+                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "at": at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "versions_applied": moment.versions_applied, "to": to, "restored": report }),
             )?;
         } else {
+            let versions = match moment.versions_applied {
+                0 => String::new(),
+                n => format!(" + {n} later file versions"),
+            };
             println!(
-                "restored {} ({}) to {}: {} files, {} directories, {} in {:.2} s",
+                "restored {} ({}{versions}) to {}: {} files, {} directories, {} in {:.2} s",
                 rec.snapshot,
                 rec.time,
                 to.display(),
@@ -932,9 +1143,11 @@ impl App {
                 println!("problem: {p}");
             }
             println!(
-                "checked {}: {} snapshots, {} trees, {} packs ({} read), {} data blobs referenced: {} problems, {} warnings",
+                "checked {}: {} snapshots, {} version batches ({} versions), {} trees, {} packs ({} read), {} data blobs referenced: {} problems, {} warnings",
                 repo.location(),
                 report.snapshots,
+                report.version_batches,
+                report.version_entries,
                 report.trees,
                 report.packs,
                 report.packs_read,
@@ -958,18 +1171,4 @@ impl App {
             .into())
         }
     }
-}
-
-/// One `snapshot` run per share at a time (timer and manual runs may overlap).
-fn lock_share(state_dir: &Path, name: &str) -> Result<std::fs::File> {
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let path = state_dir.join(format!("{name}.lock"));
-    let f =
-        std::fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a valid fd owned by f.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(UserError::new(exit::FAILURE, format!("another btrship is shipping share {name} right now (lock {}); try again when it finishes", path.display())).into());
-    }
-    Ok(f)
 }

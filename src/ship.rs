@@ -543,41 +543,17 @@ impl Walker<'_, '_> {
         if old.kind != NodeKind::File || !self.all_present(&old.content) {
             return self.read_whole(path);
         }
-        let old_map = open_map(&old_path)?;
-        let new_map = open_map(path)?;
-        let ranges = btrship_diff::changed_ranges(&old_map, old.size, &new_map, meta.size);
-        if ranges.is_empty() && old.size == meta.size {
-            self.reused_files += 1;
-            return Ok(old.content);
-        }
-        let old_chunks: Vec<OldChunk<BlobId>> = old
-            .content
-            .iter()
-            .map(|e| OldChunk {
-                offset: e.0,
-                length: e.2,
-                id: e.1,
-            })
-            .collect();
-        let mut content = Vec::new();
-        let writer = &mut self.writer;
-        let stats = btrship_diff::rechunk::<BlobId, anyhow::Error>(
-            path,
+        let (content, read) = file_content(
+            &mut self.writer,
             self.sizes,
-            &old_chunks,
-            &ranges,
-            |piece| {
-                match piece {
-                    Piece::Reused(c) => content.push(Extent(c.offset, c.id, c.length)),
-                    Piece::New { offset, data } => {
-                        let id = writer.add(BlobKind::Data, &data)?;
-                        content.push(Extent(offset, BlobId(id), data.len() as u64));
-                    }
-                }
-                Ok(())
-            },
+            path,
+            meta.size,
+            Some((&old_path, &old.content, old.size)),
         )?;
-        self.read_bytes += stats.read_bytes;
+        if read == 0 && content == old.content {
+            self.reused_files += 1;
+        }
+        self.read_bytes += read;
         Ok(content)
     }
 
@@ -586,16 +562,65 @@ impl Walker<'_, '_> {
     }
 
     fn read_whole(&mut self, path: &Path) -> Result<Vec<Extent>> {
-        let mut content = Vec::new();
-        let writer = &mut self.writer;
-        self.read_bytes +=
-            btrship_diff::chunk_file::<anyhow::Error>(path, self.sizes, |off, data| {
-                let id = writer.add(BlobKind::Data, data)?;
-                content.push(Extent(off, BlobId(id), data.len() as u64));
-                Ok(())
-            })?;
+        let (content, read) = file_content(&mut self.writer, self.sizes, path, 0, None)?;
+        self.read_bytes += read;
         Ok(content)
     }
+}
+
+/// The content extents of the file at `path` (`size` bytes), its new blobs
+/// added to `writer`. With an older version of the same file (its path on
+/// disk, its content and size), only the ranges btrfs reports changed
+/// between the two (FIEMAP) are read and re-chunked, and the other chunks
+/// are reused; without one, the whole file is read. Returns the extents and
+/// the bytes read.
+pub fn file_content(
+    writer: &mut PackWriter,
+    sizes: ChunkSizes,
+    path: &Path,
+    size: u64,
+    old: Option<(&Path, &[Extent], u64)>,
+) -> Result<(Vec<Extent>, u64)> {
+    let mut content = Vec::new();
+    let Some((old_path, old_content, old_size)) = old else {
+        let read = btrship_diff::chunk_file::<anyhow::Error>(path, sizes, |off, data| {
+            let id = writer.add(BlobKind::Data, data)?;
+            content.push(Extent(off, BlobId(id), data.len() as u64));
+            Ok(())
+        })?;
+        return Ok((content, read));
+    };
+    let old_map = open_map(old_path)?;
+    let new_map = open_map(path)?;
+    let ranges = btrship_diff::changed_ranges(&old_map, old_size, &new_map, size);
+    if ranges.is_empty() && old_size == size {
+        return Ok((old_content.to_vec(), 0));
+    }
+    let old_chunks: Vec<OldChunk<BlobId>> = old_content
+        .iter()
+        .map(|e| OldChunk {
+            offset: e.0,
+            length: e.2,
+            id: e.1,
+        })
+        .collect();
+    let stats = btrship_diff::rechunk::<BlobId, anyhow::Error>(
+        path,
+        sizes,
+        &old_chunks,
+        &ranges,
+        |piece| {
+            match piece {
+                Piece::Reused(c) => content.push(Extent(c.offset, c.id, c.length)),
+                Piece::New { offset, data } => {
+                    let id = writer.add(BlobKind::Data, &data)?;
+                    content.push(Extent(offset, BlobId(id), data.len() as u64));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok((content, stats.read_bytes))
 }
 
 fn open_map(path: &Path) -> Result<Vec<btrship_diff::FileExtent>> {
@@ -603,7 +628,8 @@ fn open_map(path: &Path) -> Result<Vec<btrship_diff::FileExtent>> {
     Ok(btrship_diff::extent_map(&f, path)?)
 }
 
-fn node_from(name: &[u8], m: &FsMeta) -> Node {
+/// A tree node for an entry with metadata `m` (no content, no subtree).
+pub fn node_from(name: &[u8], m: &FsMeta) -> Node {
     Node {
         name: name.to_vec(),
         kind: match m.kind {

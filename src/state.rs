@@ -9,7 +9,7 @@
 use crate::ship::Totals;
 use anyhow::{Context, Result};
 use btrship_crypto::ContentId;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, TransactionBehavior};
 use std::path::Path;
 
 /// Migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -46,6 +46,41 @@ const MIGRATIONS: &[&str] = &[
     -- vanished (NULL for older rows).
     ALTER TABLE events ADD COLUMN kind TEXT;
     CREATE INDEX events_kind ON events (kind, id);
+",
+    "
+    -- The daemon's durable capture queue: one row per captured state of a
+    -- path, in capture order. 'busy' rows stand for a close seen while a
+    -- writer had the file open again: the next capture of the path
+    -- supersedes them, and `sync` waits for that.
+    CREATE TABLE captures (
+        seq     INTEGER PRIMARY KEY,
+        time    TEXT NOT NULL,          -- RFC 3339 UTC, ns: the state's moment
+        path    BLOB NOT NULL,          -- share-relative, '/'-separated
+        kind    TEXT NOT NULL CHECK (kind IN ('close', 'mkdir', 'node', 'delete', 'busy')),
+        clone   TEXT,                   -- staging file name (close)
+        node    BLOB,                   -- CBOR tree node without content
+        size    INTEGER NOT NULL DEFAULT 0,
+        state   TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'shipped', 'superseded')),
+        batch   TEXT                    -- versions/ object once shipped
+    );
+    CREATE INDEX captures_pending ON captures (state, seq);
+    CREATE INDEX captures_path ON captures (path, state);
+    -- The newest shipped clone of each path: the base for the next one's
+    -- changed ranges (FIEMAP) and chunk reuse.
+    CREATE TABLE baselines (
+        path    BLOB PRIMARY KEY,
+        clone   TEXT NOT NULL,
+        size    INTEGER NOT NULL,
+        content BLOB NOT NULL           -- CBOR extents [[offset, id, len]...]
+    ) WITHOUT ROWID;
+    -- `btrship sync` asks; the daemon answers with the last capture that
+    -- covers every close before the request.
+    CREATE TABLE sync_requests (
+        id           INTEGER PRIMARY KEY,
+        requested_at TEXT NOT NULL,
+        target_seq   INTEGER
+    );
 ",
 ];
 
@@ -108,7 +143,9 @@ impl State {
         stats: &str,
         message: &str,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
             "UPDATE snapshots SET state = 'shipped', record = ?2, tree = ?3, stats = ?4,
                  shipped_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
@@ -123,7 +160,9 @@ impl State {
 
     /// Drops a snapshot from the queue and logs why, in one transaction.
     pub fn forget(&mut self, name: &str, level: &str, kind: &str, message: &str) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM snapshots WHERE name = ?1", params![name])?;
         insert_event(&tx, level, kind, message)?;
         tx.commit()?;
@@ -232,6 +271,305 @@ impl State {
             |r| r.get(0),
         )?;
         Ok(n as u64)
+    }
+}
+
+/// A captured state of one path, as the daemon records it.
+#[derive(Debug, Clone)]
+pub struct NewCapture {
+    pub time: String,
+    pub path: Vec<u8>,
+    /// close | mkdir | node | delete | busy
+    pub kind: &'static str,
+    pub clone: Option<String>,
+    pub node: Option<Vec<u8>>,
+    pub size: u64,
+}
+
+/// A queued capture.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    pub seq: i64,
+    pub time: String,
+    pub path: Vec<u8>,
+    pub kind: String,
+    pub clone: Option<String>,
+    pub node: Option<Vec<u8>>,
+    pub size: u64,
+}
+
+/// The newest shipped clone of a path.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    pub clone: String,
+    pub size: u64,
+    pub content: Vec<u8>,
+}
+
+/// What a shipped batch changes in the state.
+pub struct ShippedBatch<'a> {
+    pub batch: &'a str,
+    pub seqs: &'a [i64],
+    /// (path, clone, size, CBOR content) for each shipped close.
+    pub baselines: Vec<(Vec<u8>, String, u64, Vec<u8>)>,
+    /// Paths shipped as deleted: their baselines (and those below) go.
+    pub deleted: Vec<Vec<u8>>,
+}
+
+impl State {
+    /// Queues captures in one transaction. An older pending capture of the
+    /// same path is superseded when it is less than `settle` older (a burst
+    /// ships once) — except that a delete is never superseded by a mkdir (it
+    /// removes what was below) — and 'busy' rows always are. Returns the
+    /// clones of superseded rows (the caller deletes them).
+    pub fn add_captures(&mut self, caps: &[NewCapture], settle_after: &str) -> Result<Vec<String>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut freed = Vec::new();
+        {
+            let mut older = tx.prepare_cached(
+                "SELECT seq, kind, clone, time FROM captures
+                 WHERE path = ?1 AND state = 'pending'",
+            )?;
+            let mut supersede =
+                tx.prepare_cached("UPDATE captures SET state = 'superseded' WHERE seq = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO captures (time, path, kind, clone, node, size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for c in caps {
+                let rows: Vec<(i64, String, Option<String>, String)> = older
+                    .query_map(params![c.path], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (seq, kind, clone, time) in rows {
+                    let recent = time.as_str() > settle_after;
+                    let keep_delete = kind == "delete" && c.kind == "mkdir";
+                    if kind == "busy" || (recent && !keep_delete) {
+                        supersede.execute(params![seq])?;
+                        freed.extend(clone);
+                    }
+                }
+                insert.execute(params![
+                    c.time,
+                    c.path,
+                    c.kind,
+                    c.clone,
+                    c.node,
+                    c.size as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(freed)
+    }
+
+    /// The newest capture's sequence number (0 when none).
+    pub fn last_capture_seq(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM captures", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Pending captures ready to ship: taken at or before `settled_before`,
+    /// or covered by a `sync` (seq <= `force_upto`). Busy rows never ship.
+    pub fn ready_captures(
+        &self,
+        settled_before: &str,
+        force_upto: i64,
+        limit: usize,
+    ) -> Result<Vec<Capture>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time, path, kind, clone, node, size FROM captures
+             WHERE state = 'pending' AND kind != 'busy' AND (time <= ?1 OR seq <= ?2)
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![settled_before, force_upto, limit as i64], |r| {
+            Ok(Capture {
+                seq: r.get(0)?,
+                time: r.get(1)?,
+                path: r.get(2)?,
+                kind: r.get(3)?,
+                clone: r.get(4)?,
+                node: r.get(5)?,
+                size: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Pending captures at or below `seq` (what a `sync` still waits for).
+    pub fn pending_upto(&self, seq: i64) -> Result<Vec<(Vec<u8>, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, kind FROM captures WHERE state = 'pending' AND seq <= ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// (pending captures, their bytes, the oldest one's time).
+    pub fn capture_backlog(&self) -> Result<(u64, u64, Option<String>)> {
+        Ok(self.conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0), min(time) FROM captures WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+        )?)
+    }
+
+    pub fn baseline(&self, path: &[u8]) -> Result<Option<Baseline>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT clone, size, content FROM baselines WHERE path = ?1")?;
+        let mut rows = stmt.query(params![path])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(Baseline {
+                clone: r.get(0)?,
+                size: r.get::<_, i64>(1)? as u64,
+                content: r.get(2)?,
+            }),
+            None => None,
+        })
+    }
+
+    /// Every clone the state still needs (pending captures and baselines).
+    pub fn live_clones(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT clone FROM captures WHERE state = 'pending' AND clone IS NOT NULL
+             UNION SELECT clone FROM baselines",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Marks a batch shipped (after its object is durable in the store) and
+    /// moves baselines, in one transaction. Returns clones no longer needed.
+    pub fn finish_batch(&mut self, b: ShippedBatch<'_>) -> Result<Vec<String>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut freed = Vec::new();
+        {
+            let mut mark = tx.prepare_cached(
+                "UPDATE captures SET state = 'shipped', batch = ?2 WHERE seq = ?1 AND state = 'pending'",
+            )?;
+            for seq in b.seqs {
+                mark.execute(params![seq, b.batch])?;
+            }
+            let mut old = tx.prepare_cached("SELECT clone FROM baselines WHERE path = ?1")?;
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO baselines (path, clone, size, content) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (path, clone, size, content) in &b.baselines {
+                let prev: Option<String> = old.query_row(params![path], |r| r.get(0)).ok();
+                if let Some(p) = prev.filter(|p| p != clone) {
+                    freed.push(p);
+                }
+                put.execute(params![path, clone, *size as i64, content])?;
+            }
+            let mut below = tx.prepare_cached(
+                "SELECT path, clone FROM baselines WHERE path = ?1 OR substr(path, 1, ?2) = ?3",
+            )?;
+            let mut drop_base = tx.prepare_cached("DELETE FROM baselines WHERE path = ?1")?;
+            for path in &b.deleted {
+                let mut prefix = path.clone();
+                prefix.push(b'/');
+                let gone: Vec<(Vec<u8>, String)> = below
+                    .query_map(params![path, prefix.len() as i64, prefix], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                for (p, clone) in gone {
+                    drop_base.execute(params![p])?;
+                    freed.push(clone);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(freed)
+    }
+
+    /// Asks the daemon for a sync barrier; returns the request id.
+    pub fn request_sync(&self, requested_at: &str) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO sync_requests (requested_at) VALUES (?1)",
+            params![requested_at],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The oldest unanswered sync request's time.
+    pub fn open_sync_request(&self) -> Result<Option<String>> {
+        Ok(self.conn.query_row(
+            "SELECT min(requested_at) FROM sync_requests WHERE target_seq IS NULL",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Answers every request made at or before `drained_at` with `seq`.
+    pub fn answer_sync_requests(&self, drained_at: &str, seq: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sync_requests SET target_seq = ?2
+             WHERE target_seq IS NULL AND requested_at <= ?1",
+            params![drained_at, seq],
+        )?;
+        Ok(())
+    }
+
+    /// The answer to a sync request, once given.
+    pub fn sync_target(&self, id: i64) -> Result<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT target_seq FROM sync_requests WHERE id = ?1",
+            params![id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The highest answered sync target whose captures are not all shipped
+    /// yet (the shipper ships up to it without waiting for settle).
+    pub fn sync_force_upto(&self) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(max(target_seq), 0) FROM sync_requests r
+             WHERE target_seq IS NOT NULL AND EXISTS
+               (SELECT 1 FROM captures c WHERE c.state = 'pending' AND c.seq <= r.target_seq)",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn forget_sync_request(&self, id: i64) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM sync_requests WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+}
+
+/// One snapshot-and-ship at a time per share (the timer, a manual run and
+/// the daemon's reconciling snapshots may overlap). Held while the file
+/// lives.
+pub fn lock_share(state_dir: &Path, name: &str) -> Result<std::fs::File> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let path = state_dir.join(format!("{name}.lock"));
+    let f =
+        std::fs::File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(crate::exit::UserError::new(
+            crate::exit::FAILURE,
+            format!(
+                "another btrship is shipping share {name} right now (lock {}); try again when it finishes",
+                path.display()
+            ),
+        )
+        .into()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
     }
 }
 

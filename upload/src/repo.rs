@@ -503,12 +503,17 @@ impl Repository {
         id
     }
 
+    /// One version batch.
+    pub fn version_batch(&self, name: &str) -> Result<VersionBatch> {
+        self.get_cbor(ObjectKind::Version, name)
+    }
+
     /// Every version batch, in name order (entries carry their own times).
     /// Fails naming the first batch that does not authenticate.
     pub fn version_batches(&self) -> Result<Vec<(String, VersionBatch)>> {
         let mut out = Vec::new();
         for meta in self.list("versions/")? {
-            let b: VersionBatch = self.get_cbor(ObjectKind::Version, &meta.key)?;
+            let b = self.version_batch(&meta.key)?;
             out.push((meta.key, b));
         }
         Ok(out)

@@ -1,0 +1,759 @@
+//! `btrship daemon NAME`: continuous versions of a share between snapshots.
+//!
+//! Two threads and a durable queue between them:
+//!
+//! - **capture** (the calling thread) reads fanotify events (one
+//!   filesystem mark on the btrfs top level, FID mode; see
+//!   `btrship_snapshot::watch`), turns them into the set of paths they
+//!   touched, and records each path's state *now*: a regular file is
+//!   reflink-cloned into the private staging subvolume under a read lease
+//!   (granted only when no writer has it open, so the clone is exactly a
+//!   closed version, never a torn mix), a directory or other entry by its
+//!   metadata, a path that is gone as a tombstone. Clones are fsynced, then
+//!   the captures are committed in one SQLite transaction before anything
+//!   else happens to them. A close seen while a writer has reopened the
+//!   file is recorded as `busy`: that writer's own close supersedes it.
+//! - **ship** waits until a capture has settled (no newer capture of its
+//!   path for `settle_ms`; newer ones supersede older ones inside that
+//!   window) or a `sync` covers it, then ships a batch: changed ranges
+//!   against the path's previous clone (FIEMAP), chunks, packs, one index
+//!   and one `versions/` object for the whole batch; only then are the
+//!   captures marked shipped and older clones dropped.
+//!
+//! Gaps are closed with snapshots: at start (downtime, a crash) and on a
+//! fanotify queue overflow the shipper takes a snapshot and ships it with
+//! btrfs-native change detection, exactly like `btrship snapshot`.
+//!
+//! `sync`: a request row in the state database; the capture thread answers
+//! it after a read that found the event queue empty (every close before the
+//! request was then read and captured) with the newest capture's sequence
+//! number; `btrship sync` waits until nothing up to it is pending.
+
+use crate::config::ShareConfig;
+use crate::ship;
+use crate::state::{Capture, NewCapture, ShippedBatch, State};
+use crate::{queue, state};
+use anyhow::{Context, Result};
+use btrship_crypto::ObjectKind;
+use btrship_diff::{ChunkSizes, FileKind};
+use btrship_snapshot::watch::{clone_closed_file, WatchEvent, Watcher};
+use btrship_snapshot::{PrivateArea, Share};
+use btrship_upload::format::{
+    from_cbor, to_cbor, Extent, Node, VersionBatch, VersionEntry, VersionKind,
+};
+use btrship_upload::layers::Counters;
+use btrship_upload::Repository;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Captures per shipped batch at most.
+const BATCH_LIMIT: usize = 20_000;
+/// A path whose metadata keeps changing under us is retried this often.
+const CAPTURE_ATTEMPTS: usize = 3;
+
+/// Everything the daemon needs, made by the CLI.
+pub struct Daemon {
+    pub cfg: ShareConfig,
+    pub share: Share,
+    pub area: Arc<PrivateArea>,
+    pub state_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub host: String,
+    /// Opens the repository (may fail while the store is away).
+    pub open_repo: Box<dyn Fn() -> Result<Repository> + Send>,
+    pub counters: Arc<Counters>,
+    /// Set by SIGTERM/SIGINT.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The current time as stored in captures: RFC 3339 UTC with 9 fraction
+/// digits, so text order is time order.
+pub fn now_text() -> String {
+    time_text(chrono::Utc::now())
+}
+
+fn time_text(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Tells systemd (`Type=notify`) about readiness and status; a no-op
+/// outside systemd.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_bytes();
+    let sent = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = sent {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+impl Daemon {
+    /// Runs until `stop` is set. Returns after in-flight work finished;
+    /// what is not shipped stays queued for the next start.
+    pub fn run(self) -> Result<()> {
+        let staging = self.area.staging_dir()?;
+        let mut state = State::open(&self.state_path)?;
+        remove_orphan_clones(&state, &staging)?;
+        let mut watcher = Watcher::new(&self.area, &self.share)?;
+        let reconcile = Arc::new(AtomicBool::new(true));
+        let (wake_tx, wake_rx) = mpsc::channel::<()>();
+
+        let shipper = Shipper {
+            cfg: self.cfg.clone(),
+            share: Share::open(&self.cfg.path)?,
+            area: self.area.clone(),
+            staging: staging.clone(),
+            state: State::open(&self.state_path)?,
+            state_dir: self.state_dir.clone(),
+            host: self.host.clone(),
+            counters: self.counters.clone(),
+            stop: self.stop.clone(),
+            reconcile: reconcile.clone(),
+            wake: wake_rx,
+        };
+        let open_repo = self.open_repo;
+        let ship_thread = std::thread::Builder::new()
+            .name("ship".into())
+            .spawn(move || shipper.run(open_repo))
+            .context("cannot start the shipping thread")?;
+
+        let msg = format!("daemon started: watching {}", self.cfg.path.display());
+        tracing::info!("{msg}");
+        state.log_event("info", "daemon", &msg)?;
+        sd_notify(&format!(
+            "READY=1\nSTATUS=watching {}",
+            self.cfg.path.display()
+        ));
+        let capture = Capturer {
+            cfg: &self.cfg,
+            root: self.cfg.path.clone(),
+            staging,
+            counter: 0,
+        };
+        let result = capture.run(&mut watcher, &mut state, &self.stop, &reconcile, &wake_tx);
+        // Stop the shipper too (also when capture failed).
+        self.stop.store(true, SeqCst);
+        let _ = wake_tx.send(());
+        sd_notify("STOPPING=1\nSTATUS=stopping: finishing the batch in flight");
+        let shipped = ship_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the shipping thread panicked"))?;
+        result?;
+        shipped?;
+        state.log_event("info", "daemon", "daemon stopped")?;
+        Ok(())
+    }
+}
+
+/// Deletes staging files the state no longer refers to (a crash between
+/// clone and commit leaves them).
+fn remove_orphan_clones(state: &State, staging: &Path) -> Result<()> {
+    let live = state.live_clones()?;
+    for entry in std::fs::read_dir(staging).with_context(|| format!("{}", staging.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !live.contains(name.to_string_lossy().as_ref()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn remove_clones(staging: &Path, names: &[String]) {
+    for n in names {
+        if let Err(e) = std::fs::remove_file(staging.join(n)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove clone {n}: {e}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// capture
+// ---------------------------------------------------------------------------
+
+struct Capturer<'a> {
+    cfg: &'a ShareConfig,
+    root: PathBuf,
+    staging: PathBuf,
+    counter: u64,
+}
+
+/// A path an event touched; `subtree` when a directory arrived by rename
+/// (everything below it is new at this path).
+struct Dirty {
+    path: Vec<u8>,
+    subtree: bool,
+}
+
+fn rel_bytes(p: &Path) -> Vec<u8> {
+    let b = p.as_os_str().as_bytes();
+    let b = b.strip_prefix(b"/").unwrap_or(b);
+    b.to_vec()
+}
+
+/// The paths a batch of events touched, in first-seen order.
+fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
+    let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
+    let mut out: Vec<Dirty> = Vec::new();
+    let mut add = |p: Option<PathBuf>, subtree: bool, out: &mut Vec<Dirty>| {
+        let Some(p) = p else { return };
+        let path = rel_bytes(&p);
+        if path.is_empty() {
+            return; // the share root's own metadata ships with snapshots
+        }
+        match seen.get(&path) {
+            Some(&i) => out[i].subtree |= subtree,
+            None => {
+                seen.insert(path.clone(), out.len());
+                out.push(Dirty { path, subtree });
+            }
+        }
+    };
+    for e in events {
+        let k = e.kind;
+        if k.overflow {
+            *overflow = true;
+            continue;
+        }
+        if k.rename {
+            add(e.old_path(), false, &mut out);
+            add(e.new_path(), k.is_dir, &mut out);
+            continue;
+        }
+        add(e.path(), k.is_dir && k.moved_to, &mut out);
+    }
+    out
+}
+
+impl Capturer<'_> {
+    fn run(
+        mut self,
+        watcher: &mut Watcher,
+        state: &mut State,
+        stop: &AtomicBool,
+        reconcile: &AtomicBool,
+        wake: &mpsc::Sender<()>,
+    ) -> Result<()> {
+        let settle = Duration::from_millis(self.cfg.settle_ms);
+        while !stop.load(SeqCst) {
+            let open_sync = state.open_sync_request()?;
+            let started = now_text();
+            let timeout = if open_sync.is_some() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(200)
+            };
+            let events = watcher.read(timeout)?;
+            if events.is_empty() {
+                // The queue was empty: every close before `started` has
+                // been read and its capture committed.
+                if open_sync.is_some() {
+                    state.answer_sync_requests(&started, state.last_capture_seq()?)?;
+                    let _ = wake.send(());
+                }
+                continue;
+            }
+            let mut overflow = false;
+            let dirty = dirty_paths(&events, &mut overflow);
+            if overflow {
+                let msg = "fanotify queue overflow: events were lost; reconciling with a snapshot";
+                tracing::warn!("{msg}");
+                state.log_event("warn", "overflow", msg)?;
+                reconcile.store(true, SeqCst);
+            }
+            let mut caps = Vec::new();
+            for d in dirty {
+                if self.cfg.excluded(&d.path) {
+                    continue;
+                }
+                if let Err(e) = self.capture(&d.path, d.subtree, &mut caps) {
+                    let msg = format!(
+                        "cannot capture {}: {e:#}; the next snapshot carries it",
+                        String::from_utf8_lossy(&d.path)
+                    );
+                    tracing::warn!("{msg}");
+                    state.log_event("warn", "capture", &msg)?;
+                }
+            }
+            if caps.is_empty() {
+                continue;
+            }
+            let settle_after = time_text(chrono::Utc::now() - settle);
+            let freed = state.add_captures(&caps, &settle_after)?;
+            remove_clones(&self.staging, &freed);
+            let _ = wake.send(());
+        }
+        Ok(())
+    }
+
+    fn new_clone_file(&mut self) -> Result<(String, File)> {
+        self.counter += 1;
+        let name = format!(
+            "{}-{:08x}-{}",
+            std::process::id(),
+            self.counter,
+            &btrship_crypto::MasterKey::random_id().to_hex()[..8]
+        );
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(self.staging.join(&name))
+            .with_context(|| format!("cannot create a clone in {}", self.staging.display()))?;
+        Ok((name, f))
+    }
+
+    /// Records the current state of `path` (and, for a directory that
+    /// arrived by rename, of everything below it).
+    fn capture(&mut self, path: &[u8], subtree: bool, out: &mut Vec<NewCapture>) -> Result<()> {
+        let full = self.root.join(OsStr::from_bytes(path));
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        let meta = match btrship_diff::read_meta(&full) {
+            Ok(m) => m,
+            Err(btrship_diff::DiffError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                out.push(NewCapture {
+                    time: now_text(),
+                    path: path.to_vec(),
+                    kind: "delete",
+                    clone: None,
+                    node: None,
+                    size: 0,
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match meta.kind {
+            FileKind::File => self.capture_file(path, &full, out),
+            FileKind::Dir => {
+                let node = ship::node_from(name, &meta);
+                out.push(NewCapture {
+                    time: now_text(),
+                    path: path.to_vec(),
+                    kind: "mkdir",
+                    clone: None,
+                    node: Some(to_cbor(&node)),
+                    size: 0,
+                });
+                if subtree {
+                    for child in btrship_diff::read_dir_sorted(&full)? {
+                        let mut p = path.to_vec();
+                        p.push(b'/');
+                        p.extend_from_slice(child.as_bytes());
+                        if !self.cfg.excluded(&p) {
+                            self.capture(&p, true, out)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => {
+                let node = ship::node_from(name, &meta);
+                out.push(NewCapture {
+                    time: now_text(),
+                    path: path.to_vec(),
+                    kind: "node",
+                    clone: None,
+                    node: Some(to_cbor(&node)),
+                    size: 0,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Clones a regular file as its last writer closed it, with the
+    /// metadata that goes with exactly that content.
+    fn capture_file(&mut self, path: &[u8], full: &Path, out: &mut Vec<NewCapture>) -> Result<()> {
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        for _ in 0..CAPTURE_ATTEMPTS {
+            let src = match File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(full)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return self.capture(path, false, out)
+                }
+                Err(e) => return Err(e).with_context(|| format!("{}", full.display())),
+            };
+            let before = btrship_diff::read_meta(full)?;
+            let (clone_name, dst) = self.new_clone_file()?;
+            let cloned = clone_closed_file(&src, &dst)?;
+            if !cloned {
+                drop(dst);
+                let _ = std::fs::remove_file(self.staging.join(&clone_name));
+                out.push(NewCapture {
+                    time: now_text(),
+                    path: path.to_vec(),
+                    kind: "busy",
+                    clone: None,
+                    node: None,
+                    size: 0,
+                });
+                return Ok(());
+            }
+            let time = now_text();
+            let after = btrship_diff::read_meta(full)?;
+            let len = dst.metadata()?.len();
+            let consistent = before.ino == after.ino
+                && before.size == after.size
+                && before.mtime_ns == after.mtime_ns
+                && before.ctime_ns == after.ctime_ns
+                && len == before.size;
+            if !consistent {
+                drop(dst);
+                let _ = std::fs::remove_file(self.staging.join(&clone_name));
+                continue;
+            }
+            dst.sync_all()
+                .with_context(|| format!("cannot sync clone {clone_name}"))?;
+            let node = ship::node_from(name, &before);
+            out.push(NewCapture {
+                time,
+                path: path.to_vec(),
+                kind: "close",
+                clone: Some(clone_name),
+                node: Some(to_cbor(&node)),
+                size: before.size,
+            });
+            return Ok(());
+        }
+        // Changing faster than we can read it: a later event captures it.
+        out.push(NewCapture {
+            time: now_text(),
+            path: path.to_vec(),
+            kind: "busy",
+            clone: None,
+            node: None,
+            size: 0,
+        });
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ship
+// ---------------------------------------------------------------------------
+
+struct Shipper {
+    cfg: ShareConfig,
+    share: Share,
+    area: Arc<PrivateArea>,
+    staging: PathBuf,
+    state: State,
+    state_dir: PathBuf,
+    host: String,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    reconcile: Arc<AtomicBool>,
+    wake: mpsc::Receiver<()>,
+}
+
+/// Waits between attempts while the store fails: 1 s doubling to 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: Duration::from_secs(1),
+        }
+    }
+    fn fail(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        d
+    }
+    fn ok(&mut self) {
+        self.next = Duration::from_secs(1);
+    }
+}
+
+impl Shipper {
+    fn run(mut self, open_repo: Box<dyn Fn() -> Result<Repository> + Send>) -> Result<()> {
+        let mut backoff = Backoff::new();
+        let repo = loop {
+            if self.stop.load(SeqCst) {
+                return Ok(());
+            }
+            match open_repo() {
+                Ok(r) => break r,
+                Err(e) => {
+                    self.failed(&format!("cannot open the repository: {e:#}"))?;
+                    self.sleep(backoff.fail());
+                }
+            }
+        };
+        let sizes = {
+            let c = repo.config().chunker;
+            ChunkSizes {
+                min: c.min,
+                avg: c.avg,
+                max: c.max,
+            }
+        };
+        let settle = Duration::from_millis(self.cfg.settle_ms);
+        let min_interval = Duration::from_millis(self.cfg.settle_ms / 2);
+        let mut last_flush = Instant::now() - min_interval;
+        while !self.stop.load(SeqCst) {
+            if self.reconcile.swap(false, SeqCst) {
+                if let Err(e) = self.take_snapshot(&repo) {
+                    self.reconcile.store(true, SeqCst);
+                    self.failed(&format!("reconciling snapshot failed: {e:#}"))?;
+                    self.sleep(backoff.fail());
+                    continue;
+                }
+            }
+            let force = self.state.sync_force_upto()?;
+            let settled_before = time_text(chrono::Utc::now() - settle);
+            let ready = self
+                .state
+                .ready_captures(&settled_before, force, BATCH_LIMIT)?;
+            let waited = last_flush.elapsed();
+            if ready.is_empty() || (force == 0 && waited < min_interval) {
+                let wait = if ready.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    min_interval - waited
+                };
+                let _ = self.wake.recv_timeout(wait);
+                continue;
+            }
+            last_flush = Instant::now();
+            match self.ship_batch(&repo, sizes, &ready) {
+                Ok(()) => backoff.ok(),
+                Err(e) => {
+                    self.failed(&format!(
+                        "shipping {} captures failed (they stay queued): {e:#}",
+                        ready.len()
+                    ))?;
+                    self.sleep(backoff.fail());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+        }
+    }
+
+    fn failed(&self, msg: &str) -> Result<()> {
+        tracing::error!("{msg}");
+        sd_notify(&format!("STATUS=store failing: {msg}"));
+        self.state.log_event("error", "ship_failed", msg)
+    }
+
+    /// A snapshot and its ship, as `btrship snapshot` does it; skipped
+    /// (retried later) while a `btrship snapshot` run holds the share.
+    fn take_snapshot(&mut self, repo: &Repository) -> Result<()> {
+        let _lock = match state::lock_share(&self.state_dir, &self.cfg.name) {
+            Ok(l) => l,
+            Err(_) => {
+                // A `btrship snapshot` is running: it does the same.
+                return Ok(());
+            }
+        };
+        let taken = queue::take(&mut self.state, &self.share, &self.area)?;
+        let reports = queue::ship_queued(
+            repo,
+            &mut self.state,
+            &self.area,
+            &self.cfg,
+            &self.host,
+            &self.counters,
+            false,
+            |_| {},
+        );
+        queue::enforce_spool_limit(&mut self.state, &self.area, &self.cfg)?;
+        let reports = reports?;
+        queue::prune_local(&self.state, &self.area, &self.cfg)?;
+        let msg = format!(
+            "reconciled with snapshot {taken} ({} shipped)",
+            reports.len()
+        );
+        tracing::info!("{msg}");
+        self.state.log_event("info", "reconcile", &msg)?;
+        Ok(())
+    }
+
+    fn ship_batch(&mut self, repo: &Repository, sizes: ChunkSizes, caps: &[Capture]) -> Result<()> {
+        let before = self.counters.values();
+        let mut writer = repo.writer();
+        let mut entries = Vec::with_capacity(caps.len());
+        let mut baselines = Vec::new();
+        let mut deleted = Vec::new();
+        let mut seqs = Vec::with_capacity(caps.len());
+        let mut bytes = 0;
+        for c in caps {
+            seqs.push(c.seq);
+            let node = |raw: &Option<Vec<u8>>| -> Result<Node> {
+                let raw = raw.as_deref().context("capture without metadata")?;
+                from_cbor(raw).map_err(|e| anyhow::anyhow!("capture metadata: {e}"))
+            };
+            let entry = match c.kind.as_str() {
+                "close" => {
+                    let mut n = node(&c.node)?;
+                    let clone = c.clone.clone().context("close capture without clone")?;
+                    let clone_path = self.staging.join(&clone);
+                    let base = self.state.baseline(&c.path)?.and_then(|b| {
+                        let content: Vec<Extent> = from_cbor(&b.content).ok()?;
+                        let path = self.staging.join(&b.clone);
+                        let usable =
+                            path.exists() && content.iter().all(|e| repo.has_blob(&e.1 .0));
+                        usable.then_some((path, content, b.size))
+                    });
+                    let old = base
+                        .as_ref()
+                        .map(|(p, content, size)| (p.as_path(), content.as_slice(), *size));
+                    let (content, _read) =
+                        ship::file_content(&mut writer, sizes, &clone_path, n.size, old)
+                            .with_context(|| {
+                                format!("reading the clone of {}", String::from_utf8_lossy(&c.path))
+                            })?;
+                    n.nlink = 1;
+                    bytes += n.size;
+                    baselines.push((c.path.clone(), clone, n.size, to_cbor(&content)));
+                    n.content = content;
+                    VersionEntry {
+                        time: c.time.clone(),
+                        path: c.path.clone(),
+                        kind: VersionKind::Close,
+                        node: Some(n),
+                    }
+                }
+                "mkdir" | "node" => {
+                    let mut n = node(&c.node)?;
+                    n.nlink = 1;
+                    VersionEntry {
+                        time: c.time.clone(),
+                        path: c.path.clone(),
+                        kind: if c.kind == "mkdir" {
+                            VersionKind::Mkdir
+                        } else {
+                            VersionKind::Node
+                        },
+                        node: Some(n),
+                    }
+                }
+                "delete" => {
+                    deleted.push(c.path.clone());
+                    VersionEntry {
+                        time: c.time.clone(),
+                        path: c.path.clone(),
+                        kind: VersionKind::Delete,
+                        node: None,
+                    }
+                }
+                other => anyhow::bail!("capture {} has unknown kind {other:?}", c.seq),
+            };
+            entries.push(entry);
+        }
+        writer.finish()?;
+        let batch = VersionBatch {
+            share: self.cfg.name.clone(),
+            host: self.host.clone(),
+            entries,
+        };
+        let name = repo
+            .put_record(ObjectKind::Version, "versions", &batch)
+            .context("cannot write the version batch")?;
+        let freed = self.state.finish_batch(ShippedBatch {
+            batch: &name,
+            seqs: &seqs,
+            baselines,
+            deleted,
+        })?;
+        remove_clones(&self.staging, &freed);
+        let traffic = self.counters.values().since(&before);
+        let msg = format!(
+            "shipped {} versions ({} bytes of files) as {name}; store: {traffic}",
+            caps.len(),
+            bytes
+        );
+        tracing::info!("{msg}");
+        self.state.log_event("info", "versions", &msg)?;
+        let (pending, _, _) = self.state.capture_backlog()?;
+        sd_notify(&format!("STATUS=watching; {pending} changes queued"));
+        Ok(())
+    }
+}
+
+/// Used by `status`: is a daemon running for this share? (It holds the
+/// daemon lock.)
+pub fn daemon_running(state_dir: &Path, name: &str) -> bool {
+    let path = daemon_lock_path(state_dir, name);
+    match File::options().read(true).write(true).open(&path) {
+        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+pub fn daemon_lock_path(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(format!("{name}.daemon.lock"))
+}
+
+/// Takes the one-daemon-per-share lock, or says who holds it.
+pub fn lock_daemon(state_dir: &Path, name: &str) -> Result<File> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let path = daemon_lock_path(state_dir, name);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {
+            f.set_len(0)?;
+            use std::io::Write;
+            (&f).write_all(format!("{}\n", std::process::id()).as_bytes())?;
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(crate::exit::UserError::new(
+                crate::exit::FAILURE,
+                format!(
+                    "a btrship daemon for share {name} is already running (pid {}); stop it first (systemctl stop btrship@{name})",
+                    pid.trim()
+                ),
+            )
+            .into())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
