@@ -156,8 +156,10 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
 }
 
 fn unsafe_path(path: &[u8]) -> bool {
-    path.split(|&b| b == b'/')
-        .any(|c| btrship_upload::format::unsafe_name_reason(c).is_some())
+    !path.is_empty()
+        && path
+            .split(|&b| b == b'/')
+            .any(|c| btrship_upload::format::unsafe_name_reason(c).is_some())
 }
 
 fn walk(

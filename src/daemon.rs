@@ -114,6 +114,9 @@ impl Daemon {
         remove_orphan_clones(&state, &staging)?;
         let mut watcher = Watcher::new(&self.area, &self.share)?;
         let reconcile = Arc::new(AtomicBool::new(true));
+        // `sync` is answered only once the start-up snapshot shipped: the
+        // versions it acknowledges need a snapshot below them.
+        let reconciled = Arc::new(AtomicBool::new(false));
         let (wake_tx, wake_rx) = mpsc::channel::<()>();
 
         let shipper = Shipper {
@@ -127,6 +130,7 @@ impl Daemon {
             counters: self.counters.clone(),
             stop: self.stop.clone(),
             reconcile: reconcile.clone(),
+            reconciled: reconciled.clone(),
             wake: wake_rx,
         };
         let open_repo = self.open_repo;
@@ -147,8 +151,17 @@ impl Daemon {
             root: self.cfg.path.clone(),
             staging,
             counter: 0,
+            // Busy captures left by an earlier run: look at them again.
+            busy: state.busy_paths()?.into_iter().collect(),
         };
-        let result = capture.run(&mut watcher, &mut state, &self.stop, &reconcile, &wake_tx);
+        let result = capture.run(
+            &mut watcher,
+            &mut state,
+            &self.stop,
+            &reconcile,
+            &reconciled,
+            &wake_tx,
+        );
         // Stop the shipper too (also when capture failed).
         self.stop.store(true, SeqCst);
         let _ = wake_tx.send(());
@@ -196,6 +209,8 @@ struct Capturer<'a> {
     root: PathBuf,
     staging: PathBuf,
     counter: u64,
+    /// Paths last captured as busy (a writer had them open).
+    busy: std::collections::BTreeSet<Vec<u8>>,
 }
 
 /// A path an event touched; `subtree` when a directory arrived by rename
@@ -211,22 +226,31 @@ fn rel_bytes(p: &Path) -> Vec<u8> {
     b.to_vec()
 }
 
-/// The paths a batch of events touched, in first-seen order.
+/// The paths a batch of events touched, in first-seen order, each followed
+/// by its parent directory (whose mtime the change moved; "" is the share
+/// root).
 fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
     let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
     let mut out: Vec<Dirty> = Vec::new();
+    let mut add_one = |path: Vec<u8>, subtree: bool, out: &mut Vec<Dirty>| match seen.get(&path) {
+        Some(&i) => out[i].subtree |= subtree,
+        None => {
+            seen.insert(path.clone(), out.len());
+            out.push(Dirty { path, subtree });
+        }
+    };
     let mut add = |p: Option<PathBuf>, subtree: bool, out: &mut Vec<Dirty>| {
         let Some(p) = p else { return };
         let path = rel_bytes(&p);
-        if path.is_empty() {
-            return; // the share root's own metadata ships with snapshots
-        }
-        match seen.get(&path) {
-            Some(&i) => out[i].subtree |= subtree,
-            None => {
-                seen.insert(path.clone(), out.len());
-                out.push(Dirty { path, subtree });
-            }
+        if !path.is_empty() {
+            let parent = match path.iter().rposition(|&b| b == b'/') {
+                Some(i) => path[..i].to_vec(),
+                None => Vec::new(),
+            };
+            add_one(path, subtree, out);
+            add_one(parent, false, out);
+        } else {
+            add_one(path, false, out);
         }
     };
     for e in events {
@@ -252,29 +276,50 @@ impl Capturer<'_> {
         state: &mut State,
         stop: &AtomicBool,
         reconcile: &AtomicBool,
+        reconciled: &AtomicBool,
         wake: &mpsc::Sender<()>,
     ) -> Result<()> {
         let settle = Duration::from_millis(self.cfg.settle_ms);
         while !stop.load(SeqCst) {
-            let open_sync = state.open_sync_request()?;
+            let open_sync = if reconciled.load(SeqCst) {
+                state.open_sync_request()?
+            } else {
+                None
+            };
             let started = now_text();
             let timeout = if open_sync.is_some() {
                 Duration::ZERO
+            } else if !self.busy.is_empty() {
+                Duration::from_millis(20)
             } else {
                 Duration::from_millis(200)
             };
             let events = watcher.read(timeout)?;
-            if events.is_empty() {
+            let mut overflow = false;
+            let retrying = events.is_empty();
+            let dirty = if events.is_empty() {
                 // The queue was empty: every close before `started` has
                 // been read and its capture committed.
                 if open_sync.is_some() {
                     state.answer_sync_requests(&started, state.last_capture_seq()?)?;
                     let _ = wake.send(());
                 }
-                continue;
-            }
-            let mut overflow = false;
-            let dirty = dirty_paths(&events, &mut overflow);
+                if self.busy.is_empty() {
+                    continue;
+                }
+                // Files a writer held open when we last looked: look again
+                // (their writer's close usually brings an event, but the
+                // kernel merges queued events, so do not rely on it).
+                self.busy
+                    .iter()
+                    .map(|p| Dirty {
+                        path: p.clone(),
+                        subtree: false,
+                    })
+                    .collect()
+            } else {
+                dirty_paths(&events, &mut overflow)
+            };
             if overflow {
                 let msg = "fanotify queue overflow: events were lost; reconciling with a snapshot";
                 tracing::warn!("{msg}");
@@ -293,6 +338,17 @@ impl Capturer<'_> {
                     );
                     tracing::warn!("{msg}");
                     state.log_event("warn", "capture", &msg)?;
+                }
+            }
+            if retrying {
+                // Still open: its busy row is already queued.
+                caps.retain(|c| c.kind != "busy");
+            }
+            for c in &caps {
+                if c.kind == "busy" {
+                    self.busy.insert(c.path.clone());
+                } else {
+                    self.busy.remove(&c.path);
                 }
             }
             if caps.is_empty() {
@@ -471,6 +527,7 @@ struct Shipper {
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     reconcile: Arc<AtomicBool>,
+    reconciled: Arc<AtomicBool>,
     wake: mpsc::Receiver<()>,
 }
 
@@ -529,6 +586,7 @@ impl Shipper {
                     self.sleep(backoff.fail());
                     continue;
                 }
+                self.reconciled.store(true, SeqCst);
             }
             let force = self.state.sync_force_upto()?;
             let settled_before = time_text(chrono::Utc::now() - settle);
@@ -713,7 +771,9 @@ impl Shipper {
 pub fn daemon_running(state_dir: &Path, name: &str) -> bool {
     let path = daemon_lock_path(state_dir, name);
     match File::options().read(true).write(true).open(&path) {
-        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Ok(f) => {
+            matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+        }
         Err(_) => false,
     }
 }
@@ -734,7 +794,18 @@ pub fn lock_daemon(state_dir: &Path, name: &str) -> Result<File> {
         .truncate(false)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    match f.try_lock() {
+    // `status` and `sync` probe the lock for a moment: try for a while.
+    let mut attempt = 0;
+    let locked = loop {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if attempt < 20 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => break other,
+        }
+    };
+    match locked {
         Ok(()) => {
             f.set_len(0)?;
             use std::io::Write;

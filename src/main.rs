@@ -895,6 +895,9 @@ impl App {
             "backlog"
         };
         let probe = self.probe_store(&cfg.repo);
+        let daemon_running = btrship::daemon::daemon_running(&self.state_dir, name);
+        let (captures, capture_bytes, oldest_capture) = state.capture_backlog()?;
+        let last_versions = state.last_event("versions")?;
         let last_ship_store = last_shipped
             .and_then(|s| s.stats.as_deref())
             .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
@@ -914,6 +917,14 @@ impl App {
                 "full": spool_full,
             },
             "coalesced_total": state.count_events("coalesced")?,
+            "daemon": {
+                "running": daemon_running,
+                "queue_depth": captures,
+                "bytes_pending": capture_bytes,
+                "oldest_pending": oldest_capture,
+                "oldest_pending_age_seconds": oldest_capture.as_deref().and_then(age),
+                "last_versions": last_versions.as_ref().map(|e| serde_json::json!({"time": e.time, "message": e.message})),
+            },
             "last_snapshot": last_taken.map(|s| serde_json::json!({"name": s.name, "taken_at": s.taken_at})),
             "last_shipped": last_shipped.map(|s| serde_json::json!({
                 "name": s.name,
@@ -944,6 +955,23 @@ impl App {
                 oldest.taken_at,
                 age(&oldest.taken_at).unwrap_or(0)
             ),
+        }
+        if daemon_running {
+            match &oldest_capture {
+                None => println!("daemon: running, every captured change shipped"),
+                Some(t) => println!(
+                    "daemon: running, {captures} changes ({capture_bytes} bytes) waiting, oldest captured {t}"
+                ),
+            }
+        } else if captures > 0 {
+            println!(
+                "daemon: NOT running, {captures} captured changes ({capture_bytes} bytes) waiting"
+            );
+        } else {
+            println!("daemon: not running");
+        }
+        if let Some(e) = &last_versions {
+            println!("last versions: {} at {}", e.message, e.time);
         }
         if let Some(s) = last_taken {
             println!("last snapshot: {} (taken {})", s.name, s.taken_at);

@@ -205,6 +205,22 @@ fn default_dir(name: &[u8]) -> Node {
 
 fn apply(repo: &Repository, root: &mut MemDir, e: &VersionEntry) -> Result<()> {
     let shown = String::from_utf8_lossy(&e.path).into_owned();
+    if e.path.is_empty() {
+        // The share root's own metadata.
+        if let (VersionKind::Mkdir, Some(n)) = (e.kind, &e.node) {
+            let subtree = root.node.subtree;
+            root.node = Node {
+                name: Vec::new(),
+                content: Vec::new(),
+                subtree,
+                ..n.clone()
+            };
+            return Ok(());
+        }
+        return Err(damaged(
+            "a version batch changes the share root other than by its metadata: the repository is damaged or hostile".into(),
+        ));
+    }
     let comps: Vec<&[u8]> = e.path.split(|&b| b == b'/').collect();
     for c in &comps {
         if let Some(reason) = unsafe_name_reason(c) {

@@ -26,6 +26,10 @@ use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 
+fn precise(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 /// Reconciles the queue with the disk, takes a snapshot and queues it.
 /// Touches no store. Returns the new snapshot's name.
 pub fn take(state: &mut State, share: &Share, area: &PrivateArea) -> Result<String> {
@@ -35,7 +39,7 @@ pub fn take(state: &mut State, share: &Share, area: &PrivateArea) -> Result<Stri
     let known = state.snapshots()?;
     for s in &on_disk {
         if !known.iter().any(|k| k.name == s.name) {
-            state.add_taken(&s.name, &s.time.to_rfc3339())?;
+            state.add_taken(&s.name, &precise(s.time))?;
         }
     }
     for k in known.iter().filter(|k| !k.shipped) {
@@ -50,8 +54,12 @@ pub fn take(state: &mut State, share: &Share, area: &PrivateArea) -> Result<Stri
         }
     }
 
+    // The snapshot's moment, to the nanosecond (its name has whole
+    // seconds): taken just before the ioctl, so every change after it is
+    // either in the snapshot or captured by the daemon later than it.
+    let moment = chrono::Utc::now();
     let new = area.create_snapshot(share)?;
-    state.add_taken(&new.name, &new.time.to_rfc3339())?;
+    state.add_taken(&new.name, &precise(moment))?;
     Ok(new.name)
 }
 
@@ -113,7 +121,9 @@ pub fn ship_queued(
             share: &cfg.name,
             host,
             snapshot_name: &info.name,
-            time: info.time,
+            time: chrono::DateTime::parse_from_rfc3339(&pending.taken_at)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .unwrap_or(info.time),
             root: &info.path,
             parent,
         };

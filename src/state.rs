@@ -62,7 +62,10 @@ const MIGRATIONS: &[&str] = &[
         size    INTEGER NOT NULL DEFAULT 0,
         state   TEXT NOT NULL DEFAULT 'pending'
                 CHECK (state IN ('pending', 'shipped', 'superseded')),
-        batch   TEXT                    -- versions/ object once shipped
+        batch   TEXT,                   -- versions/ object once shipped
+        covers  INTEGER                 -- the oldest capture this one superseded
+                                        -- (directly or not): a sync up to that
+                                        -- waits for this one
     );
     CREATE INDEX captures_pending ON captures (state, seq);
     CREATE INDEX captures_path ON captures (path, state);
@@ -274,6 +277,9 @@ impl State {
     }
 }
 
+/// seq, kind, clone, time, covers of a pending capture.
+type PendingRow = (i64, String, Option<String>, String, Option<i64>);
+
 /// A captured state of one path, as the daemon records it.
 #[derive(Debug, Clone)]
 pub struct NewCapture {
@@ -329,27 +335,30 @@ impl State {
         let mut freed = Vec::new();
         {
             let mut older = tx.prepare_cached(
-                "SELECT seq, kind, clone, time FROM captures
+                "SELECT seq, kind, clone, time, covers FROM captures
                  WHERE path = ?1 AND state = 'pending'",
             )?;
             let mut supersede =
                 tx.prepare_cached("UPDATE captures SET state = 'superseded' WHERE seq = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO captures (time, path, kind, clone, node, size)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO captures (time, path, kind, clone, node, size, covers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for c in caps {
-                let rows: Vec<(i64, String, Option<String>, String)> = older
+                let rows: Vec<PendingRow> = older
                     .query_map(params![c.path], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
-                for (seq, kind, clone, time) in rows {
+                let mut covers: Option<i64> = None;
+                for (seq, kind, clone, time, their_covers) in rows {
                     let recent = time.as_str() > settle_after;
                     let keep_delete = kind == "delete" && c.kind == "mkdir";
                     if kind == "busy" || (recent && !keep_delete) {
                         supersede.execute(params![seq])?;
                         freed.extend(clone);
+                        let oldest = their_covers.map_or(seq, |t| t.min(seq));
+                        covers = Some(covers.map_or(oldest, |c| c.min(oldest)));
                     }
                 }
                 insert.execute(params![
@@ -358,12 +367,22 @@ impl State {
                     c.kind,
                     c.clone,
                     c.node,
-                    c.size as i64
+                    c.size as i64,
+                    covers
                 ])?;
             }
         }
         tx.commit()?;
         Ok(freed)
+    }
+
+    /// Paths whose newest pending capture is 'busy' (to look at again).
+    pub fn busy_paths(&self) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT DISTINCT path FROM captures WHERE state = 'pending' AND kind = 'busy'",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The newest capture's sequence number (0 when none).
@@ -385,7 +404,8 @@ impl State {
     ) -> Result<Vec<Capture>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, time, path, kind, clone, node, size FROM captures
-             WHERE state = 'pending' AND kind != 'busy' AND (time <= ?1 OR seq <= ?2)
+             WHERE state = 'pending' AND kind != 'busy'
+               AND (time <= ?1 OR seq <= ?2 OR covers <= ?2)
              ORDER BY seq LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![settled_before, force_upto, limit as i64], |r| {
@@ -402,10 +422,12 @@ impl State {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Pending captures at or below `seq` (what a `sync` still waits for).
+    /// Pending captures at or below `seq`, or standing in for one that was
+    /// (what a `sync` up to `seq` still waits for).
     pub fn pending_upto(&self, seq: i64) -> Result<Vec<(Vec<u8>, String)>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT path, kind FROM captures WHERE state = 'pending' AND seq <= ?1 ORDER BY seq",
+            "SELECT path, kind FROM captures
+             WHERE state = 'pending' AND (seq <= ?1 OR covers <= ?1) ORDER BY seq",
         )?;
         let rows = stmt.query_map(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -535,7 +557,8 @@ impl State {
         Ok(self.conn.query_row(
             "SELECT coalesce(max(target_seq), 0) FROM sync_requests r
              WHERE target_seq IS NOT NULL AND EXISTS
-               (SELECT 1 FROM captures c WHERE c.state = 'pending' AND c.seq <= r.target_seq)",
+               (SELECT 1 FROM captures c WHERE c.state = 'pending'
+                  AND (c.seq <= r.target_seq OR c.covers <= r.target_seq))",
             [],
             |r| r.get(0),
         )?)

@@ -400,6 +400,16 @@ pub fn read_lease(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Ignores SIGIO, which the kernel sends a lease holder when a writer
+/// breaks its lease (default action: terminate the process). btrship's
+/// leases last a clone's length and are released without being told.
+pub fn ignore_sigio() {
+    // SAFETY: installs the SIG_IGN disposition; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
+    }
+}
+
 /// Releases a lease taken with [`read_lease`].
 pub fn release_lease(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: as in read_lease.

@@ -873,6 +873,10 @@ pub fn clone_file(src: &File, dst: &File) -> Result<()> {
 /// a writer has it open: its own close will come. `src` must be opened
 /// read-only.
 pub fn clone_closed_file(src: &File, dst: &File) -> Result<bool> {
+    // A writer opening the file breaks the lease and the kernel signals
+    // SIGIO, whose default action would kill the process.
+    static IGNORE_SIGIO: std::sync::Once = std::sync::Once::new();
+    IGNORE_SIGIO.call_once(sys::ignore_sigio);
     match sys::read_lease(src.as_fd()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(false),

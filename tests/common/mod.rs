@@ -1793,3 +1793,102 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) {
     }
     f.sync_all().expect("fsync random file");
 }
+
+/// A running `btrship daemon NAME` (stopped by its own pid on drop).
+pub struct DaemonProc {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Btrship {
+    /// Starts the daemon for `name`; its stderr goes to a log file next to
+    /// the state directory. Returns once a `sync` succeeds (watching, and
+    /// the start-up snapshot shipped).
+    pub fn start_daemon(&self, name: &str) -> DaemonProc {
+        let log = self.state_dir.with_file_name(format!("daemon-{name}.log"));
+        let err = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_btrship"))
+            .args(self.full_args(["--no-progress", "daemon", name]))
+            .env("BTRSHIP_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start btrship daemon");
+        let mut d = DaemonProc { child, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("daemon exited at start ({status}):\n{}", d.log_text());
+            }
+            let out = self.cmd(["sync", name, "--timeout", "2s"]);
+            if out.status.success() {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready after 60 s: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `sync NAME`, asserting success.
+    pub fn sync(&self, name: &str) {
+        self.ok(["sync", name, "--timeout", "60s"]);
+    }
+}
+
+impl DaemonProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit status (fails the test after 30 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        run("kill", &["-TERM", &self.child.id().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM for 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon (pid {}, {:?}) log {} ---\n{}",
+                self.child.id(),
+                self.child.try_wait(),
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
