@@ -642,8 +642,8 @@ impl App {
                 for p in units.write(&dir)? {
                     println!("systemd unit: {}", p.display());
                 }
-                println!("next: btrship snapshot {name}   (first snapshot now)");
-                println!("      systemctl daemon-reload && systemctl enable --now btrship-snapshot@{name}.timer   (every {snapshot_every} s)");
+                println!("next: systemctl daemon-reload && systemctl enable --now btrship@{name}.service btrship-snapshot@{name}.timer");
+                println!("      (the daemon ships every closed file; the timer takes a snapshot every {snapshot_every} s)");
             }
             None => println!("next: btrship snapshot {name}"),
         }

@@ -63,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
         state   TEXT NOT NULL DEFAULT 'pending'
                 CHECK (state IN ('pending', 'shipped', 'superseded')),
         batch   TEXT,                   -- versions/ object once shipped
+        shipped_at TEXT,                -- when it became durable in the store
         covers  INTEGER                 -- the oldest capture this one superseded
                                         -- (directly or not): a sync up to that
                                         -- waits for this one
@@ -476,7 +477,9 @@ impl State {
         let mut freed = Vec::new();
         {
             let mut mark = tx.prepare_cached(
-                "UPDATE captures SET state = 'shipped', batch = ?2 WHERE seq = ?1 AND state = 'pending'",
+                "UPDATE captures SET state = 'shipped', batch = ?2,
+                     shipped_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                 WHERE seq = ?1 AND state = 'pending'",
             )?;
             for seq in b.seqs {
                 mark.execute(params![seq, b.batch])?;

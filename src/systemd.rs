@@ -1,8 +1,9 @@
-//! The systemd units `btrship init` writes: `btrship-snapshot@.service`
+//! The systemd units `btrship init` writes: `btrship@.service` (the
+//! daemon, `Type=notify`, restarted on failure), `btrship-snapshot@.service`
 //! (one `btrship snapshot NAME` run) and `btrship-snapshot@.timer` (runs it
 //! every `--snapshot-every`). Template units: the instance is the share
-//! name. The timer is what makes a backlog ship by itself once the store
-//! is back.
+//! name. The timer is also what makes a snapshot backlog ship by itself
+//! once the store is back.
 
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -48,6 +49,32 @@ fn quote(p: &Path) -> String {
 }
 
 impl Units {
+    pub fn daemon_service(&self) -> String {
+        format!(
+            "# Written by `btrship init`. Enable per share: systemctl enable --now btrship@NAME.service\n\
+             [Unit]\n\
+             Description=btrship: capture and ship every closed file of share %i\n\
+             After=network-online.target local-fs.target smbd.service\n\
+             Wants=network-online.target\n\
+             \n\
+             [Service]\n\
+             Type=notify\n\
+             NotifyAccess=main\n\
+             ExecStart={} --config-dir {} --state-dir {} --no-progress daemon %i\n\
+             Restart=on-failure\n\
+             RestartSec=5s\n\
+             KillSignal=SIGTERM\n\
+             TimeoutStopSec=120s\n\
+             Environment=BTRSHIP_LOG=info\n\
+             \n\
+             [Install]\n\
+             WantedBy=multi-user.target\n",
+            quote(&self.exe),
+            quote(&self.config_dir),
+            quote(&self.state_dir)
+        )
+    }
+
     pub fn snapshot_service(&self) -> String {
         format!(
             "# Written by `btrship init`. One snapshot of share %i, shipped with any backlog.\n\
@@ -91,6 +118,7 @@ impl Units {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut written = Vec::new();
         for (name, text) in [
+            ("btrship@.service", self.daemon_service()),
             ("btrship-snapshot@.service", self.snapshot_service()),
             ("btrship-snapshot@.timer", self.snapshot_timer()),
         ] {

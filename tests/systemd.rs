@@ -12,10 +12,14 @@ use std::process::Command;
 fn verify(dir: &std::path::Path, instance: &str) {
     // Verify instances of the templates, as systemd would load them.
     let mut paths = Vec::new();
-    for kind in ["service", "timer"] {
-        let link = dir.join(format!("btrship-snapshot@{instance}.{kind}"));
+    for (unit, kind) in [
+        ("btrship-snapshot", "service"),
+        ("btrship-snapshot", "timer"),
+        ("btrship", "service"),
+    ] {
+        let link = dir.join(format!("{unit}@{instance}.{kind}"));
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(format!("btrship-snapshot@.{kind}"), &link).unwrap();
+        std::os::unix::fs::symlink(format!("{unit}@.{kind}"), &link).unwrap();
         paths.push(link);
     }
     let out = Command::new("systemd-analyze")
@@ -41,9 +45,14 @@ fn init_writes_units_systemd_accepts() {
     let bs = Btrship::new();
     let out = bs.ok(osargs!["init", &share, "--snapshot-every", "30m"]);
     assert!(out.contains("btrship-snapshot@share.timer"), "{out}");
+    assert!(out.contains("btrship@share.service"), "{out}");
     let dir = bs.systemd_dir();
     let service = std::fs::read_to_string(dir.join("btrship-snapshot@.service")).unwrap();
     let timer = std::fs::read_to_string(dir.join("btrship-snapshot@.timer")).unwrap();
+    let daemon = std::fs::read_to_string(dir.join("btrship@.service")).unwrap();
+    for line in ["Type=notify", "Restart=on-failure", "daemon %i"] {
+        assert!(daemon.contains(line), "{line}: {daemon}");
+    }
     assert!(service.contains(env!("CARGO_BIN_EXE_btrship")), "{service}");
     assert!(
         service.contains(&format!(

@@ -16,6 +16,7 @@
 
 pub mod faultproxy;
 pub mod s3env;
+pub mod samba;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CString, OsStr, OsString};
