@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod format;
 pub mod layers;
 pub mod local;
+mod memindex;
 pub mod pack;
 pub mod repo;
 pub mod s3;

@@ -11,6 +11,7 @@ use crate::format::{
     from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
     PackedBlob, SnapshotRecord, Tree, VersionBatch,
 };
+use crate::memindex::{BlobLocationRef, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
 use btrship_crypto::{ContentId, CryptoError, MasterKey, ObjectKind};
@@ -95,7 +96,7 @@ pub struct Repository {
     key: Arc<MasterKey>,
     rt: Handle,
     config: Config,
-    index: RwLock<HashMap<ContentId, BlobLocation>>,
+    index: RwLock<MemIndex>,
     loaded_indexes: Mutex<HashSet<String>>,
     verified_packs: Mutex<HashSet<String>>,
     /// Trees built in memory (restore between snapshots), never uploaded.
@@ -308,13 +309,16 @@ impl Repository {
                 let Some(kind) = BlobKind::from_u8(b.kind) else {
                     continue;
                 };
-                map.entry(b.id.0).or_insert_with(|| BlobLocation {
-                    pack: p.pack.clone(),
-                    kind,
-                    offset: b.offset,
-                    length: b.length,
-                    raw_length: b.raw_length,
-                });
+                map.insert(
+                    b.id.0,
+                    &BlobLocationRef {
+                        pack: &p.pack,
+                        kind,
+                        offset: b.offset,
+                        length: b.length,
+                        raw_length: b.raw_length,
+                    },
+                );
             }
         }
     }
@@ -323,7 +327,7 @@ impl Repository {
         self.index
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+            .contains(id)
     }
 
     pub fn locate(&self, id: &ContentId) -> Result<BlobLocation> {
@@ -331,7 +335,6 @@ impl Repository {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
             .ok_or(RepoError::MissingBlob { id: *id })
     }
 
@@ -409,13 +412,11 @@ impl Repository {
     fn check_header_against_index(&self, pack: &str, blobs: &[PackedBlob]) -> Result<()> {
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
         for b in blobs {
-            if let Some(loc) = map.get(&b.id.0) {
-                if loc.pack == pack && (loc.offset != b.offset || loc.length != b.length) {
-                    return Err(RepoError::Format {
-                        object: pack.to_string(),
-                        reason: format!("pack header and index disagree on blob {:?}", b.id),
-                    });
-                }
+            if map.disagrees(&b.id.0, pack, b.offset, b.length) {
+                return Err(RepoError::Format {
+                    object: pack.to_string(),
+                    reason: format!("pack header and index disagree on blob {:?}", b.id),
+                });
             }
         }
         Ok(())
@@ -463,14 +464,10 @@ impl Repository {
 
     /// Index entries grouped by pack (for `check`).
     pub fn packs_in_index(&self) -> HashMap<String, Vec<(ContentId, BlobLocation)>> {
-        let map = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: HashMap<String, Vec<(ContentId, BlobLocation)>> = HashMap::new();
-        for (id, loc) in map.iter() {
-            out.entry(loc.pack.clone())
-                .or_default()
-                .push((*id, loc.clone()));
-        }
-        out
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_pack()
     }
 
     pub fn read_tree(&self, id: &ContentId) -> Result<Tree> {

@@ -40,10 +40,10 @@ pick_size() {
 		SZ=0
 	elif [ "$RV" -lt 45 ]; then
 		pick 300; SZ=$(( RV + 1 ))
-	elif [ "$RV" -lt $(( 90 - 10 * BIG )) ]; then
+	elif [ "$RV" -lt $(( 90 - 15 * BIG )) ]; then
 		pick 30000; SZ=$(( RV + 1024 ))
 	elif [ "$BIG" = 1 ]; then
-		pick 786432; SZ=$(( RV + 262144 ))
+		pick 1310720; SZ=$(( RV + 262144 ))
 	else
 		pick 196608; SZ=$(( RV + 65536 ))
 	fi

@@ -1,0 +1,153 @@
+//! The in-memory blob index: where every known blob lives. Compact, since
+//! it holds one entry per blob of the whole repository (a million small
+//! files are a million blobs): pack names are stored once and referred to
+//! by number, so an entry is 56 bytes.
+
+use crate::format::BlobKind;
+use crate::repo::BlobLocation;
+use btrship_crypto::ContentId;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    offset: u64,
+    pack: u32,
+    length: u32,
+    raw_length: u32,
+    kind: BlobKind,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct MemIndex {
+    packs: Vec<String>,
+    pack_ids: HashMap<String, u32>,
+    blobs: HashMap<ContentId, Slot>,
+}
+
+impl MemIndex {
+    /// Adds a blob unless known. Returns false (and adds nothing) when a
+    /// length does not fit 32 bits: no btrship blob is that large, so the
+    /// entry is damaged; the blob then counts as missing.
+    pub fn insert(&mut self, id: ContentId, loc: &BlobLocationRef<'_>) -> bool {
+        let (Ok(length), Ok(raw_length)) =
+            (u32::try_from(loc.length), u32::try_from(loc.raw_length))
+        else {
+            return false;
+        };
+        if self.blobs.contains_key(&id) {
+            return true;
+        }
+        let pack = match self.pack_ids.get(loc.pack) {
+            Some(&n) => n,
+            None => {
+                let n = self.packs.len() as u32;
+                self.packs.push(loc.pack.to_string());
+                self.pack_ids.insert(loc.pack.to_string(), n);
+                n
+            }
+        };
+        self.blobs.insert(
+            id,
+            Slot {
+                offset: loc.offset,
+                pack,
+                length,
+                raw_length,
+                kind: loc.kind,
+            },
+        );
+        true
+    }
+
+    pub fn contains(&self, id: &ContentId) -> bool {
+        self.blobs.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
+    fn location(&self, s: &Slot) -> BlobLocation {
+        BlobLocation {
+            pack: self.packs[s.pack as usize].clone(),
+            kind: s.kind,
+            offset: s.offset,
+            length: u64::from(s.length),
+            raw_length: u64::from(s.raw_length),
+        }
+    }
+
+    pub fn get(&self, id: &ContentId) -> Option<BlobLocation> {
+        self.blobs.get(id).map(|s| self.location(s))
+    }
+
+    /// Does the index place `id` in `pack` at other than (offset, length)?
+    pub fn disagrees(&self, id: &ContentId, pack: &str, offset: u64, length: u64) -> bool {
+        match (self.blobs.get(id), self.pack_ids.get(pack)) {
+            (Some(s), Some(&p)) => {
+                s.pack == p && (s.offset != offset || u64::from(s.length) != length)
+            }
+            _ => false,
+        }
+    }
+
+    /// Every blob by pack.
+    pub fn by_pack(&self) -> HashMap<String, Vec<(ContentId, BlobLocation)>> {
+        let mut out: HashMap<String, Vec<(ContentId, BlobLocation)>> = HashMap::new();
+        for (id, s) in &self.blobs {
+            out.entry(self.packs[s.pack as usize].clone())
+                .or_default()
+                .push((*id, self.location(s)));
+        }
+        out
+    }
+}
+
+/// A location as read from an index, borrowed.
+pub(crate) struct BlobLocationRef<'a> {
+    pub pack: &'a str,
+    pub kind: BlobKind,
+    pub offset: u64,
+    pub length: u64,
+    pub raw_length: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_packs_are_shared() {
+        let mut m = MemIndex::default();
+        let a = ContentId([1; 32]);
+        let b = ContentId([2; 32]);
+        let loc = |pack, offset| BlobLocationRef {
+            pack,
+            kind: BlobKind::Data,
+            offset,
+            length: 10,
+            raw_length: 20,
+        };
+        assert!(m.insert(a, &loc("packs/aa/x", 5)));
+        assert!(m.insert(b, &loc("packs/aa/x", 15)));
+        assert!(m.insert(a, &loc("packs/bb/y", 0)), "first location wins");
+        assert_eq!(m.packs.len(), 1);
+        let got = m.get(&a).unwrap();
+        assert_eq!(
+            (got.pack.as_str(), got.offset, got.length, got.raw_length),
+            ("packs/aa/x", 5, 10, 20)
+        );
+        assert!(m.disagrees(&a, "packs/aa/x", 6, 10));
+        assert!(!m.disagrees(&a, "packs/aa/x", 5, 10));
+        assert!(!m.disagrees(&a, "packs/bb/y", 6, 10));
+        let huge = BlobLocationRef {
+            length: 1 << 40,
+            ..loc("packs/cc/z", 0)
+        };
+        assert!(!m.insert(ContentId([3; 32]), &huge));
+        assert!(!m.contains(&ContentId([3; 32])));
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.by_pack()["packs/aa/x"].len(), 2);
+        assert!(std::mem::size_of::<(ContentId, Slot)>() <= 56);
+    }
+}
