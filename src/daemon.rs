@@ -9,9 +9,9 @@
 //!   reflink-cloned into the private staging subvolume under a read lease
 //!   (granted only when no writer has it open, so the clone is exactly a
 //!   closed version, never a torn mix), a directory or other entry by its
-//!   metadata, a path that is gone as a tombstone. Clones are fsynced, then
-//!   the captures are committed in one SQLite transaction before anything
-//!   else happens to them. A close seen while a writer has reopened the
+//!   metadata, a path that is gone as a tombstone. The batch's clones are
+//!   made durable with one `syncfs`, then its captures are committed in one
+//!   SQLite transaction before anything else happens to them. A close seen while a writer has reopened the
 //!   file is recorded as `busy`: that writer's own close supersedes it.
 //! - **ship** waits until a capture has settled (no newer capture of its
 //!   path for `settle_ms`; newer ones supersede older ones inside that
@@ -153,6 +153,7 @@ impl Daemon {
             counter: 0,
             // Busy captures left by an earlier run: look at them again.
             busy: state.busy_paths()?.into_iter().collect(),
+            unsynced: false,
         };
         let result = capture.run(
             &mut watcher,
@@ -211,6 +212,8 @@ struct Capturer<'a> {
     counter: u64,
     /// Paths last captured as busy (a writer had them open).
     busy: std::collections::BTreeSet<Vec<u8>>,
+    /// Clones made since the last filesystem sync.
+    unsynced: bool,
 }
 
 /// A path an event touched; `subtree` when a directory arrived by rename
@@ -354,6 +357,11 @@ impl Capturer<'_> {
             if caps.is_empty() {
                 continue;
             }
+            if std::mem::take(&mut self.unsynced) {
+                // One filesystem sync makes every clone of the batch
+                // durable before its capture is committed.
+                crate::restore::sync_fs(&self.staging).context("cannot sync the staging clones")?;
+            }
             let settle_after = time_text(chrono::Utc::now() - settle);
             let freed = state.add_captures(&caps, &settle_after)?;
             remove_clones(&self.staging, &freed);
@@ -486,8 +494,7 @@ impl Capturer<'_> {
                 let _ = std::fs::remove_file(self.staging.join(&clone_name));
                 continue;
             }
-            dst.sync_all()
-                .with_context(|| format!("cannot sync clone {clone_name}"))?;
+            self.unsynced = true;
             let node = ship::node_from(name, &before);
             out.push(NewCapture {
                 time,

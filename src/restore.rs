@@ -322,7 +322,9 @@ fn check_target(to: &Path) -> Result<Option<std::fs::Metadata>> {
     }
 }
 
-fn sync_fs(path: &Path) -> Result<()> {
+/// `syncfs` of the filesystem holding `path`: everything written there is
+/// durable when it returns.
+pub(crate) fn sync_fs(path: &Path) -> Result<()> {
     let f = std::fs::File::open(path)?;
     // SAFETY: syncfs on a valid fd owned by `f`.
     if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) } != 0 {

@@ -22,7 +22,7 @@
 use crate::progress::Progress;
 use crate::state::State;
 use anyhow::{Context, Result};
-use btrship_crypto::{ContentId, ObjectKind};
+use btrship_crypto::ContentId;
 use btrship_diff::{ChunkSizes, FileKind, FsMeta, OldChunk, Piece};
 use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree, Xattr,
@@ -217,7 +217,7 @@ pub fn ship(
         stats,
     };
     let name = repo
-        .put_record(ObjectKind::Snapshot, "snapshots", &record)
+        .put_snapshot_record(&record)
         .context("cannot write the snapshot record")?;
     state.cache_tree_totals(&new_totals)?;
     Ok((

@@ -452,3 +452,45 @@ fn downtime_one_daemon_sigterm_and_store_failures() {
     assert_eq!(status(&bs)["daemon"]["queue_depth"], 0);
     drop(daemon);
 }
+
+#[test]
+fn tells_systemd_it_is_ready_and_stopping() {
+    let fs_ = LoopBtrfs::new(256);
+    let share = fs_.subvolume("share");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let sock_path = bs.state_dir.with_file_name("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_btrship"))
+        .args(osargs![
+            "--config-dir",
+            &bs.config_dir,
+            "--state-dir",
+            &bs.state_dir,
+            "daemon",
+            "share"
+        ])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("no notification from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1") && msg.contains("STATUS="), "{msg}");
+    common::run("kill", &["-TERM", &child.id().to_string()]);
+    let mut stopping = false;
+    while let Ok(n) = sock.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}

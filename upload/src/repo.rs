@@ -530,6 +530,30 @@ impl Repository {
         Ok(name)
     }
 
+    /// Seals and uploads a snapshot record under a name derived (keyed
+    /// hash) from what identifies it: share, host, snapshot name and time.
+    /// A ship repeated after a crash (record uploaded, local state not yet
+    /// told) finds its earlier record instead of adding a second one.
+    /// Returns the name.
+    pub fn put_snapshot_record(&self, record: &SnapshotRecord) -> Result<String> {
+        let mut ident = b"btrship snapshot record\0".to_vec();
+        for part in [&record.share, &record.host, &record.snapshot, &record.time] {
+            ident.extend_from_slice(part.as_bytes());
+            ident.push(0);
+        }
+        let name = format!("snapshots/{}", self.key.content_id(&ident).to_hex());
+        let sealed = self
+            .key
+            .seal(ObjectKind::Snapshot, name.as_bytes(), &to_cbor(record));
+        match self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))? {
+            PutOutcome::Created => {}
+            PutOutcome::AlreadyExists => {
+                tracing::info!("{name} was already in the store (shipped before a crash)")
+            }
+        }
+        Ok(name)
+    }
+
     /// Every snapshot record, sorted by time. Fails naming the first record
     /// that does not authenticate.
     pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>> {

@@ -100,3 +100,58 @@ fn wrong_key_and_damage_are_distinct_and_named() {
     assert!(err.to_string().contains(&loc.pack), "{err}");
     assert!(fresh.verify_pack(&loc.pack).is_err());
 }
+
+#[test]
+fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
+    use btrship_upload::format::{BlobId, Node, NodeKind, SnapshotRecord, Tree};
+    let (dir, rt, key) = setup();
+    let store = Arc::new(LocalStore::create(dir.path().join("repo")).unwrap());
+    let (repo, _) = Repository::open_or_create(store, key, rt.handle().clone(), "h").unwrap();
+    let mut w = repo.writer();
+    let tree = w
+        .add(
+            BlobKind::Tree,
+            &btrship_upload::format::to_cbor(&Tree { entries: vec![] }),
+        )
+        .unwrap();
+    w.finish().unwrap();
+    let root = Node {
+        name: vec![],
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+        ctime_ns: 0,
+        size: 0,
+        ino: 256,
+        nlink: 1,
+        xattrs: vec![],
+        target: None,
+        rdev: 0,
+        content: vec![],
+        subtree: Some(BlobId(tree)),
+    };
+    let mut record = SnapshotRecord {
+        share: "office".into(),
+        host: "h".into(),
+        time: "2026-11-25T10:00:00.123456789Z".into(),
+        snapshot: "@GMT-2026.11.25-10.00.00".into(),
+        tree: BlobId(tree),
+        root,
+        parent: None,
+        stats: SnapshotStats::default(),
+    };
+    let first = repo.put_snapshot_record(&record).unwrap();
+    // The second ship reads less (everything is in the store already).
+    record.stats.new_bytes = 0;
+    record.stats.files = 1;
+    assert_eq!(repo.put_snapshot_record(&record).unwrap(), first);
+    assert_eq!(repo.snapshots().unwrap().len(), 1);
+    // Another snapshot gets another record; the name reveals nothing.
+    record.snapshot = "@GMT-2026.11.25-11.00.00".into();
+    let other = repo.put_snapshot_record(&record).unwrap();
+    assert_ne!(other, first);
+    assert!(!other.contains("office") && !other.contains("GMT"));
+    assert_eq!(repo.snapshots().unwrap().len(), 2);
+}

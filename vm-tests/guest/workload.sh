@@ -77,45 +77,45 @@ apply_op() {
 	list_files "$W"
 	pick 100; K=$RV
 	[ "$NF" -eq 0 ] && K=0
-	if [ "$K" -lt 28 ]; then
+	if [ "$K" -lt 34 ]; then
 		OPK=create
 		pick_dir "$W"; pick_size
 		gen "$SZ" > "$W/$PD/f$I"
-	elif [ "$K" -lt 46 ]; then
+	elif [ "$K" -lt 50 ]; then
 		OPK=overwrite
 		pick "$NF"; nth "$FILES" $(( RV + 1 )); pick_size
 		gen "$SZ" > "$W/$NTH"
-	elif [ "$K" -lt 54 ]; then
+	elif [ "$K" -lt 57 ]; then
 		OPK=append
 		pick "$NF"; nth "$FILES" $(( RV + 1 )); pick 2000
 		gen $(( RV + 1 )) >> "$W/$NTH"
-	elif [ "$K" -lt 62 ]; then
+	elif [ "$K" -lt 64 ]; then
 		# Office's save: write a temp file (excluded: *.tmp), rename it over
 		OPK=replace
 		pick "$NF"; nth "$FILES" $(( RV + 1 )); pick_size
 		gen "$SZ" > "$W/$NTH.tmp"
 		mv -f "$W/$NTH.tmp" "$W/$NTH"
-	elif [ "$K" -lt 72 ]; then
+	elif [ "$K" -lt 73 ]; then
 		OPK=rename
 		pick "$NF"; nth "$FILES" $(( RV + 1 )); F=$NTH
 		pick_dir "$W"
 		mv "$W/$F" "$W/$PD/r$I"
-	elif [ "$K" -lt 82 ]; then
+	elif [ "$K" -lt 81 ]; then
 		OPK=delete
 		pick "$NF"; nth "$FILES" $(( RV + 1 ))
 		rm -f "$W/$NTH"
-	elif [ "$K" -lt 89 ]; then
+	elif [ "$K" -lt 88 ]; then
 		OPK=mkdir
 		pick_dir "$W"
 		mkdir "$W/$PD/d$I"
-	elif [ "$K" -lt 94 ]; then
+	elif [ "$K" -lt 93 ]; then
 		OPK=dirrename
 		list_dirs "$W"
 		if [ "$ND" -gt 0 ]; then
 			pick "$ND"; nth "$DIRS" $(( RV + 1 ))
 			mv "$W/$NTH" "$W/$(dirname "$NTH")/D$I"
 		fi
-	elif [ "$K" -lt 96 ]; then
+	elif [ "$K" -lt 95 ]; then
 		OPK=rmdir
 		list_dirs "$W"
 		if [ "$ND" -gt 0 ]; then
