@@ -1,7 +1,10 @@
 //! The in-memory blob index: where every known blob lives. Compact, since
 //! it holds one entry per blob of the whole repository (a million small
 //! files are a million blobs): pack names are stored once and referred to
-//! by number, so an entry is 56 bytes.
+//! by number, so an entry is 56 bytes, and what was loaded at open is a
+//! sorted array searched by bisection (a hash table would need up to twice
+//! the room); blobs added later go to a small hash table until the next
+//! [`MemIndex::compact`].
 
 use crate::format::BlobKind;
 use crate::repo::BlobLocation;
@@ -21,7 +24,9 @@ struct Slot {
 pub(crate) struct MemIndex {
     packs: Vec<String>,
     pack_ids: HashMap<String, u32>,
-    blobs: HashMap<ContentId, Slot>,
+    /// Sorted by id, no duplicates.
+    sorted: Vec<(ContentId, Slot)>,
+    recent: HashMap<ContentId, Slot>,
 }
 
 impl MemIndex {
@@ -34,7 +39,7 @@ impl MemIndex {
         else {
             return false;
         };
-        if self.blobs.contains_key(&id) {
+        if self.contains(&id) {
             return true;
         }
         let pack = match self.pack_ids.get(loc.pack) {
@@ -46,7 +51,7 @@ impl MemIndex {
                 n
             }
         };
-        self.blobs.insert(
+        self.recent.insert(
             id,
             Slot {
                 offset: loc.offset,
@@ -56,15 +61,41 @@ impl MemIndex {
                 kind: loc.kind,
             },
         );
+        if self.recent.len() >= Self::RECENT_MAX {
+            self.compact();
+        }
         true
     }
 
+    /// Recent entries beyond this many are moved into the sorted array.
+    const RECENT_MAX: usize = 1 << 16;
+
+    /// Moves recent entries into the sorted array (after a bulk load; also
+    /// whenever they pass `RECENT_MAX`).
+    pub fn compact(&mut self) {
+        if self.recent.is_empty() {
+            return;
+        }
+        self.sorted.extend(self.recent.drain());
+        self.sorted.sort_unstable_by_key(|e| e.0 .0);
+        self.sorted.dedup_by(|a, b| a.0 == b.0);
+        self.sorted.shrink_to_fit();
+        self.recent.shrink_to_fit();
+    }
+
+    fn slot(&self, id: &ContentId) -> Option<&Slot> {
+        match self.sorted.binary_search_by(|e| e.0 .0.cmp(&id.0)) {
+            Ok(i) => Some(&self.sorted[i].1),
+            Err(_) => self.recent.get(id),
+        }
+    }
+
     pub fn contains(&self, id: &ContentId) -> bool {
-        self.blobs.contains_key(id)
+        self.slot(id).is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.blobs.len()
+        self.sorted.len() + self.recent.len()
     }
 
     fn location(&self, s: &Slot) -> BlobLocation {
@@ -78,12 +109,12 @@ impl MemIndex {
     }
 
     pub fn get(&self, id: &ContentId) -> Option<BlobLocation> {
-        self.blobs.get(id).map(|s| self.location(s))
+        self.slot(id).map(|s| self.location(s))
     }
 
     /// Does the index place `id` in `pack` at other than (offset, length)?
     pub fn disagrees(&self, id: &ContentId, pack: &str, offset: u64, length: u64) -> bool {
-        match (self.blobs.get(id), self.pack_ids.get(pack)) {
+        match (self.slot(id), self.pack_ids.get(pack)) {
             (Some(s), Some(&p)) => {
                 s.pack == p && (s.offset != offset || u64::from(s.length) != length)
             }
@@ -94,7 +125,12 @@ impl MemIndex {
     /// Every blob by pack.
     pub fn by_pack(&self) -> HashMap<String, Vec<(ContentId, BlobLocation)>> {
         let mut out: HashMap<String, Vec<(ContentId, BlobLocation)>> = HashMap::new();
-        for (id, s) in &self.blobs {
+        let all = self
+            .sorted
+            .iter()
+            .map(|(i, s)| (i, s))
+            .chain(self.recent.iter());
+        for (id, s) in all {
             out.entry(self.packs[s.pack as usize].clone())
                 .or_default()
                 .push((*id, self.location(s)));
@@ -147,6 +183,14 @@ mod tests {
         assert!(!m.insert(ContentId([3; 32]), &huge));
         assert!(!m.contains(&ContentId([3; 32])));
         assert_eq!(m.len(), 2);
+        m.compact();
+        assert_eq!((m.sorted.len(), m.recent.len()), (2, 0));
+        assert!(m.insert(ContentId([0; 32]), &loc("packs/dd/w", 1)));
+        assert!(m.contains(&ContentId([0; 32])) && m.contains(&a) && m.contains(&b));
+        assert_eq!(m.get(&b).unwrap().offset, 15);
+        m.compact();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.get(&ContentId([0; 32])).unwrap().pack, "packs/dd/w");
         assert_eq!(m.by_pack()["packs/aa/x"].len(), 2);
         assert!(std::mem::size_of::<(ContentId, Slot)>() <= 56);
     }

@@ -293,6 +293,10 @@ impl Repository {
             self.merge_index(&index);
             self.lock_loaded().insert(meta.key);
         }
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .compact();
         Ok(())
     }
 
