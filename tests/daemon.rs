@@ -27,19 +27,6 @@ fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
-/// Sets `key = value` in the share's config file.
-fn set_config(bs: &Btrship, key: &str, value: &str) {
-    let path = bs.config_dir.join("share.toml");
-    let text = fs::read_to_string(&path).unwrap();
-    let mut lines: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(&format!("{key} =")))
-        .map(String::from)
-        .collect();
-    lines.push(format!("{key} = {value}"));
-    fs::write(&path, lines.join("\n") + "\n").unwrap();
-}
-
 fn restore_at(fresh: &Btrship, bs: &Btrship, at: &str, to: &Path, extra: &[&str]) {
     let mut args = osargs![
         "restore",
@@ -217,7 +204,7 @@ fn a_writer_at_100_hz_never_yields_a_torn_version() {
     let share = fs_.subvolume("share");
     let bs = Btrship::new();
     bs.ok(osargs!["init", &share, "--no-systemd"]);
-    set_config(&bs, "settle_ms", "100");
+    bs.set_config("share", "settle_ms", "100");
     let _daemon = bs.start_daemon("share");
 
     let closed = Arc::new(AtomicU64::new(0));
@@ -323,7 +310,7 @@ fn kill_9_during_a_stream_of_closes_loses_nothing_acknowledged() {
     let share = fs_.subvolume("share");
     let bs = Btrship::new();
     bs.ok(osargs!["init", &share, "--no-systemd"]);
-    set_config(&bs, "settle_ms", "200");
+    bs.set_config("share", "settle_ms", "200");
     let fresh = Btrship::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut checked = 0;

@@ -34,19 +34,6 @@ fn status(bs: &Btrship) -> serde_json::Value {
     serde_json::from_str(&bs.ok(["status", "share", "--json"])).expect("status --json is JSON")
 }
 
-/// Sets `key = value` in the share's config file.
-fn set_config(bs: &Btrship, key: &str, value: &str) {
-    let path = bs.config_dir.join("share.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut lines: Vec<String> = text
-        .lines()
-        .filter(|l| !l.starts_with(&format!("{key} =")))
-        .map(String::from)
-        .collect();
-    lines.push(format!("{key} = {value}"));
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-}
-
 /// The time of the newest snapshot (as `snapshots --json` prints it).
 fn newest_time(bs: &Btrship) -> String {
     bs.snapshot_list("share").last().unwrap().time.clone()
@@ -77,7 +64,7 @@ fn outage_queues_locally_and_the_backlog_ships_when_the_store_returns() {
     let refs = fs.dir("refs");
     let bs = Btrship::new();
     bs.ok(osargs!["init", &share, "--repo", &url]);
-    set_config(&bs, "max_queued_snapshots", "3");
+    bs.set_config("share", "max_queued_snapshots", "3");
     let mut m = Mutator::new(11);
     m.budget = 8 << 20;
     m.populate(&share, 40);

@@ -1841,6 +1841,19 @@ impl Btrship {
         }
     }
 
+    /// Sets `key = value` in share `name`'s config file (replacing it).
+    pub fn set_config(&self, name: &str, key: &str, value: &str) {
+        let path = self.config_dir.join(format!("{name}.toml"));
+        let text = fs::read_to_string(&path).expect("read share config");
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(String::from)
+            .collect();
+        lines.push(format!("{key} = {value}"));
+        fs::write(&path, lines.join("\n") + "\n").expect("write share config");
+    }
+
     /// `sync NAME`, asserting success.
     pub fn sync(&self, name: &str) {
         self.ok(["sync", name, "--timeout", "60s"]);
