@@ -177,6 +177,18 @@ impl Daemon {
     }
 }
 
+/// A capture that carries no clone and no metadata (busy, delete), now.
+fn without_content(path: &[u8], kind: &'static str) -> NewCapture {
+    NewCapture {
+        time: now_text(),
+        path: path.to_vec(),
+        kind,
+        clone: None,
+        node: None,
+        size: 0,
+    }
+}
+
 /// Deletes staging files the state no longer refers to (a crash between
 /// clone and commit leaves them).
 fn remove_orphan_clones(state: &State, staging: &Path) -> Result<()> {
@@ -398,14 +410,7 @@ impl Capturer<'_> {
             Err(btrship_diff::DiffError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                out.push(NewCapture {
-                    time: now_text(),
-                    path: path.to_vec(),
-                    kind: "delete",
-                    clone: None,
-                    node: None,
-                    size: 0,
-                });
+                out.push(without_content(path, "delete"));
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
@@ -471,14 +476,7 @@ impl Capturer<'_> {
             if !cloned {
                 drop(dst);
                 let _ = std::fs::remove_file(self.staging.join(&clone_name));
-                out.push(NewCapture {
-                    time: now_text(),
-                    path: path.to_vec(),
-                    kind: "busy",
-                    clone: None,
-                    node: None,
-                    size: 0,
-                });
+                out.push(without_content(path, "busy"));
                 return Ok(());
             }
             let time = now_text();
@@ -507,14 +505,7 @@ impl Capturer<'_> {
             return Ok(());
         }
         // Changing faster than we can read it: a later event captures it.
-        out.push(NewCapture {
-            time: now_text(),
-            path: path.to_vec(),
-            kind: "busy",
-            clone: None,
-            node: None,
-            size: 0,
-        });
+        out.push(without_content(path, "busy"));
         Ok(())
     }
 }
