@@ -7,10 +7,12 @@
 //! exists and is large enough. With `--read-data`: every byte of every pack.
 
 use crate::restore::read_checked_tree;
+use crate::state::HistoryHead;
 use btrship_crypto::ContentId;
 use btrship_upload::format::{Node, NodeKind};
+use btrship_upload::history::{verify_chain, HistoryObject};
 use btrship_upload::Repository;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CheckReport {
@@ -22,11 +24,23 @@ pub struct CheckReport {
     pub packs: u64,
     pub packs_read: u64,
     pub blobs_referenced: u64,
+    /// Share+host history chains checked.
+    pub histories: u64,
     pub problems: Vec<String>,
     pub warnings: Vec<String>,
 }
 
-pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> CheckReport {
+/// What the shipping machine knows of a share's history (rollback and
+/// withholding detection).
+pub struct LocalHistory {
+    pub share: String,
+    pub host: String,
+    /// Snapshot records this machine shipped.
+    pub shipped_records: Vec<String>,
+    pub head: Option<HistoryHead>,
+}
+
+pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -> CheckReport {
     let mut r = CheckReport::default();
     let objects = match repo.list("") {
         Ok(o) => o,
@@ -124,11 +138,14 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
             }
         }
     }
-    for rec in shipped_records {
-        if !sizes.contains_key(rec.as_str()) {
-            r.problems.push(format!("{rec}: shipped from this machine but missing from the store (deleted or rolled back)"));
+    if let Some(local) = local {
+        for rec in &local.shipped_records {
+            if !sizes.contains_key(rec.as_str()) {
+                r.problems.push(format!("{rec}: shipped from this machine but missing from the store (deleted or rolled back)"));
+            }
         }
     }
+    check_chains(repo, local, &mut r);
     referenced.extend(version_refs);
     r.trees = seen_trees.len() as u64;
     r.blobs_referenced = referenced.len() as u64;
@@ -153,6 +170,65 @@ pub fn check(repo: &Repository, read_data: bool, shipped_records: &[String]) -> 
         }
     }
     r
+}
+
+/// Every share+host history chain: gaps, replaced objects, forks; and
+/// whether the store holds what this machine shipped last.
+fn check_chains(repo: &Repository, local: Option<&LocalHistory>, r: &mut CheckReport) {
+    let objects = match repo.history_objects() {
+        Ok((good, _bad)) => good, // the bad ones are reported above, by name
+        Err(e) => {
+            r.problems
+                .push(format!("cannot read the history objects: {e}"));
+            return;
+        }
+    };
+    let mut chains: BTreeMap<(&str, &str), Vec<&HistoryObject>> = BTreeMap::new();
+    for o in &objects {
+        chains
+            .entry((o.body.share(), o.body.host()))
+            .or_default()
+            .push(o);
+    }
+    for ((share, host), objs) in &chains {
+        let v = verify_chain(objs.iter().copied());
+        r.histories += 1;
+        for p in &v.problems {
+            r.problems
+                .push(format!("share {share} on host {host}: {p}"));
+        }
+        for (from, to) in &v.declared_lost {
+            r.warnings.push(format!(
+                "share {share} on host {host}: history objects {from} to {to} were lost and declared lost by repair"
+            ));
+        }
+        if v.unchained > 0 {
+            r.warnings.push(format!(
+                "share {share} on host {host}: {} history objects predate history chains (a gap among them cannot be detected)",
+                v.unchained
+            ));
+        }
+    }
+    if let Some(LocalHistory {
+        share,
+        host,
+        head: Some(head),
+        ..
+    }) = local
+    {
+        match objects.iter().find(|o| o.name == head.name) {
+            Some(o) if o.hash == head.hash => {}
+            Some(_) => r.problems.push(format!(
+                "{}: not the object this machine shipped as place {} of share {share} on host {host} (replaced)",
+                head.name, head.seq
+            )),
+            None if head.name.is_empty() => {}
+            None => r.problems.push(format!(
+                "{}: place {} of share {share} on host {host}, shipped from this machine at {}, is missing: the store is behind this machine (withheld, deleted or rolled back)",
+                head.name, head.seq, head.time
+            )),
+        }
+    }
 }
 
 fn unsafe_path(path: &[u8]) -> bool {

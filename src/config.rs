@@ -35,6 +35,12 @@ pub struct ShareConfig {
     /// file name, or against the share-relative path when they hold a '/'.
     #[serde(default = "default_excludes")]
     pub exclude: Vec<String>,
+    /// The host name this share's history is shipped under (set by `init`
+    /// to the machine's host name; history is selected by share and host,
+    /// so keep it when the machine is renamed). Absent: the current host
+    /// name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Office lock and temp files, Windows and macOS folder litter.
@@ -262,6 +268,7 @@ mod tests {
             max_queued_snapshots: 1,
             settle_ms: 1,
             exclude: default_excludes(),
+            host: None,
         };
         assert!(cfg.excluded(b"docs/~$report.docx"));
         assert!(cfg.excluded(b"Thumbs.db"));
@@ -283,6 +290,7 @@ mod tests {
             max_queued_snapshots: 5,
             settle_ms: 500,
             exclude: vec!["*.bak".into()],
+            host: Some("files1".into()),
         };
         cfg.save(dir.path()).unwrap();
         assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);

@@ -34,13 +34,13 @@ use crate::ship;
 use crate::state::{Capture, NewCapture, ShippedBatch, State};
 use crate::{queue, state};
 use anyhow::{Context, Result};
-use btrship_crypto::ObjectKind;
 use btrship_diff::{ChunkSizes, FileKind};
 use btrship_snapshot::watch::{clone_closed_file, WatchEvent, Watcher};
 use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::format::{
     from_cbor, to_cbor, Extent, Node, VersionBatch, VersionEntry, VersionKind,
 };
+use btrship_upload::history::{HistoryBody, HistoryKind};
 use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 use std::ffi::OsStr;
@@ -652,7 +652,7 @@ impl Shipper {
         );
         queue::enforce_spool_limit(&mut self.state, &self.area, &self.cfg)?;
         let reports = reports?;
-        queue::prune_local(&self.state, &self.area, &self.cfg)?;
+        queue::prune_local(&self.state, &self.area, &self.cfg, repo)?;
         release_free_memory();
         let msg = format!(
             "reconciled with snapshot {taken} ({} shipped)",
@@ -740,10 +740,29 @@ impl Shipper {
             share: self.cfg.name.clone(),
             host: self.host.clone(),
             entries,
+            chain: None,
         };
-        let name = repo
-            .put_record(ObjectKind::Version, "versions", &batch)
-            .context("cannot write the version batch")?;
+        let same_entries = |found: &HistoryBody| {
+            let key = |e: &VersionEntry| (e.time.clone(), e.path.clone(), e.kind);
+            matches!(found, HistoryBody::Versions(b)
+                if b.entries.iter().map(key).eq(batch.entries.iter().map(key)))
+        };
+        let name = crate::history::append(
+            repo,
+            &self.state,
+            &self.cfg.name,
+            &self.host,
+            HistoryKind::Versions,
+            |link| {
+                HistoryBody::Versions(VersionBatch {
+                    chain: Some(link),
+                    ..batch.clone()
+                })
+            },
+            same_entries,
+        )
+        .context("cannot write the version batch")?
+        .name;
         let freed = self.state.finish_batch(ShippedBatch {
             batch: &name,
             seqs: &seqs,

@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod history;
 pub mod moment;
 pub mod progress;
 pub mod queue;

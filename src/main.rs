@@ -63,6 +63,15 @@ struct RepoArgs {
     /// Key file (default: <config-dir>/NAME.key).
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// Whose history: the host that shipped the share (default: this
+    /// machine's own on the shipping machine; on a fresh machine the only
+    /// host that shipped it).
+    #[arg(long)]
+    host: Option<String>,
+    /// Go on when the history has gaps or the store is behind this machine
+    /// (each problem becomes a warning) instead of refusing with exit 5.
+    #[arg(long)]
+    allow_gaps: bool,
 }
 
 #[derive(Subcommand)]
@@ -451,6 +460,11 @@ fn host_name() -> String {
     }
 }
 
+/// The host name a share's history is shipped under.
+fn share_host(cfg: &ShareConfig) -> String {
+    cfg.host.clone().unwrap_or_else(host_name)
+}
+
 fn print_ship(report: &ship::ShipReport) {
     let how = match &report.change_detection {
         ship::ChangeDetection::Btrfs { changed_inodes, .. } => {
@@ -549,6 +563,108 @@ impl App {
         Ok((repo, cfg))
     }
 
+    /// The shipping machine's view of share `name` in the repository the
+    /// command reads (None on a fresh machine, or when `--repo` names
+    /// another repository than the share's own).
+    fn local_view(
+        &self,
+        name: &str,
+        args: &RepoArgs,
+    ) -> Result<Option<(ShareConfig, state::State)>> {
+        let Ok(cfg) = ShareConfig::load(&self.config_dir, name) else {
+            return Ok(None);
+        };
+        if args.repo.as_ref().is_some_and(|r| *r != cfg.repo) || !self.state_path(name).exists() {
+            return Ok(None);
+        }
+        let state = state::State::open(&self.state_path(name))?;
+        Ok(Some((cfg, state)))
+    }
+
+    /// The history of share `name` on the host the command asks for,
+    /// refusing (exit 5) a history with gaps or a store behind this
+    /// machine unless `--allow-gaps`.
+    fn history(
+        &self,
+        repo: &Repository,
+        name: &str,
+        args: &RepoArgs,
+    ) -> Result<btrship::history::ShareHistory> {
+        let local = self.local_view(name, args)?;
+        let local_host = local.as_ref().map(|(c, _)| share_host(c));
+        let local_head = match &local {
+            Some((_, st)) => st
+                .history_head()?
+                .filter(|h| Some(&h.host) == local_host.as_ref()),
+            None => None,
+        };
+        let hist = btrship::history::load(
+            repo,
+            &btrship::history::Select {
+                share: name,
+                host: args.host.as_deref(),
+                local_host: if args.host.is_some() {
+                    None
+                } else {
+                    local_host.as_deref()
+                },
+                local_head: if args.host.is_none() || args.host == local_host {
+                    local_head
+                } else {
+                    None
+                },
+            },
+        )?;
+        for w in hist.require_intact(args.allow_gaps)? {
+            eprintln!("btrship: warning: {w}");
+        }
+        for (obj, e) in &hist.unreadable {
+            eprintln!("btrship: warning: history object {obj} is unreadable and skipped: {e}");
+        }
+        for (obj, e) in repo.damaged_indexes() {
+            eprintln!("btrship: warning: index {obj} is unreadable and skipped (data it lists cannot be restored): {e}");
+        }
+        Ok(hist)
+    }
+
+    /// The key file `init` uses when none is given: the share's own when it
+    /// exists, else the one of another share here that ships into the same
+    /// repository (one repository, one key), else the share's own (new).
+    fn default_key_for(&self, name: &str, repo: &str) -> Result<PathBuf> {
+        let own = self.default_key_file(name);
+        if own.exists() {
+            return Ok(own);
+        }
+        let Ok(dir) = std::fs::read_dir(&self.config_dir) else {
+            return Ok(own);
+        };
+        let mut others: Vec<ShareConfig> = dir
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let file = e.file_name();
+                let stem = file.to_str()?.strip_suffix(".toml")?.to_string();
+                (stem != name).then_some(stem)
+            })
+            .filter_map(|stem| ShareConfig::load(&self.config_dir, &stem).ok())
+            .filter(|c| c.repo == repo && c.key_file.exists())
+            .collect();
+        others.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(others.into_iter().next().map_or(own, |c| c.key_file))
+    }
+
+    /// Does a repository (its config object) exist at this address? Any
+    /// failure to tell counts as no: `init` then reports the real error.
+    fn repository_exists(&self, address: &str) -> bool {
+        let once = layers::RetryPolicy {
+            attempts: 1,
+            ..Default::default()
+        };
+        match self.store_with(address, false, once) {
+            Ok(store) => self.rt.block_on(store.head("config")).is_ok(),
+            Err(_) => false,
+        }
+    }
+
     fn init(&self, path: &Path, opts: InitOptions) -> Result<u8> {
         let InitOptions {
             name,
@@ -573,11 +689,16 @@ impl App {
                 })?,
         };
         config::validate_name(&name)?;
+        let repo = repo.unwrap_or_else(|| self.default_repo());
+        let key_file = match key_file {
+            Some(k) => k,
+            None => self.default_key_for(&name, &repo)?,
+        };
         let cfg = ShareConfig {
             name: name.clone(),
             path: share.path.clone(),
-            repo: repo.unwrap_or_else(|| self.default_repo()),
-            key_file: key_file.unwrap_or_else(|| self.default_key_file(&name)),
+            repo,
+            key_file,
             keep_local_snapshots: config::DEFAULT_KEEP_LOCAL,
             max_queued_snapshots: config::DEFAULT_MAX_QUEUED,
             settle_ms: 2000,
@@ -585,6 +706,7 @@ impl App {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            host: Some(host_name()),
         };
         if config::config_path(&self.config_dir, &name).exists() {
             let old = ShareConfig::load(&self.config_dir, &name)?;
@@ -600,6 +722,16 @@ impl App {
             }
         }
         let key_created = !cfg.key_file.exists();
+        if key_created && self.repository_exists(&cfg.repo) {
+            return Err(UserError::new(
+                exit::KEY,
+                format!(
+                    "repository {} already exists and no share here uses it; pass --key-file with the key it was made with",
+                    cfg.repo
+                ),
+            )
+            .into());
+        }
         if key_created {
             btrship_crypto::write_key_file(&cfg.key_file, &MasterKey::generate())?;
         }
@@ -672,7 +804,6 @@ impl App {
                 );
             }
         }
-        queue::prune_local(&state, &area, &cfg)?;
         let queued = state.queued()?;
         if json {
             print_json(&serde_json::json!({
@@ -722,7 +853,7 @@ impl App {
             state,
             area,
             cfg,
-            &host_name(),
+            &share_host(cfg),
             &self.counters,
             self.progress && !json,
             |report| {
@@ -732,9 +863,12 @@ impl App {
                 reports.push(report.clone());
             },
         );
-        match result {
-            Ok(_) => Ok(reports),
-            Err(e) => Err((reports, e)),
+        // Local snapshots are pruned only against a reachable store that
+        // still holds their records.
+        let pruned = queue::prune_local(state, area, cfg, &repo);
+        match (result, pruned) {
+            (Ok(_), Ok(())) => Ok(reports),
+            (Err(e), _) | (Ok(_), Err(e)) => Err((reports, e)),
         }
     }
 
@@ -770,7 +904,7 @@ impl App {
             area,
             state_path: self.state_path(name),
             state_dir: self.state_dir.clone(),
-            host: host_name(),
+            host: share_host(&cfg),
             open_repo: Box::new(move || stores.open_repository(&repo_address, &key_file)),
             counters: self.counters.clone(),
             stop,
@@ -844,7 +978,8 @@ impl App {
 
     fn versions(&self, name: &str, path: &Path, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, _) = self.open_repo(name, args, false)?;
-        let list = btrship::moment::versions_of(&repo, name, path.as_os_str().as_bytes())?;
+        let hist = self.history(&repo, name, args)?;
+        let list = btrship::moment::versions_of(&repo, &hist, path.as_os_str().as_bytes())?;
         if json {
             print_json(&serde_json::json!({"version": 1, "path": path, "versions": list}))?;
         } else if list.is_empty() {
@@ -1025,7 +1160,8 @@ impl App {
 
     fn snapshots(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, _) = self.open_repo(name, args, false)?;
-        let records = restore::share_snapshots(&repo, name)?;
+        let hist = self.history(&repo, name, args)?;
+        let records = &hist.snapshots;
         if json {
             let list: Vec<_> = records
                 .iter()
@@ -1036,13 +1172,15 @@ impl App {
                     })
                 })
                 .collect();
-            print_json(&serde_json::json!({ "version": 1, "share": name, "snapshots": list }))?;
+            print_json(
+                &serde_json::json!({ "version": 1, "share": name, "host": hist.host, "snapshots": list }),
+            )?;
         } else {
             println!(
                 "{:<32} {:<26} {:>9} {:>12} {:>12}  record",
                 "time", "snapshot", "files", "size", "new"
             );
-            for (id, r) in &records {
+            for (id, r) in records {
                 println!(
                     "{:<32} {:<26} {:>9} {:>12} {:>12}  {}",
                     r.time,
@@ -1054,8 +1192,9 @@ impl App {
                 );
             }
             println!(
-                "{} snapshots of {name} in {}",
+                "{} snapshots of {name} from host {} in {}",
                 records.len(),
+                hist.host,
                 repo.location()
             );
         }
@@ -1076,7 +1215,8 @@ impl App {
     ) -> Result<u8> {
         let at = self.at(at)?;
         let (repo, _) = self.open_repo(name, args, false)?;
-        let moment = btrship::moment::at(&repo, name, at)?;
+        let hist = self.history(&repo, name, args)?;
+        let moment = btrship::moment::at(&repo, &hist, at)?;
         let rec = moment.record;
         let mut root = rec.root.clone();
         root.subtree = Some(rec.tree);
@@ -1114,7 +1254,8 @@ impl App {
     ) -> Result<u8> {
         let at = self.at(at)?;
         let (repo, _) = self.open_repo(name, args, false)?;
-        let moment = btrship::moment::at(&repo, name, at)?;
+        let hist = self.history(&repo, name, args)?;
+        let moment = btrship::moment::at(&repo, &hist, at)?;
         let rec = moment.record;
         let mut progress = Progress::new("restoring", self.progress && !json);
         let paths: Vec<Vec<u8>> = paths
@@ -1147,18 +1288,23 @@ impl App {
 
     fn check(&self, name: &str, read_data: bool, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, cfg) = self.open_repo(name, args, true)?;
-        // What this machine shipped into this repository (rollback detection).
-        let shipped: Vec<String> = match cfg {
-            Some(_) if self.state_path(name).exists() => {
-                state::State::open(&self.state_path(name))?
+        let _ = cfg;
+        // What this machine shipped into this repository (rollback and
+        // withholding detection).
+        let local = match self.local_view(name, args)? {
+            Some((cfg, st)) => Some(check::LocalHistory {
+                share: name.to_string(),
+                host: share_host(&cfg),
+                shipped_records: st
                     .snapshots()?
                     .into_iter()
                     .filter_map(|s| s.record)
-                    .collect()
-            }
-            _ => Vec::new(),
+                    .collect(),
+                head: st.history_head()?,
+            }),
+            None => None,
         };
-        let report = check::check(&repo, read_data, &shipped);
+        let report = check::check(&repo, read_data, local.as_ref());
         if json {
             print_json(
                 &serde_json::json!({ "version": 1, "ok": report.problems.is_empty(), "report": report }),

@@ -11,6 +11,7 @@
 //! a tree name: a hostile batch cannot reach outside the share.
 
 use crate::exit::{UserError, DAMAGED};
+use crate::history::ShareHistory;
 use crate::restore::{self, read_checked_tree};
 use anyhow::Result;
 use btrship_upload::format::{
@@ -43,33 +44,29 @@ fn parse_time(t: &str, batch: &str) -> Result<DateTime<Utc>> {
 /// Every version entry of `share` in (`after`, `upto`], in application
 /// order: time, then batch, then position in the batch.
 fn entries_between(
-    repo: &Repository,
-    share: &str,
+    hist: &ShareHistory,
     after: Option<DateTime<Utc>>,
     upto: DateTime<Utc>,
 ) -> Result<Vec<(DateTime<Utc>, VersionEntry)>> {
     let mut out = Vec::new();
-    for (name, batch) in repo.version_batches()? {
-        if batch.share != share {
-            continue;
-        }
-        for (i, e) in batch.entries.into_iter().enumerate() {
-            let t = parse_time(&e.time, &name)?;
+    for (name, batch) in &hist.batches {
+        for (i, e) in batch.entries.iter().enumerate() {
+            let t = parse_time(&e.time, name)?;
             if after.is_some_and(|a| t <= a) || t > upto {
                 continue;
             }
-            out.push((t, name.clone(), i, e));
+            out.push((t, name.clone(), i, e.clone()));
         }
     }
     out.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
     Ok(out.into_iter().map(|(t, _, _, e)| (t, e)).collect())
 }
 
-/// The share `share` as it was at `at`.
-pub fn at(repo: &Repository, share: &str, at: DateTime<Utc>) -> Result<Moment> {
-    let (snapshot, mut record) = restore::find_snapshot(repo, share, at)?;
+/// The share of `hist` as it was at `at`.
+pub fn at(repo: &Repository, hist: &ShareHistory, at: DateTime<Utc>) -> Result<Moment> {
+    let (snapshot, mut record) = restore::find_snapshot(hist, at)?;
     let since = restore::record_time(&record)?;
-    let entries = entries_between(repo, share, Some(since), at)?;
+    let entries = entries_between(hist, Some(since), at)?;
     if entries.is_empty() {
         return Ok(Moment {
             record,
@@ -288,11 +285,15 @@ pub struct PathVersion {
 
 /// Every shipped version of `path`: each snapshot in which it differs from
 /// the snapshot before, and every version entry for it, in time order.
-pub fn versions_of(repo: &Repository, share: &str, path: &[u8]) -> Result<Vec<PathVersion>> {
+pub fn versions_of(
+    repo: &Repository,
+    hist: &ShareHistory,
+    path: &[u8],
+) -> Result<Vec<PathVersion>> {
     let path = path.strip_prefix(b"/").unwrap_or(path);
     let mut out = Vec::new();
     let mut prev: Option<Option<Node>> = None;
-    for (name, rec) in restore::share_snapshots(repo, share)? {
+    for (name, rec) in &hist.snapshots {
         let node = match restore::resolve(repo, &rec.root, path) {
             Ok(chain) => chain.last().cloned(),
             Err(e) if crate::exit::code_of(&e) == crate::exit::NOT_FOUND => None,
@@ -322,7 +323,7 @@ pub fn versions_of(repo: &Repository, share: &str, path: &[u8]) -> Result<Vec<Pa
         }
         prev = Some(key);
     }
-    let all = entries_between(repo, share, None, DateTime::<Utc>::MAX_UTC)?;
+    let all = entries_between(hist, None, DateTime::<Utc>::MAX_UTC)?;
     for (_, e) in all.into_iter().filter(|(_, e)| e.path == path) {
         let kind = match e.kind {
             VersionKind::Close => "close",

@@ -149,13 +149,35 @@ pub fn ship_queued(
 }
 
 /// Keeps the newest `keep_local_snapshots` shipped snapshots on disk (the
-/// newest is the parent of the next ship); deletes older shipped ones.
-/// Queued snapshots are never deleted here.
-pub fn prune_local(state: &State, area: &PrivateArea, cfg: &ShareConfig) -> Result<()> {
+/// newest is the parent of the next ship); deletes older shipped ones, but
+/// only those whose record the store still holds (one HEAD each): a local
+/// snapshot is never deleted while it may be the last copy of its point in
+/// time (a store that lost or withheld its record). Queued snapshots are
+/// never deleted here.
+pub fn prune_local(
+    state: &State,
+    area: &PrivateArea,
+    cfg: &ShareConfig,
+    repo: &Repository,
+) -> Result<()> {
     let shipped: Vec<_> = state
         .snapshots()?
         .into_iter()
         .filter(|s| s.shipped)
+        .filter(|s| match &s.record {
+            Some(r) => match repo.exists(r) {
+                Ok(true) => true,
+                Ok(false) => {
+                    tracing::warn!(
+                        "keeping local snapshot {}: its record {r} is missing from the store",
+                        s.name
+                    );
+                    false
+                }
+                Err(_) => false,
+            },
+            None => false,
+        })
         .map(|s| s.name)
         .collect();
     let on_disk = area.list_snapshots()?;

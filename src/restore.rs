@@ -8,6 +8,7 @@
 //! directories restore itself made.
 
 use crate::exit::{UserError, DAMAGED, NOT_FOUND, TARGET};
+use crate::history::ShareHistory;
 use crate::progress::Progress;
 use anyhow::{Context, Result};
 use btrship_upload::format::{
@@ -27,37 +28,24 @@ fn damaged(message: String) -> anyhow::Error {
     UserError::new(DAMAGED, message).into()
 }
 
-/// Snapshot records of one share, oldest first.
-pub fn share_snapshots(repo: &Repository, share: &str) -> Result<Vec<(String, SnapshotRecord)>> {
-    Ok(repo
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, r)| r.share == share)
-        .collect())
-}
-
 pub fn record_time(r: &SnapshotRecord) -> Result<DateTime<Utc>> {
     Ok(DateTime::parse_from_rfc3339(&r.time)
         .with_context(|| format!("snapshot record time {:?} is not RFC 3339", r.time))?
         .with_timezone(&Utc))
 }
 
-/// The newest snapshot of `share` taken at or before `at`.
-pub fn find_snapshot(
-    repo: &Repository,
-    share: &str,
-    at: DateTime<Utc>,
-) -> Result<(String, SnapshotRecord)> {
-    let all = share_snapshots(repo, share)?;
+/// The newest snapshot of the history taken at or before `at`.
+pub fn find_snapshot(hist: &ShareHistory, at: DateTime<Utc>) -> Result<(String, SnapshotRecord)> {
+    let share = &hist.share;
     let mut best = None;
-    for (name, rec) in &all {
+    for (name, rec) in &hist.snapshots {
         if record_time(rec)? <= at {
             best = Some((name.clone(), rec.clone()));
         }
     }
     best.ok_or_else(|| {
-        let msg = match all.first() {
-            None => format!("share {share:?} has no snapshots in {}", repo.location()),
+        let msg = match hist.snapshots.first() {
+            None => format!("share {share:?} on host {} has no snapshots", hist.host),
             Some((_, first)) => format!(
                 "no snapshot of share {share:?} at or before {}; the first is at {}",
                 at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -27,6 +27,7 @@ use btrship_diff::{ChunkSizes, FileKind, FsMeta, OldChunk, Piece};
 use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree, Xattr,
 };
+use btrship_upload::history::{HistoryBody, HistoryKind};
 use btrship_upload::{PackWriter, Repository, WriteStats};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -215,10 +216,33 @@ pub fn ship(
         root,
         parent: input.parent.as_ref().map(|p| BlobId(p.tree)),
         stats,
+        chain: None,
     };
-    let name = repo
-        .put_snapshot_record(&record)
-        .context("cannot write the snapshot record")?;
+    let appended = crate::history::append(
+        repo,
+        state,
+        input.share,
+        input.host,
+        HistoryKind::Snapshot,
+        |link| {
+            HistoryBody::Snapshot(SnapshotRecord {
+                chain: Some(link),
+                ..record.clone()
+            })
+        },
+        |found| {
+            matches!(found, HistoryBody::Snapshot(r)
+                if r.snapshot == record.snapshot && r.time == record.time && r.tree == record.tree)
+        },
+    )
+    .context("cannot write the snapshot record")?;
+    if appended.existed {
+        tracing::info!(
+            "{} was already in the store (shipped before a crash)",
+            appended.name
+        );
+    }
+    let name = appended.name;
     state.cache_tree_totals(&new_totals)?;
     Ok((
         ShipReport {

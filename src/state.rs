@@ -86,10 +86,38 @@ const MIGRATIONS: &[&str] = &[
         target_seq   INTEGER
     );
 ",
+    "
+    -- The head of this share's history chain as this machine shipped it
+    -- (FORMAT.md §5, history chain): at most one row. `lost_from` is set by
+    -- `repair` after a loss: `name`/`hash` are then the newest surviving
+    -- object and the next object declares `lost_from ..= seq` lost.
+    CREATE TABLE history_head (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        host      TEXT NOT NULL,
+        seq       INTEGER NOT NULL,
+        name      TEXT NOT NULL,
+        hash      BLOB NOT NULL,
+        lost_from INTEGER,
+        time      TEXT NOT NULL
+    );
+",
 ];
 
 pub struct State {
     conn: Connection,
+    path: std::path::PathBuf,
+}
+
+/// The head of this share's history chain as this machine shipped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryHead {
+    pub host: String,
+    pub seq: u64,
+    pub name: String,
+    pub hash: [u8; 32],
+    pub lost_from: Option<u64>,
+    /// When it was recorded (RFC 3339 UTC).
+    pub time: String,
 }
 
 #[derive(Debug, Clone)]
@@ -127,7 +155,78 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         migrate(&mut conn)
             .with_context(|| format!("cannot migrate state database {}", path.display()))?;
-        Ok(State { conn })
+        Ok(State {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// This share's history head, if this machine shipped any.
+    pub fn history_head(&self) -> Result<Option<HistoryHead>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT host, seq, name, hash, lost_from, time FROM history_head WHERE id = 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                },
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let Some((host, seq, name, hash, lost_from, time)) = row else {
+            return Ok(None);
+        };
+        let hash = <[u8; 32]>::try_from(hash.as_slice())
+            .map_err(|_| anyhow::anyhow!("state database: history head hash is not 32 bytes"))?;
+        Ok(Some(HistoryHead {
+            host,
+            seq: seq as u64,
+            name,
+            hash,
+            lost_from: lost_from.map(|l| l as u64),
+            time,
+        }))
+    }
+
+    /// Records this share's history head (one transaction).
+    pub fn set_history_head(&self, h: &HistoryHead) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO history_head (id, host, seq, name, hash, lost_from, time)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                h.host,
+                h.seq as i64,
+                h.name,
+                h.hash.as_slice(),
+                h.lost_from.map(|l| l as i64),
+                h.time
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// One writer of this share's history at a time (the daemon's batches
+    /// and snapshot ships): an exclusive lock on a file beside the
+    /// database, held while the returned file lives. Waits for it.
+    pub fn lock_history(&self) -> Result<std::fs::File> {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".history-lock");
+        let f = std::fs::File::create(&p)
+            .with_context(|| format!("cannot open {}", p.to_string_lossy()))?;
+        f.lock()
+            .with_context(|| format!("cannot lock {}", p.to_string_lossy()))?;
+        Ok(f)
     }
 
     /// Records a snapshot as taken (queued for shipping). Idempotent.

@@ -69,6 +69,7 @@ fn craft(build: impl FnOnce(&mut btrship_upload::PackWriter<'_>) -> Vec<Node>) -
         root: root_node,
         parent: None,
         stats: SnapshotStats::default(),
+        chain: None,
     };
     repo.put_record(ObjectKind::Snapshot, "snapshots", &rec)
         .unwrap();

@@ -138,6 +138,35 @@ pub struct SnapshotRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<BlobId>,
     pub stats: SnapshotStats,
+    /// Its place in the share+host history chain (FORMAT.md §5, history
+    /// chain); absent in records written before chains existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainLink>,
+}
+
+/// FORMAT.md §5 history chain: where a snapshot record or version batch
+/// sits in the history of its share and host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainLink {
+    /// 1 for the first object of the chain, then +1 per object.
+    pub seq: u64,
+    /// The object at `seq - 1` (absent for `seq` 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<PrevLink>,
+    /// `repair` continued the chain after a loss: the objects
+    /// `lost_from ..= seq - 1` are gone for good, and `prev` names the
+    /// object at `lost_from - 1` (absent when nothing before survived).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_from: Option<u64>,
+}
+
+/// The predecessor of a history object: its name and the BLAKE3 hash of
+/// its sealed bytes, exactly as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrevLink {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
 }
 
 /// FORMAT.md §5 version batch: what the daemon captured between
@@ -148,6 +177,9 @@ pub struct VersionBatch {
     pub host: String,
     /// Entries in capture order; a reader applies them in that order.
     pub entries: Vec<VersionEntry>,
+    /// Its place in the share+host history chain (FORMAT.md §5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainLink>,
 }
 
 /// One captured state of one path.

@@ -5,10 +5,12 @@
 //!
 //! Layers, bottom up: [`store`] (dumb backends: [`local`]), [`format`] (the
 //! in-store types), [`pack`] (pack layout), [`repo`] (a repository: reads,
-//! dedup, packing, uploads, records).
+//! dedup, packing, uploads, records), [`history`] (the chain of each
+//! share+host's snapshot records and version batches).
 
 pub mod conformance;
 pub mod format;
+pub mod history;
 pub mod layers;
 pub mod local;
 mod memindex;

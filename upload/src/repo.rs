@@ -11,6 +11,7 @@ use crate::format::{
     from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
     PackedBlob, SnapshotRecord, Tree, VersionBatch,
 };
+use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
@@ -101,6 +102,9 @@ pub struct Repository {
     verified_packs: Mutex<HashSet<String>>,
     /// Trees built in memory (restore between snapshots), never uploaded.
     staged_trees: Mutex<HashMap<ContentId, Tree>>,
+    /// Index objects that could not be read or opened, with why: their
+    /// blobs are unknown, so only the paths that need them fail.
+    damaged_indexes: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -235,6 +239,7 @@ impl Repository {
             loaded_indexes: Mutex::default(),
             verified_packs: Mutex::default(),
             staged_trees: Mutex::default(),
+            damaged_indexes: Mutex::default(),
         };
         Ok(repo)
     }
@@ -283,13 +288,30 @@ impl Repository {
         Ok(self.block_on(self.store.list(prefix))?)
     }
 
-    /// Reads every index not read yet into the in-memory index.
+    /// Reads every index not read yet into the in-memory index. An index
+    /// that cannot be read or does not authenticate is skipped and
+    /// remembered ([`Repository::damaged_indexes`]): one bad object costs
+    /// the paths that need its blobs, not the whole repository. A wrong
+    /// key or an unreachable store still fails.
     pub fn load_index(&self) -> Result<()> {
         for meta in self.list("index/")? {
             if self.lock_loaded().contains(&meta.key) {
                 continue;
             }
-            let index: Index = self.get_cbor(ObjectKind::Index, &meta.key)?;
+            let index: Index = match self.get_cbor(ObjectKind::Index, &meta.key) {
+                Ok(i) => i,
+                Err(e) if e.is_wrong_key() => return Err(e),
+                Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
+                Err(e) => {
+                    tracing::warn!("skipping damaged index {}: {e}", meta.key);
+                    self.damaged_indexes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((meta.key.clone(), e.to_string()));
+                    self.lock_loaded().insert(meta.key);
+                    continue;
+                }
+            };
             self.merge_index(&index);
             self.lock_loaded().insert(meta.key);
         }
@@ -298,6 +320,14 @@ impl Repository {
             .unwrap_or_else(|p| p.into_inner())
             .compact();
         Ok(())
+    }
+
+    /// Index objects skipped by [`Repository::load_index`], with why.
+    pub fn damaged_indexes(&self) -> Vec<(String, String)> {
+        self.damaged_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock_loaded(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -534,30 +564,6 @@ impl Repository {
         Ok(name)
     }
 
-    /// Seals and uploads a snapshot record under a name derived (keyed
-    /// hash) from what identifies it: share, host, snapshot name and time.
-    /// A ship repeated after a crash (record uploaded, local state not yet
-    /// told) finds its earlier record instead of adding a second one.
-    /// Returns the name.
-    pub fn put_snapshot_record(&self, record: &SnapshotRecord) -> Result<String> {
-        let mut ident = b"btrship snapshot record\0".to_vec();
-        for part in [&record.share, &record.host, &record.snapshot, &record.time] {
-            ident.extend_from_slice(part.as_bytes());
-            ident.push(0);
-        }
-        let name = format!("snapshots/{}", self.key.content_id(&ident).to_hex());
-        let sealed = self
-            .key
-            .seal(ObjectKind::Snapshot, name.as_bytes(), &to_cbor(record));
-        match self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))? {
-            PutOutcome::Created => {}
-            PutOutcome::AlreadyExists => {
-                tracing::info!("{name} was already in the store (shipped before a crash)")
-            }
-        }
-        Ok(name)
-    }
-
     /// Every snapshot record, sorted by time. Fails naming the first record
     /// that does not authenticate.
     pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>> {
@@ -572,6 +578,110 @@ impl Repository {
 
     pub fn snapshot(&self, name: &str) -> Result<SnapshotRecord> {
         self.get_cbor(ObjectKind::Snapshot, name)
+    }
+
+    /// Seals `body` as the history object `name` and uploads it unless an
+    /// object of that name exists. Returns the outcome and the BLAKE3 hash
+    /// of the sealed bytes (what the next object's link holds).
+    pub fn put_history(&self, name: &str, body: &HistoryBody) -> Result<(PutOutcome, [u8; 32])> {
+        let plain = match body {
+            HistoryBody::Snapshot(r) => to_cbor(r),
+            HistoryBody::Versions(b) => to_cbor(b),
+        };
+        let sealed = self
+            .key
+            .seal(body.kind().object_kind(), name.as_bytes(), &plain);
+        let hash = history::sealed_hash(&sealed);
+        let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
+        Ok((outcome, hash))
+    }
+
+    /// Does an object of this name exist? (One HEAD request.)
+    pub fn exists(&self, name: &str) -> Result<bool> {
+        match self.block_on(self.store.head(name)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads, authenticates and decodes one history object.
+    pub fn read_history(&self, name: &str) -> Result<HistoryObject> {
+        let kind = HistoryKind::of_name(name).ok_or_else(|| RepoError::Format {
+            object: name.to_string(),
+            reason: "not a history object name".into(),
+        })?;
+        let sealed = self.block_on(self.store.get(name))?;
+        self.open_history(name, kind, &sealed)
+    }
+
+    fn open_history(&self, name: &str, kind: HistoryKind, sealed: &[u8]) -> Result<HistoryObject> {
+        let plain = self
+            .key
+            .open(kind.object_kind(), name.as_bytes(), sealed)
+            .map_err(|e| RepoError::crypto(name, e))?;
+        let fmt = |reason| RepoError::Format {
+            object: name.to_string(),
+            reason,
+        };
+        let body = match kind {
+            HistoryKind::Snapshot => HistoryBody::Snapshot(from_cbor(&plain).map_err(fmt)?),
+            HistoryKind::Versions => HistoryBody::Versions(from_cbor(&plain).map_err(fmt)?),
+        };
+        Ok(HistoryObject {
+            name: name.to_string(),
+            hash: history::sealed_hash(sealed),
+            body,
+        })
+    }
+
+    /// Every history object (snapshot records and version batches of every
+    /// share and host), read with up to 16 requests in flight. Objects that
+    /// cannot be read or opened come back as errors, each naming its
+    /// object; only a wrong key or a store failure fails the whole call.
+    pub fn history_objects(&self) -> Result<(Vec<HistoryObject>, Vec<(String, RepoError)>)> {
+        let mut names = Vec::new();
+        for kind in HistoryKind::ALL {
+            for meta in self.list(&format!("{}/", kind.prefix()))? {
+                names.push((meta.key, kind));
+            }
+        }
+        let store = self.store.clone();
+        let fetched: Vec<(String, HistoryKind, std::result::Result<Bytes, StoreError>)> = self
+            .block_on(async move {
+                let slots = Arc::new(Semaphore::new(16));
+                let mut set = tokio::task::JoinSet::new();
+                for (i, (name, kind)) in names.into_iter().enumerate() {
+                    let (store, slots) = (store.clone(), slots.clone());
+                    set.spawn(async move {
+                        let _permit = slots.acquire_owned().await;
+                        let got = store.get(&name).await;
+                        (i, name, kind, got)
+                    });
+                }
+                let mut out = Vec::new();
+                while let Some(r) = set.join_next().await {
+                    if let Ok(r) = r {
+                        out.push(r);
+                    }
+                }
+                out.sort_by_key(|r| r.0);
+                out.into_iter().map(|(_, n, k, g)| (n, k, g)).collect()
+            });
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for (name, kind, got) in fetched {
+            let opened = match got {
+                Ok(sealed) => self.open_history(&name, kind, &sealed),
+                Err(e) if e.is_not_found() => Err(e.into()),
+                Err(e) => return Err(e.into()),
+            };
+            match opened {
+                Ok(o) => good.push(o),
+                Err(e) if e.is_wrong_key() => return Err(e),
+                Err(e) => bad.push((name, e)),
+            }
+        }
+        Ok((good, bad))
     }
 
     /// Opens every object under `index/` and `keys/` (for `check`).

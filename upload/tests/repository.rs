@@ -3,9 +3,11 @@
 //! repository (a fresh machine) sees everything, and damage is named.
 
 use btrship_crypto::{MasterKey, ObjectKind};
+use btrship_upload::format::ChainLink;
 use btrship_upload::format::{BlobKind, SnapshotStats};
+use btrship_upload::history::{history_name, HistoryBody, HistoryKind};
 use btrship_upload::local::LocalStore;
-use btrship_upload::{RepoError, Repository};
+use btrship_upload::{PutOutcome, RepoError, Repository};
 use std::sync::Arc;
 
 fn setup() -> (tempfile::TempDir, tokio::runtime::Runtime, Arc<MasterKey>) {
@@ -132,7 +134,7 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
         content: vec![],
         subtree: Some(BlobId(tree)),
     };
-    let mut record = SnapshotRecord {
+    let record = SnapshotRecord {
         share: "office".into(),
         host: "h".into(),
         time: "2026-11-25T10:00:00.123456789Z".into(),
@@ -141,17 +143,31 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
         root,
         parent: None,
         stats: SnapshotStats::default(),
+        chain: Some(ChainLink {
+            seq: 1,
+            prev: None,
+            lost_from: None,
+        }),
     };
-    let first = repo.put_snapshot_record(&record).unwrap();
-    // The second ship reads less (everything is in the store already).
-    record.stats.new_bytes = 0;
-    record.stats.files = 1;
-    assert_eq!(repo.put_snapshot_record(&record).unwrap(), first);
+    // Place 1 of office@h has one name: a ship repeated after a crash
+    // finds the first upload instead of adding a second record.
+    let name = history_name(repo.key(), HistoryKind::Snapshot, "office", "h", 1);
+    let body = HistoryBody::Snapshot(record.clone());
+    let (first, hash) = repo.put_history(&name, &body).unwrap();
+    assert_eq!(first, PutOutcome::Created);
+    let (again, _) = repo.put_history(&name, &body).unwrap();
+    assert_eq!(again, PutOutcome::AlreadyExists);
     assert_eq!(repo.snapshots().unwrap().len(), 1);
-    // Another snapshot gets another record; the name reveals nothing.
-    record.snapshot = "@GMT-2026.11.25-11.00.00".into();
-    let other = repo.put_snapshot_record(&record).unwrap();
-    assert_ne!(other, first);
+    let back = repo.read_history(&name).unwrap();
+    assert_eq!(
+        back.hash, hash,
+        "the link hash is the hash of the stored bytes"
+    );
+    assert_eq!(back.body, body);
+    // Another place gets another name; names reveal nothing.
+    let other = history_name(repo.key(), HistoryKind::Snapshot, "office", "h", 2);
+    assert_ne!(other, name);
     assert!(!other.contains("office") && !other.contains("GMT"));
-    assert_eq!(repo.snapshots().unwrap().len(), 2);
+    let other_host = history_name(repo.key(), HistoryKind::Snapshot, "office", "h2", 1);
+    assert_ne!(other_host, name);
 }

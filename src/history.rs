@@ -1,0 +1,404 @@
+//! The history of one share on one host, as commands see it and as the
+//! shipping machine extends it (FORMAT.md §5, "history chain").
+//!
+//! Reading ([`load`]): every history object is read once; the ones of the
+//! chosen share and host are checked as a chain. Which host: `--host` when
+//! given; on the shipping machine its own host name; on a fresh machine
+//! the only host that shipped the share, or a usage error listing them.
+//! Damaged objects are named, never fatal by themselves: only the moments
+//! that need them are affected.
+//!
+//! Extending ([`append`]): one writer at a time per share (a file lock
+//! beside the state database: the daemon's batches and the snapshot timer
+//! share one chain). The writer first reads the object its state database
+//! names as the head: missing or different means the store is behind this
+//! machine (withheld or rolled back) and nothing more is shipped until
+//! `btrship repair` continues the history. Then it probes the one name the
+//! next object can have: an object there is its own upload from before a
+//! crash (adopted; when it holds what is being shipped, the ship is done)
+//! or another writer's (refused). Only then is the new object uploaded and
+//! the head recorded.
+
+use crate::exit::{UserError, DAMAGED, NOT_FOUND, USAGE};
+use crate::state::{HistoryHead, State};
+use anyhow::{Context, Result};
+use btrship_upload::format::{ChainLink, PrevLink, SnapshotRecord, VersionBatch};
+use btrship_upload::history::{
+    history_name, verify_chain, ChainCheck, ChainHead, HistoryBody, HistoryKind, HistoryObject,
+};
+use btrship_upload::{PutOutcome, Repository};
+use std::collections::BTreeSet;
+
+/// What a read command asks for.
+pub struct Select<'a> {
+    pub share: &'a str,
+    /// `--host`.
+    pub host: Option<&'a str>,
+    /// The shipping machine's own host name (None on a fresh machine).
+    pub local_host: Option<&'a str>,
+    /// The shipping machine's head of this share's chain.
+    pub local_head: Option<HistoryHead>,
+}
+
+/// The history of one share on one host.
+pub struct ShareHistory {
+    pub share: String,
+    pub host: String,
+    /// Snapshot records, oldest first.
+    pub snapshots: Vec<(String, SnapshotRecord)>,
+    /// Version batches, by name.
+    pub batches: Vec<(String, VersionBatch)>,
+    pub chain: ChainCheck,
+    /// History objects (of any share) that could not be read or opened.
+    pub unreadable: Vec<(String, String)>,
+    /// Why the store is behind the shipping machine, when it is.
+    pub behind: Option<String>,
+}
+
+impl ShareHistory {
+    /// Everything wrong with this history, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.behind.iter().cloned().collect();
+        out.extend(self.chain.problems.iter().map(|p| p.to_string()));
+        out
+    }
+
+    /// Refuses (exit 5) when the history has gaps or the store is behind
+    /// this machine, unless `allow_gaps`: then every problem comes back as
+    /// a warning for the caller to show, and the command goes on with what
+    /// is there.
+    pub fn require_intact(&self, allow_gaps: bool) -> Result<Vec<String>> {
+        let problems = self.problems();
+        let Some(first) = problems.first() else {
+            return Ok(problems);
+        };
+        if allow_gaps {
+            return Ok(problems);
+        }
+        Err(UserError::new(
+            DAMAGED,
+            format!(
+                "the history of share {} on host {} is incomplete ({} problems; btrship check lists them): {first}; pass --allow-gaps to use what is there",
+                self.share,
+                self.host,
+                problems.len()
+            ),
+        )
+        .into())
+    }
+}
+
+/// Reads the history of `sel.share` on the chosen host.
+pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
+    let (objects, bad) = repo.history_objects()?;
+    for (name, e) in &bad {
+        tracing::warn!("unreadable history object {name}: {e}");
+    }
+    let hosts: BTreeSet<&str> = objects
+        .iter()
+        .filter(|o| o.body.share() == sel.share)
+        .map(|o| o.body.host())
+        .collect();
+    let host = match (sel.host, sel.local_host) {
+        (Some(h), _) | (None, Some(h)) => h.to_string(),
+        (None, None) => match hosts.len() {
+            0 => {
+                return Err(UserError::new(
+                    NOT_FOUND,
+                    format!(
+                        "share {:?} has no snapshots in {}",
+                        sel.share,
+                        repo.location()
+                    ),
+                )
+                .into())
+            }
+            1 => hosts
+                .iter()
+                .next()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
+            _ => {
+                let list: Vec<&str> = hosts.iter().copied().collect();
+                return Err(UserError::new(
+                    USAGE,
+                    format!(
+                        "share {:?} was shipped by several hosts ({}); pass --host with one of them",
+                        sel.share,
+                        list.join(", ")
+                    ),
+                )
+                .into());
+            }
+        },
+    };
+    if sel.host.is_some() && !hosts.contains(host.as_str()) && !hosts.is_empty() {
+        let list: Vec<&str> = hosts.iter().copied().collect();
+        return Err(UserError::new(
+            NOT_FOUND,
+            format!(
+                "share {:?} has no history from host {host:?}; it has: {}",
+                sel.share,
+                list.join(", ")
+            ),
+        )
+        .into());
+    }
+    let mine: Vec<HistoryObject> = objects
+        .into_iter()
+        .filter(|o| o.body.share() == sel.share && o.body.host() == host)
+        .collect();
+    let chain = verify_chain(&mine);
+    let behind = sel
+        .local_head
+        .as_ref()
+        .and_then(|h| behind_reason(&mine, h, sel.share));
+    let mut snapshots = Vec::new();
+    let mut batches = Vec::new();
+    for o in mine {
+        match o.body {
+            HistoryBody::Snapshot(r) => snapshots.push((o.name, r)),
+            HistoryBody::Versions(b) => batches.push((o.name, b)),
+        }
+    }
+    snapshots.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+    batches.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(ShareHistory {
+        share: sel.share.to_string(),
+        host,
+        snapshots,
+        batches,
+        chain,
+        unreadable: bad.into_iter().map(|(n, e)| (n, e.to_string())).collect(),
+        behind,
+    })
+}
+
+/// Why the store does not hold this machine's head, if it does not.
+fn behind_reason(objects: &[HistoryObject], head: &HistoryHead, share: &str) -> Option<String> {
+    match objects.iter().find(|o| o.name == head.name) {
+        Some(o) if o.hash == head.hash => None,
+        Some(_) => Some(format!(
+            "the store's {} is not the history object this machine shipped there (share {share}, place {}): it was replaced",
+            head.name, head.seq
+        )),
+        None => Some(format!(
+            "the store lacks {} (share {share}, place {} of this machine's history, shipped {}): it was withheld, deleted or rolled back",
+            head.name, head.seq, head.time
+        )),
+    }
+}
+
+/// A history object appended (or found already there).
+pub struct Appended {
+    pub name: String,
+    /// The object was in the store already (shipped before a crash).
+    pub existed: bool,
+}
+
+fn store_behind(share: &str, msg: String) -> anyhow::Error {
+    UserError::new(
+        DAMAGED,
+        format!("{msg}; nothing more is shipped until `btrship repair {share}` re-ships what this machine still holds and continues the history"),
+    )
+    .into()
+}
+
+/// Appends one object to the history of `share` on `host`: `build` makes
+/// it given its chain link; `same` tells whether an object found in the
+/// store already holds what is being shipped (a ship repeated after a
+/// crash between upload and state update).
+pub fn append(
+    repo: &Repository,
+    state: &State,
+    share: &str,
+    host: &str,
+    kind: HistoryKind,
+    build: impl Fn(ChainLink) -> HistoryBody,
+    same: impl Fn(&HistoryBody) -> bool,
+) -> Result<Appended> {
+    let _lock = state.lock_history()?;
+    let mut head = state.history_head()?;
+    if let Some(h) = &head {
+        if h.host != host {
+            // The configured host changed: a new chain under the new name.
+            head = None;
+        }
+    }
+    if let Some(h) = head.as_ref().filter(|h| !h.name.is_empty()) {
+        let obj = match repo.read_history(&h.name) {
+            Ok(o) => o,
+            Err(e) if is_not_found(&e) => {
+                return Err(store_behind(
+                    share,
+                    format!(
+                        "the store lacks {} (place {} of this machine's history of share {share}, shipped {}): it was withheld, deleted or rolled back",
+                        h.name, h.seq, h.time
+                    ),
+                ))
+            }
+            Err(e) => return Err(e).context(format!("cannot read {}", h.name)),
+        };
+        if obj.hash != h.hash {
+            return Err(store_behind(
+                share,
+                format!(
+                    "the store's {} is not the object this machine shipped there: it was replaced",
+                    h.name
+                ),
+            ));
+        }
+        if h.lost_from.is_none() && same(&obj.body) {
+            return Ok(Appended {
+                name: h.name.clone(),
+                existed: true,
+            });
+        }
+    }
+    loop {
+        let seq = head.as_ref().map_or(1, |h| h.seq + 1);
+        // An object at the next place: our own upload before a crash.
+        let mut found = None;
+        for k in HistoryKind::ALL {
+            let name = history_name(repo.key(), k, share, host, seq);
+            if repo.exists(&name)? {
+                found = Some(name);
+                break;
+            }
+        }
+        let name = match found {
+            Some(name) => name,
+            None => {
+                let link = ChainLink {
+                    seq,
+                    prev: head
+                        .as_ref()
+                        .filter(|h| !h.name.is_empty())
+                        .map(|h| PrevLink {
+                            name: h.name.clone(),
+                            hash: h.hash.to_vec(),
+                        }),
+                    lost_from: head.as_ref().and_then(|h| h.lost_from),
+                };
+                let name = history_name(repo.key(), kind, share, host, seq);
+                let body = build(link);
+                let (outcome, hash) = repo.put_history(&name, &body)?;
+                if outcome == PutOutcome::Created {
+                    state.set_history_head(&HistoryHead {
+                        host: host.to_string(),
+                        seq,
+                        name: name.clone(),
+                        hash,
+                        lost_from: None,
+                        time: crate::daemon::now_text(),
+                    })?;
+                    return Ok(Appended {
+                        name,
+                        existed: false,
+                    });
+                }
+                name
+            }
+        };
+        let obj = repo.read_history(&name)?;
+        let follows = match (obj.body.chain(), &head) {
+            (Some(l), Some(h)) => {
+                l.seq == seq
+                    && l.prev
+                        .as_ref()
+                        .is_some_and(|p| p.name == h.name && p.hash == h.hash)
+            }
+            (Some(l), None) => l.seq == seq && l.prev.is_none(),
+            (None, _) => false,
+        };
+        if !follows || obj.body.share() != share || obj.body.host() != host {
+            return Err(UserError::new(
+                DAMAGED,
+                format!(
+                    "{name} holds place {seq} of share {share} on host {host} but does not follow this machine's history: another machine ships this share under the same host name (set `host` in its config), or the store is hostile"
+                ),
+            )
+            .into());
+        }
+        let adopted = ChainHead {
+            seq,
+            name: name.clone(),
+            hash: obj.hash,
+        };
+        state.set_history_head(&HistoryHead {
+            host: host.to_string(),
+            seq: adopted.seq,
+            name: adopted.name.clone(),
+            hash: adopted.hash,
+            lost_from: None,
+            time: crate::daemon::now_text(),
+        })?;
+        if same(&obj.body) {
+            return Ok(Appended {
+                name,
+                existed: true,
+            });
+        }
+        head = state.history_head()?;
+    }
+}
+
+fn is_not_found(e: &btrship_upload::RepoError) -> bool {
+    matches!(e, btrship_upload::RepoError::Store(s) if s.is_not_found())
+}
+
+/// Continues the history after a loss (`btrship repair`): when the store
+/// lacks this machine's head, the next object follows the newest intact
+/// object of the chain in the store and declares the places in between
+/// lost for good. Returns the declared range, or None when nothing was
+/// lost.
+pub fn resume_after_loss(
+    repo: &Repository,
+    state: &State,
+    share: &str,
+    host: &str,
+) -> Result<Option<(u64, u64)>> {
+    let _lock = state.lock_history()?;
+    let Some(head) = state.history_head()? else {
+        return Ok(None);
+    };
+    let (objects, _) = repo.history_objects()?;
+    let mine: Vec<HistoryObject> = objects
+        .into_iter()
+        .filter(|o| o.body.share() == share && o.body.host() == host)
+        .collect();
+    if behind_reason(&mine, &head, share).is_none() {
+        return Ok(None);
+    }
+    // The newest object whose chain back to the start is intact.
+    let mut by_seq: Vec<&HistoryObject> =
+        mine.iter().filter(|o| o.body.chain().is_some()).collect();
+    by_seq.sort_by_key(|o| o.body.chain().map(|l| l.seq));
+    let mut last: Option<&HistoryObject> = None;
+    for o in by_seq {
+        let Some(link) = o.body.chain() else { continue };
+        let ok = match (&last, &link.prev) {
+            (None, None) => link.seq == 1,
+            (Some(p), Some(prev)) => prev.name == p.name && prev.hash == p.hash,
+            _ => false,
+        };
+        if !ok {
+            break;
+        }
+        last = Some(o);
+    }
+    let (name, hash, surviving) = match last {
+        Some(o) => (o.name.clone(), o.hash, o.body.chain().map_or(0, |l| l.seq)),
+        None => (String::new(), [0; 32], 0),
+    };
+    let from = surviving + 1;
+    state.set_history_head(&HistoryHead {
+        host: host.to_string(),
+        seq: head.seq.max(surviving),
+        name,
+        hash,
+        lost_from: Some(from),
+        time: crate::daemon::now_text(),
+    })?;
+    Ok(Some((from, head.seq)))
+}
