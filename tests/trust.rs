@@ -157,6 +157,23 @@ fn init_of_a_second_share_with_default_options_shares_the_key() {
     bs.ok(osargs!["restore", "two", "--at", "now", "--to", &to]);
     assert_same_tree(&two, &to);
 
+    // One damaged record of another share blocks nothing of this one: it
+    // is named in a warning and by check.
+    let two_records = bs.snapshot_list("two");
+    let victim = bs.repo().join(&two_records[0].record);
+    let mut bytes = fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&victim, bytes).unwrap();
+    let to1 = lb.dir("r1");
+    let out = bs.cmd(osargs!["restore", "one", "--at", "now", "--to", &to1]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&two_records[0].record), "{stderr}");
+    assert_same_tree(&one, &to1);
+    let err = bs.fails(["check", "one"], 5);
+    assert!(err.contains(&two_records[0].record), "{err}");
+
     // A repository made with a key that no share here has: refused before
     // any key file is written.
     let other = Btrship::new();
