@@ -580,8 +580,15 @@ fn move_into_place(
             )
             .into()
         } else {
-            anyhow::Error::new(io(e))
-                .context(format!("cannot move the restored tree to {}", to.display()))
+            UserError::new(
+                TARGET,
+                format!(
+                    "cannot move the restored tree to {}: {} (was the directory next to it renamed while restore ran?)",
+                    to.display(),
+                    io(e)
+                ),
+            )
+            .into()
         }
     })?;
     let placed = fs::statat(parent, at::os(base), AtFlags::SYMLINK_NOFOLLOW).map_err(io)?;
