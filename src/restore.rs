@@ -4,8 +4,48 @@
 //! looks complete but is not: it builds everything in a hidden sibling
 //! directory (`.NAME.btrship-partial-XXXX`), syncs the filesystem, and only
 //! then renames it into place. Every name from a tree is checked to be one
-//! plain path component; files are created with `O_EXCL | O_NOFOLLOW` inside
-//! directories restore itself made.
+//! plain path component.
+//!
+//! **Against local users.** Restore runs as root, often into a directory
+//! other users can write to (a share, a home). It never works by path
+//! below the target's parent: the parent is opened once, the staging
+//! directory is created there 0700 and opened without following links
+//! (and checked to be root's and private: a user who swapped the name in
+//! between gets a refusal), and every later call is relative to a
+//! directory descriptor: `openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`, `mkdirat`, `symlinkat`, `mknodat`, `linkat`,
+//! metadata on the entry's own descriptor (`fchown`, `fsetxattr`,
+//! `fchmod`, `futimens`) or, for symlinks and special files, the
+//! no-follow `*at` calls on their parent's descriptor (see `mod at`).
+//! Directories stay 0700 and root's until their contents are final; the
+//! staging directory gets its final owner and mode last. The final step is
+//! `renameat2(RENAME_NOREPLACE)` relative to the parent's descriptor,
+//! followed by a check that the target is the directory restore built: a
+//! user who renames or replaces names in the parent meanwhile can make the
+//! restore fail (exit 7), never make it write elsewhere. Once restore has
+//! finished, whoever can write the parent can of course rename the result.
+//!
+//! **Devices and setuid.** Device nodes and setuid/setgid bits of
+//! non-directories give privileges on the machine restoring them, and a
+//! Samba share does not need them: they are restored only with
+//! `--special-files` ([`RestoreOptions`]); otherwise devices are not
+//! created and the bits are cleared, and both are listed in the report
+//! ([`RestoreReport::skipped`]). FIFOs, sockets, the sticky bit and setgid
+//! on directories are always restored.
+//!
+//! **Degraded restore.** A data or tree blob that is missing or damaged in
+//! the store (missing pack, bytes that fail authentication, content not
+//! matching its id) affects only the paths that need it: a file needing it
+//! is omitted (every name of it; nothing partial is left), a directory
+//! whose tree cannot be read is created empty with its own metadata, and
+//! both are listed with the pack and blob ([`RestoreReport::unrestored`]);
+//! everything else is restored exactly and renamed into place. The CLI
+//! then exits 9. What stops a restore instead: an unreadable root tree (or
+//! no selected path reachable), a store that fails now (retry later), and
+//! authentic objects that contradict each other (unsafe or duplicate
+//! names, a tree id naming a data blob, extents beyond the file size, a
+//! blob of another length than the tree says): those mean a hostile or
+//! broken writer, not storage damage.
 
 use crate::exit::{UserError, DAMAGED, NOT_FOUND, TARGET};
 use crate::progress::Progress;
