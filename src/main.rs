@@ -1108,6 +1108,7 @@ impl App {
         Ok(exit::OK)
     }
 
+    #[allow(clippy::too_many_arguments)] // the command's flags, one each
     fn restore(
         &self,
         name: &str,

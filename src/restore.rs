@@ -440,7 +440,7 @@ pub fn restore(
         b".",
         base,
         b".btrship-partial-",
-        btrship_crypto::MasterKey::random_id().to_hex()[..8].as_bytes(),
+        &btrship_crypto::MasterKey::random_id().to_hex().as_bytes()[..8],
     ]
     .concat();
     let staging_shown = parent.join(OsStr::from_bytes(&staging_name));
@@ -456,9 +456,7 @@ pub fn restore(
         progress,
     };
     let result = r.run(record, paths, target.as_ref()).and_then(|()| {
-        fs::syncfs(staging.as_fd())
-            .map_err(io)
-            .context("syncfs")?;
+        fs::syncfs(staging.as_fd()).map_err(io).context("syncfs")?;
         move_into_place(
             parent_fd.as_fd(),
             &staging_name,
@@ -523,9 +521,8 @@ fn check_target(parent: BorrowedFd<'_>, base: &[u8], to: &Path) -> Result<Option
         )
         .into());
     }
-    let dir = at::open_dir(parent, base).map_err(|e| {
-        UserError::new(TARGET, format!("restore target {}: {e}", to.display()))
-    })?;
+    let dir = at::open_dir(parent, base)
+        .map_err(|e| UserError::new(TARGET, format!("restore target {}: {e}", to.display())))?;
     if !at::is_empty(dir.as_fd()).map_err(terr)? {
         return Err(UserError::new(
             TARGET,
@@ -550,7 +547,10 @@ fn make_staging(
     parent_path: &Path,
 ) -> Result<OwnedFd> {
     fs::mkdirat(parent, at::os(name), Mode::from_raw_mode(0o700)).map_err(|e| {
-        UserError::new(TARGET, format!("cannot create {}: {}", shown.display(), io(e)))
+        UserError::new(
+            TARGET,
+            format!("cannot create {}: {}", shown.display(), io(e)),
+        )
     })?;
     let replaced = || -> anyhow::Error {
         UserError::new(
@@ -842,7 +842,10 @@ struct FileJob {
 /// The first name restored of an inode with hard links.
 #[derive(Clone)]
 enum First {
-    Restored { path: Vec<u8>, file: Option<usize> },
+    Restored {
+        path: Vec<u8>,
+        file: Option<usize>,
+    },
     /// A device node the policy skipped: its other names are skipped too.
     Skipped,
 }
@@ -1328,9 +1331,14 @@ fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], node: &Node, mode: Option<u32
     if let Some(mode) = mode {
         // fchmodat has no working AT_SYMLINK_NOFOLLOW; the entry is not a
         // symlink (see above).
-        fs::chmodat(dir, at::os(name), Mode::from_raw_mode(mode), AtFlags::empty())
-            .map_err(io)
-            .context("chmod")?;
+        fs::chmodat(
+            dir,
+            at::os(name),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )
+        .map_err(io)
+        .context("chmod")?;
     }
     fs::utimensat(
         dir,
@@ -1347,7 +1355,11 @@ fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], node: &Node, mode: Option<u32
 /// device/setuid policy changed and what could not be restored.
 pub fn print_report_lists(report: &RestoreReport) {
     if !report.skipped.is_empty() {
-        let devices = report.skipped.iter().filter(|s| s.reason == "device").count();
+        let devices = report
+            .skipped
+            .iter()
+            .filter(|s| s.reason == "device")
+            .count();
         println!(
             "not restored as they were (--special-files restores them): {devices} device nodes skipped, {} setuid/setgid files cleared",
             report.skipped.len() - devices

@@ -47,7 +47,11 @@ fn walk_repo(
 }
 
 fn flip(path: &Path, pos: u64) {
-    let f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, pos).unwrap();
     b[0] ^= 0x40;
@@ -60,7 +64,14 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
     let fs_ = LoopBtrfs::new(1024);
     let share = fs_.subvolume(SHARE);
     let b = Btrship::new();
-    b.ok(osargs!["init", &share, "--name", SHARE, "--pack-size", "4M"]);
+    b.ok(osargs![
+        "init",
+        &share,
+        "--name",
+        SHARE,
+        "--pack-size",
+        "4M"
+    ]);
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     for d in 0..6 {
         let dir = share.join(format!("d{d}"));
@@ -105,7 +116,10 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
         .map(|(p, _)| p)
         .collect();
     candidates.sort();
-    assert!(candidates.len() >= 2, "want two packs to damage: {packs:#?}");
+    assert!(
+        candidates.len() >= 2,
+        "want two packs to damage: {packs:#?}"
+    );
     let (missing, flipped) = (candidates[0].clone(), candidates[1].clone());
     let bad_blob = packs[&flipped]
         .iter()
@@ -148,24 +162,38 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
             "{pack} affects nothing: {expect:?} {expect_dirs:?}"
         );
     }
-    assert!(expect.len() < files.len() / 2, "the damage should spare most files");
+    assert!(
+        expect.len() < files.len() / 2,
+        "the damage should spare most files"
+    );
     drop(repo);
     drop(rt);
 
     // (a) a pack deleted, (b) a byte flipped inside one blob of another
     // pack, (c) a byte flipped inside the tree blob of one directory.
-    let objects: BTreeMap<String, std::path::PathBuf> = repo_objects(&b.repo()).into_iter().collect();
+    let objects: BTreeMap<String, std::path::PathBuf> =
+        repo_objects(&b.repo()).into_iter().collect();
     fs::remove_file(&objects[&missing]).unwrap();
-    flip(&objects[&flipped], bad_blob_loc.offset + bad_blob_loc.length / 2);
-    flip(&objects[&bad_tree_loc.pack], bad_tree_loc.offset + bad_tree_loc.length / 2);
+    flip(
+        &objects[&flipped],
+        bad_blob_loc.offset + bad_blob_loc.length / 2,
+    );
+    flip(
+        &objects[&bad_tree_loc.pack],
+        bad_tree_loc.offset + bad_tree_loc.length / 2,
+    );
 
     let out = fs_.dir("restores");
     let to = out.join("json");
-    let o = b.cmd(osargs!["restore", SHARE, "--at", "now", "--json", "--to", &to]);
+    let o = b.cmd(osargs![
+        "restore", SHARE, "--at", "now", "--json", "--to", &to
+    ]);
     let code = check_error_contract(&o, "restore of a damaged repository");
     assert_eq!(code, 9, "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json output");
-    let listed = v["restored"]["unrestored"].as_array().expect("restored.unrestored");
+    let listed = v["restored"]["unrestored"]
+        .as_array()
+        .expect("restored.unrestored");
     let mut got: BTreeMap<String, String> = BTreeMap::new();
     let mut got_dirs = BTreeMap::new();
     for u in listed {
@@ -185,9 +213,16 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
         "files listed as not restored"
     );
     for (p, pack) in &got {
-        assert!(expect[p].contains(pack), "{p}: listed with {pack}, expected one of {:?}", expect[p]);
+        assert!(
+            expect[p].contains(pack),
+            "{p}: listed with {pack}, expected one of {:?}",
+            expect[p]
+        );
     }
-    assert_eq!(got_dirs, expect_dirs, "directories listed with unreadable trees");
+    assert_eq!(
+        got_dirs, expect_dirs,
+        "directories listed with unreadable trees"
+    );
     eprintln!(
         "{} of {} files and {} directories listed as not restored",
         got.len(),
@@ -213,7 +248,11 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
         );
     }
     for d in expect_dirs.keys() {
-        assert_eq!(fs::read_dir(to.join(d)).unwrap().count(), 0, "{d} is not empty");
+        assert_eq!(
+            fs::read_dir(to.join(d)).unwrap().count(),
+            0,
+            "{d} is not empty"
+        );
     }
     let leftovers: Vec<_> = fs::read_dir(&out)
         .unwrap()

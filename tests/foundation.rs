@@ -143,7 +143,15 @@ fn round_trip(seed: u64) {
     // Each snapshot, by its own time.
     for (i, s) in snaps.iter().enumerate() {
         let to = out.join(format!("at-{i}"));
-        b.ok(osargs!["restore", SHARE, "--special-files", "--at", &s.time, "--to", &to]);
+        b.ok(osargs![
+            "restore",
+            SHARE,
+            "--special-files",
+            "--at",
+            &s.time,
+            "--to",
+            &to
+        ]);
         assert_same_tree(&refs.join(i.to_string()), &to);
     }
     // A time between snapshot i and i+1 gives snapshot i; after the last
@@ -162,7 +170,15 @@ fn round_trip(seed: u64) {
         assert_same_tree(&refs.join(i.to_string()), &to);
     }
     let to = out.join("now");
-    b.ok(osargs!["restore", SHARE, "--special-files", "--at", "now", "--to", &to]);
+    b.ok(osargs![
+        "restore",
+        SHARE,
+        "--special-files",
+        "--at",
+        "now",
+        "--to",
+        &to
+    ]);
     assert_same_tree(&refs.join((rounds - 1).to_string()), &to);
 
     // One folder (from an older snapshot) and one file, by --path.
@@ -286,7 +302,15 @@ fn second_snapshot_of_unchanged_share_uploads_almost_nothing() {
         s3 - s2
     );
     let to = fs_.dir("restores").join("last");
-    b.ok(osargs!["restore", SHARE, "--special-files", "--at", "now", "--to", &to]);
+    b.ok(osargs![
+        "restore",
+        SHARE,
+        "--special-files",
+        "--at",
+        "now",
+        "--to",
+        &to
+    ]);
     assert_same_tree(&refs.join("last"), &to);
 }
 
@@ -712,11 +736,18 @@ fn assert_partial_restore(reference: &Path, to: &Path, stdout: &str, what: &str)
             let rest = ["file ", "directory ", "path "]
                 .iter()
                 .find_map(|k| rest.strip_prefix(k))?;
-            Some(rest.trim_start().split(": ").next()?)
+            rest.trim_start().split(": ").next()
         })
         .collect();
-    assert!(!listed.is_empty(), "partial restore after flipping {what} lists nothing:\n{stdout}");
-    for k in want.entries.keys().filter(|k| !got.entries.contains_key(*k)) {
+    assert!(
+        !listed.is_empty(),
+        "partial restore after flipping {what} lists nothing:\n{stdout}"
+    );
+    for k in want
+        .entries
+        .keys()
+        .filter(|k| !got.entries.contains_key(*k))
+    {
         let p = String::from_utf8_lossy(k);
         assert!(
             listed
@@ -953,13 +984,31 @@ fn restore_writes_nothing_outside_its_target() {
     };
 
     let to = outside.join("target");
-    b.ok(osargs!["restore", SHARE, "--special-files", "--at", "now", "--to", &to]);
+    b.ok(osargs![
+        "restore",
+        SHARE,
+        "--special-files",
+        "--at",
+        "now",
+        "--to",
+        &to
+    ]);
     assert_same_tree(&refs.join("0"), &to);
     check_outside("full restore");
 
     let to = outside.join("target-d");
     b.ok(osargs![
-        "restore", SHARE, "--special-files", "--at", "now", "--path", "d", "--path", "escape", "--to", &to
+        "restore",
+        SHARE,
+        "--special-files",
+        "--at",
+        "now",
+        "--path",
+        "d",
+        "--path",
+        "escape",
+        "--to",
+        &to
     ]);
     assert_same_tree(&refs.join("0/d"), &to.join("d"));
     assert_same_tree(&refs.join("0/escape"), &to.join("escape"));

@@ -220,7 +220,11 @@ fn a_user_swapping_directories_cannot_redirect_restore() {
         let dir = share.join(format!("d{d:02}"));
         fs::create_dir(&dir).unwrap();
         for f in 0..60 {
-            fs::write(dir.join(format!("f{f}")), format!("{d} {f}\n").repeat(f + 1)).unwrap();
+            fs::write(
+                dir.join(format!("f{f}")),
+                format!("{d} {f}\n").repeat(f + 1),
+            )
+            .unwrap();
         }
         fs::create_dir(dir.join("sub")).unwrap();
         fs::write(dir.join("sub/deep"), b"deep\n").unwrap();
@@ -325,11 +329,22 @@ fn devices_and_setuid_need_special_files() {
     let b = Btrship::new();
     b.ok(osargs!["init", &share, "--name", SHARE]);
     fs::create_dir(share.join("dev")).unwrap();
-    run("mknod", &[share.join("dev/null").to_str().unwrap(), "c", "1", "3"]);
-    run("mknod", &[share.join("dev/loopx").to_str().unwrap(), "b", "7", "200"]);
+    run(
+        "mknod",
+        &[share.join("dev/null").to_str().unwrap(), "c", "1", "3"],
+    );
+    run(
+        "mknod",
+        &[share.join("dev/loopx").to_str().unwrap(), "b", "7", "200"],
+    );
     fs::hard_link(share.join("dev/null"), share.join("null-again")).unwrap();
     run("mkfifo", &[share.join("dev/fifo").to_str().unwrap()]);
-    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("both", 0o6711), ("plain", 0o755)] {
+    for (name, mode) in [
+        ("suid", 0o4755),
+        ("sgid", 0o2755),
+        ("both", 0o6711),
+        ("plain", 0o755),
+    ] {
         fs::write(share.join(name), b"#!/bin/sh\n").unwrap();
         fs::set_permissions(share.join(name), fs::Permissions::from_mode(mode)).unwrap();
     }
@@ -342,7 +357,9 @@ fn devices_and_setuid_need_special_files() {
 
     // Default: skipped and cleared, listed in --json.
     let to = out.join("default");
-    let json = b.ok(osargs!["restore", SHARE, "--at", "now", "--json", "--to", &to]);
+    let json = b.ok(osargs![
+        "restore", SHARE, "--at", "now", "--json", "--to", &to
+    ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let mut skipped: Vec<(String, String)> = v["restored"]["skipped"]
         .as_array()
@@ -379,8 +396,19 @@ fn devices_and_setuid_need_special_files() {
     let got = snapshot_tree(&to);
     let diffs = diff_trees(&expect, &got);
     assert!(diffs.is_empty(), "default restore: {diffs:#?}");
-    assert_eq!(got.entries[b"shared".as_slice()].mode, 0o2775, "setgid directory kept");
-    let text = b.ok(osargs!["restore", SHARE, "--at", "now", "--to", out.join("text")]);
+    assert_eq!(
+        got.entries[b"shared".as_slice()].mode,
+        0o2775,
+        "setgid directory kept"
+    );
+    let text = b.ok(osargs![
+        "restore",
+        SHARE,
+        "--at",
+        "now",
+        "--to",
+        out.join("text")
+    ]);
     assert!(text.contains("--special-files"), "{text}");
     assert!(text.contains("dev/null"), "{text}");
 
