@@ -268,17 +268,29 @@ fn a_user_swapping_directories_cannot_redirect_restore() {
         },
     ];
     let mut outcomes = Vec::new();
-    for (i, t) in timings.iter().enumerate() {
+    // Full restores into a new target, then `--path` restores into an
+    // existing empty target the user owns.
+    let runs = timings
+        .iter()
+        .map(|t| (*t, None))
+        .chain(timings[..3].iter().map(|t| (*t, Some("d07"))));
+    for (i, (t, path)) in runs.enumerate() {
         // The user's own directory; root restores into it.
         let parent = arena.join(format!("home{i}"));
         fs::create_dir(&parent).unwrap();
         std::os::unix::fs::chown(&parent, Some(user.uid), Some(user.gid)).unwrap();
         fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
         let to = parent.join("target");
-        let attacker = start_attacker(&user, &parent, &victim, *t);
+        let mut args = osargs!["restore", SHARE, "--at", "now", "--to", &to];
+        if let Some(p) = path {
+            fs::create_dir(&to).unwrap();
+            std::os::unix::fs::chown(&to, Some(user.uid), Some(user.gid)).unwrap();
+            args.extend(osargs!["--path", p]);
+        }
+        let attacker = start_attacker(&user, &parent, &victim, t);
         std::thread::sleep(Duration::from_millis(100)); // let it start watching
         let started = Instant::now();
-        let o = b.cmd(osargs!["restore", SHARE, "--at", "now", "--to", &to]);
+        let o = b.cmd(&args);
         let took = started.elapsed();
         drop(attacker);
         let changed = diff_trees(&victim_before, &snapshot_tree(&victim));
@@ -289,7 +301,13 @@ fn a_user_swapping_directories_cannot_redirect_restore() {
             &changed[..changed.len().min(5)]
         );
         let outcome = if o.status.success() {
-            assert_same_tree(&refs.join("share"), &to);
+            match path {
+                None => assert_same_tree(&refs.join("share"), &to),
+                Some(p) => {
+                    assert_same_tree(&refs.join("share").join(p), &to.join(p));
+                    assert_eq!(fs::read_dir(&to).unwrap().count(), 1, "only {p} restored");
+                }
+            }
             "restored exactly".to_string()
         } else {
             let code = check_error_contract(&o, &format!("restore with timing {t:?}"));
@@ -310,7 +328,7 @@ fn a_user_swapping_directories_cannot_redirect_restore() {
             }
             format!("refused: {}", String::from_utf8_lossy(&o.stderr).trim())
         };
-        eprintln!("timing {t:?}: {took:?}, {outcome}");
+        eprintln!("timing {t:?}, --path {path:?}: {took:?}, {outcome}");
         outcomes.push(outcome);
     }
     // The attack must have hit at least once, or the test proves nothing.
