@@ -914,15 +914,14 @@ impl Restorer<'_, '_, '_> {
                 continue;
             }
             let mode = final_mode(self.opts, &job.node, &job.path, &mut self.report);
-            at::open(staging, &job.path, OFlags::RDONLY | OFlags::NONBLOCK)
-                .and_then(|fd| apply_meta(fd.as_fd(), &job.node, mode))
+            let fd = at::open(staging, &job.path, OFlags::RDONLY | OFlags::NONBLOCK)
                 .with_context(|| shown(&job.path))?;
+            apply_meta(fd.as_fd(), &job.node, mode).with_context(|| shown(&job.path))?;
         }
         for (path, node) in self.dirs.iter().rev() {
             let mode = final_mode(self.opts, node, path, &mut self.report);
-            at::open_dir(staging, path)
-                .and_then(|fd| apply_meta(fd.as_fd(), node, mode))
-                .with_context(|| shown(path))?;
+            let fd = at::open_dir(staging, path).with_context(|| shown(path))?;
+            apply_meta(fd.as_fd(), node, mode).with_context(|| shown(path))?;
         }
         // The staging directory itself, last: it stays 0700 until now.
         if all {
@@ -1289,24 +1288,25 @@ fn timestamps(node: &Node) -> fs::Timestamps {
 /// Owner, xattrs, mode, mtime of a file or directory, on its descriptor —
 /// in that order (chown clears setuid bits; ACL xattrs and the mode agree
 /// as they did in the snapshot).
-fn apply_meta(fd: BorrowedFd<'_>, node: &Node, mode: u32) -> std::io::Result<()> {
-    let ctx = |what: &str| {
-        let what = what.to_string();
-        move |e: rustix::io::Errno| std::io::Error::new(io(e).kind(), format!("{what}: {}", io(e)))
-    };
+fn apply_meta(fd: BorrowedFd<'_>, node: &Node, mode: u32) -> Result<()> {
     fs::fchown(
         fd,
         Some(Uid::from_raw_unchecked(node.uid)),
         Some(Gid::from_raw_unchecked(node.gid)),
     )
-    .map_err(ctx("chown"))?;
+    .map_err(io)
+    .context("chown")?;
     for x in &node.xattrs {
-        fs::fsetxattr(fd, OsStr::from_bytes(&x.0), &x.1, XattrFlags::empty()).map_err(ctx(
-            &format!("setting xattr {}", String::from_utf8_lossy(&x.0)),
-        ))?;
+        fs::fsetxattr(fd, OsStr::from_bytes(&x.0), &x.1, XattrFlags::empty())
+            .map_err(io)
+            .with_context(|| format!("setting xattr {}", String::from_utf8_lossy(&x.0)))?;
     }
-    fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(ctx("chmod"))?;
-    fs::futimens(fd, &timestamps(node)).map_err(ctx("utimensat"))?;
+    fs::fchmod(fd, Mode::from_raw_mode(mode))
+        .map_err(io)
+        .context("chmod")?;
+    fs::futimens(fd, &timestamps(node))
+        .map_err(io)
+        .context("utimensat")?;
     Ok(())
 }
 
@@ -1380,5 +1380,58 @@ pub fn print_report_lists(report: &RestoreReport) {
             };
             println!("  {:<9} {}: {object}: {}", u.kind, u.path, u.error);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(kind: NodeKind, mode: u32) -> Node {
+        Node {
+            name: b"x".to_vec(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            size: 0,
+            ino: 0,
+            nlink: 1,
+            xattrs: vec![],
+            target: None,
+            rdev: 0,
+            content: vec![],
+            subtree: None,
+        }
+    }
+
+    #[test]
+    fn split_and_join_relative_paths() {
+        assert_eq!(at::split(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
+        assert_eq!(at::split(b"c"), (&b""[..], &b"c"[..]));
+        assert_eq!(join(b"", b"c"), b"c");
+        assert_eq!(join(b"a/b", b"c"), b"a/b/c");
+        assert_eq!(shown(b""), "/");
+    }
+
+    #[test]
+    fn setuid_and_setgid_are_cleared_on_files_only_without_special_files() {
+        let plain = RestoreOptions::default();
+        let special = RestoreOptions {
+            special_files: true,
+        };
+        let mut report = RestoreReport::default();
+        let file = node(NodeKind::File, 0o106755);
+        assert_eq!(final_mode(plain, &file, b"f", &mut report), 0o755);
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].reason, "setuid");
+        assert_eq!(final_mode(special, &file, b"f", &mut report), 0o6755);
+        let dir = node(NodeKind::Dir, 0o042775);
+        assert_eq!(final_mode(plain, &dir, b"d", &mut report), 0o2775);
+        let sticky = node(NodeKind::File, 0o1644);
+        assert_eq!(final_mode(plain, &sticky, b"s", &mut report), 0o1644);
+        assert_eq!(report.skipped.len(), 1, "only the setuid file is listed");
     }
 }
