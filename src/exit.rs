@@ -22,6 +22,10 @@ pub const NOT_BTRFS: u8 = 6;
 pub const TARGET: u8 = 7;
 /// The store could not be reached or failed in a way worth retrying later.
 pub const STORE: u8 = 8;
+/// Restore finished but some paths could not be restored (the repository
+/// data they need is damaged or missing): they are listed, everything else
+/// is restored exactly.
+pub const PARTIAL: u8 = 9;
 
 /// An error with a chosen exit code and a complete one-line message.
 #[derive(Debug)]

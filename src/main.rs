@@ -171,6 +171,10 @@ enum Command {
         /// Target directory: must not exist or be empty.
         #[arg(long)]
         to: PathBuf,
+        /// Also restore device nodes and setuid/setgid bits (by default
+        /// devices are skipped and those bits cleared; both are listed).
+        #[arg(long)]
+        special_files: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -431,9 +435,10 @@ fn run(cli: Cli) -> Result<u8> {
             at,
             paths,
             to,
+            special_files,
             json,
             repo,
-        } => app.restore(&name, &at, &paths, &to, json, &repo),
+        } => app.restore(&name, &at, &paths, &to, special_files, json, &repo),
         Command::Check {
             name,
             read_data,
@@ -1243,12 +1248,14 @@ impl App {
         Ok(exit::OK)
     }
 
+    #[allow(clippy::too_many_arguments)] // the command's flags, one each
     fn restore(
         &self,
         name: &str,
         at: &str,
         paths: &[PathBuf],
         to: &Path,
+        special_files: bool,
         json: bool,
         args: &RepoArgs,
     ) -> Result<u8> {
@@ -1262,7 +1269,8 @@ impl App {
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
-        let report = restore::restore(&repo, &rec, &paths, to, &mut progress)?;
+        let opts = restore::RestoreOptions { special_files };
+        let report = restore::restore(&repo, &rec, &paths, to, opts, &mut progress)?;
         if json {
             print_json(
                 &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "at": at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "versions_applied": moment.versions_applied, "to": to, "restored": report }),
@@ -1282,6 +1290,18 @@ impl App {
                 mib(report.bytes),
                 report.seconds
             );
+            restore::print_report_lists(&report);
+        }
+        if !report.unrestored.is_empty() {
+            return Err(UserError::new(
+                exit::PARTIAL,
+                format!(
+                    "restore to {} is incomplete: {} paths could not be restored, the repository data they need is damaged or missing (listed in the output; btrship check names every bad object); everything else is restored",
+                    to.display(),
+                    report.unrestored.len()
+                ),
+            )
+            .into());
         }
         Ok(exit::OK)
     }

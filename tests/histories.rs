@@ -30,6 +30,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The histories hold device nodes and setuid files: restore them too.
+const RESTORE_ALL: btrship::restore::RestoreOptions = btrship::restore::RestoreOptions {
+    special_files: true,
+};
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -236,7 +241,7 @@ fn one_history(
             .dir(&format!("restored{seed}"))
             .join(format!("r{round}"));
         let mut progress = Progress::new("test", false);
-        btrship::restore::restore(repo, &rec, &[], &to, &mut progress)
+        btrship::restore::restore(repo, &rec, &[], &to, RESTORE_ALL, &mut progress)
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: restore: {e:#}"));
         assert_same_tree(&s.snapshot, &to);
         fs::remove_dir_all(&to).unwrap();

@@ -61,6 +61,7 @@ fn ship_to_s3_and_restore_on_a_fresh_machine() {
         fresh.ok(osargs![
             "restore",
             "share",
+            "--special-files",
             "--at",
             t,
             "--to",

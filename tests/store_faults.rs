@@ -144,6 +144,7 @@ fn outage_queues_locally_and_the_backlog_ships_when_the_store_returns() {
         fresh.ok(osargs![
             "restore",
             "share",
+            "--special-files",
             "--at",
             at,
             "--to",
@@ -240,6 +241,7 @@ fn twenty_percent_of_requests_faulted_still_ships_and_restores_exactly() {
     fresh.ok(osargs![
         "restore",
         "share",
+        "--special-files",
         "--at",
         &t,
         "--to",

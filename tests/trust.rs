@@ -3,6 +3,7 @@
 //! Real loop-mounted btrfs, the real binary, two UTS namespaces for two
 //! hosts.
 
+#[macro_use]
 mod common;
 
 use common::*;
