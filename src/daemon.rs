@@ -269,7 +269,16 @@ fn rel_bytes(p: &Path) -> Vec<u8> {
 /// The paths a batch of events touched, in first-seen order, each followed
 /// by its parent directory (whose mtime the change moved; "" is the share
 /// root).
-fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
+///
+/// `orphans` gets the inode numbers of files closed after writing or
+/// changed in metadata whose event has no path any more (the directory it
+/// happened in was removed or renamed away before the event was read): the
+/// inode may still have other names (hard links), which changed with it.
+fn dirty_paths(
+    events: &[WatchEvent],
+    overflow: &mut bool,
+    orphans: &mut std::collections::BTreeSet<u64>,
+) -> Vec<Dirty> {
     let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
     let mut out: Vec<Dirty> = Vec::new();
     let mut add_one = |path: Vec<u8>, subtree: bool, out: &mut Vec<Dirty>| match seen.get(&path) {
@@ -304,7 +313,13 @@ fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
             add(e.new_path(), k.is_dir, &mut out);
             continue;
         }
-        add(e.path(), k.is_dir && k.moved_to, &mut out);
+        let path = e.path();
+        if path.is_none() && !k.is_dir && (k.close_write || k.attrib) {
+            if let Some(o) = e.object {
+                orphans.insert(o.ino);
+            }
+        }
+        add(path, k.is_dir && k.moved_to, &mut out);
     }
     out
 }
@@ -336,6 +351,7 @@ impl Capturer<'_> {
             };
             let events = watcher.read(timeout)?;
             let mut overflow = false;
+            let mut linked = std::collections::BTreeSet::new();
             let retrying = events.is_empty();
             let dirty = if events.is_empty() {
                 // The queue was empty: every close before `started` has
@@ -358,7 +374,7 @@ impl Capturer<'_> {
                     })
                     .collect()
             } else {
-                dirty_paths(&events, &mut overflow)
+                dirty_paths(&events, &mut overflow, &mut linked)
             };
             if overflow {
                 let msg = "fanotify queue overflow: events were lost; reconciling with a snapshot";
@@ -378,6 +394,37 @@ impl Capturer<'_> {
                     );
                     tracing::warn!("{msg}");
                     state.log_event("warn", "capture", &msg)?;
+                }
+            }
+            // An inode with several names changed through one of them: all
+            // its names hold the new state (and the new link count).
+            for c in &caps {
+                if let Some(n) = c.node.as_deref().and_then(|raw| from_cbor::<Node>(raw).ok()) {
+                    if n.nlink > 1 && n.kind != btrship_upload::format::NodeKind::Dir {
+                        linked.insert(n.ino);
+                    }
+                }
+            }
+            if !linked.is_empty() {
+                let seen: std::collections::HashSet<Vec<u8>> =
+                    caps.iter().map(|c| c.path.clone()).collect();
+                for ino in linked {
+                    let names = match btrship_snapshot::inode_paths(&self.root, ino) {
+                        Ok(names) => names,
+                        Err(e) => {
+                            tracing::warn!("cannot list the names of inode {ino}: {e}");
+                            continue;
+                        }
+                    };
+                    for name in names {
+                        let p = rel_bytes(&name);
+                        if p.is_empty() || seen.contains(&p) || self.cfg.excluded(&p) {
+                            continue;
+                        }
+                        if let Err(e) = self.capture(&p, false, &mut caps) {
+                            tracing::warn!("cannot capture {}: {e:#}", String::from_utf8_lossy(&p));
+                        }
+                    }
                 }
             }
             if retrying {
