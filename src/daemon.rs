@@ -56,8 +56,8 @@ use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -399,7 +399,11 @@ impl Capturer<'_> {
             // An inode with several names changed through one of them: all
             // its names hold the new state (and the new link count).
             for c in &caps {
-                if let Some(n) = c.node.as_deref().and_then(|raw| from_cbor::<Node>(raw).ok()) {
+                if let Some(n) = c
+                    .node
+                    .as_deref()
+                    .and_then(|raw| from_cbor::<Node>(raw).ok())
+                {
                     if n.nlink > 1 && n.kind != btrship_upload::format::NodeKind::Dir {
                         linked.insert(n.ino);
                     }
@@ -533,7 +537,10 @@ impl Capturer<'_> {
     }
 
     fn shown(&self, path: &[u8]) -> String {
-        self.root.join(OsStr::from_bytes(path)).display().to_string()
+        self.root
+            .join(OsStr::from_bytes(path))
+            .display()
+            .to_string()
     }
 
     /// The entry at `path` (`O_PATH`, not followed), or `None` when the

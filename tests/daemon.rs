@@ -526,7 +526,8 @@ fn a_directory_swapped_for_a_symlink_never_ships_a_file_from_elsewhere() {
         }));
     }
     {
-        let (done, swaps, share, other) = (done.clone(), swaps.clone(), share.clone(), other.clone());
+        let (done, swaps, share, other) =
+            (done.clone(), swaps.clone(), share.clone(), other.clone());
         threads.push(std::thread::spawn(move || {
             let (d, away) = (share.join("d"), share.join("d.real"));
             while !done.load(SeqCst) {
@@ -595,7 +596,10 @@ fn a_directory_swapped_for_a_symlink_never_ships_a_file_from_elsewhere() {
             .unwrap();
             for x in v["versions"].as_array().unwrap() {
                 if x["size"].as_u64() == Some(SECRET.len() as u64) {
-                    leaks.push(format!("{path} has a version of the secret's size at {}", x["time"]));
+                    leaks.push(format!(
+                        "{path} has a version of the secret's size at {}",
+                        x["time"]
+                    ));
                 }
                 if x["kind"] != "close" {
                     continue;

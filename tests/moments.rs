@@ -181,8 +181,7 @@ fn op(share: &Path, rng: &mut StdRng) -> Option<String> {
         95..=99 => {
             let a = share.join(DIRS[rng.gen_range(0..DIRS.len())]);
             let b = share.join(DIRS[rng.gen_range(0..DIRS.len())]);
-            if is_dir(&a) && !b.starts_with(&a) && b.parent().is_some_and(is_dir) && !is_file(&b)
-            {
+            if is_dir(&a) && !b.starts_with(&a) && b.parent().is_some_and(is_dir) && !is_file(&b) {
                 match fs::rename(&a, &b) {
                     Ok(()) => Some(format!("rename dir {} to {}", a.display(), b.display())),
                     Err(_) => None, // b not empty
@@ -295,7 +294,10 @@ fn every_acknowledged_moment_restores_exactly() {
             let at = text(now());
             let r = refs.join(format!("r{round}-snapshot"));
             reference_snapshot(&share, &r);
-            log.push(format!("snapshot (store {})", if store.out { "away" } else { "present" }));
+            log.push(format!(
+                "snapshot (store {})",
+                if store.out { "away" } else { "present" }
+            ));
             moments.push(Moment {
                 what: format!("round {round}: just after a snapshot; ops: {:?}", log),
                 at,

@@ -104,7 +104,12 @@ mod tests {
         let f = open_entry(root.as_fd(), b"d/f").unwrap();
         let data = std::fs::read(proc_path(&reopen(&f, libc::O_RDONLY).unwrap())).unwrap();
         assert_eq!(data, b"mine");
-        for bad in [&b"evil/f"[..], b"inside/f", b"../other/f", b"d/../../other/f"] {
+        for bad in [
+            &b"evil/f"[..],
+            b"inside/f",
+            b"../other/f",
+            b"d/../../other/f",
+        ] {
             let e = open_entry(root.as_fd(), bad).unwrap_err();
             assert!(
                 matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV)),
@@ -122,9 +127,6 @@ mod tests {
         assert!(std::fs::metadata(proc_path(&l)).is_ok_and(|m| m.file_type().is_symlink()));
         // The root itself.
         let r = open_entry(root.as_fd(), b"").unwrap();
-        assert_eq!(
-            r.metadata().unwrap().ino(),
-            root.metadata().unwrap().ino()
-        );
+        assert_eq!(r.metadata().unwrap().ino(), root.metadata().unwrap().ino());
     }
 }
