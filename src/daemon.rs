@@ -998,3 +998,50 @@ pub fn lock_daemon(state_dir: &Path, name: &str) -> Result<File> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btrship_snapshot::watch::{EventKind, Handle};
+    use std::collections::BTreeSet;
+
+    fn event(mask: u64, dir: Option<&str>, name: &str, ino: u64) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::from_mask(mask),
+            mask,
+            dir: dir.map(PathBuf::from),
+            dir_handle: None,
+            name: Some(name.into()),
+            old_dir: None,
+            old_name: None,
+            new_dir: None,
+            new_name: None,
+            object: Some(Handle {
+                root: 256,
+                ino,
+                gen: 1,
+            }),
+            object_raw: None,
+            pid: 0,
+        }
+    }
+
+    #[test]
+    fn an_event_whose_directory_is_gone_names_its_inode() {
+        let events = [
+            event(libc::FAN_CLOSE_WRITE, Some("/d"), "f", 300),
+            // Its directory was removed before the event was read.
+            event(libc::FAN_CLOSE_WRITE, None, "g", 301),
+            event(libc::FAN_ATTRIB, None, "h", 302),
+            // A directory's own event without a path names nothing.
+            event(libc::FAN_ATTRIB | libc::FAN_ONDIR, None, "e", 303),
+            event(libc::FAN_CREATE, None, "c", 304),
+        ];
+        let (mut overflow, mut orphans) = (false, BTreeSet::new());
+        let dirty = dirty_paths(&events, &mut overflow, &mut orphans);
+        let paths: Vec<&[u8]> = dirty.iter().map(|d| d.path.as_slice()).collect();
+        assert_eq!(paths, [&b"d/f"[..], b"d"]);
+        assert_eq!(orphans.into_iter().collect::<Vec<_>>(), [301, 302]);
+        assert!(!overflow);
+    }
+}

@@ -20,7 +20,7 @@
 //! the close) are not made; FORMAT.md §5 names them.
 //!
 //! `BTRSHIP_MOMENTS_SEED` (default: random, printed) and
-//! `BTRSHIP_MOMENTS_ITERATIONS` (rounds, default 6) steer it.
+//! `BTRSHIP_MOMENTS_ITERATIONS` (rounds, default 25: about 20 s) steer it.
 
 #[macro_use]
 mod common;
@@ -229,7 +229,7 @@ fn every_acknowledged_moment_restores_exactly() {
     let rounds: usize = std::env::var("BTRSHIP_MOMENTS_ITERATIONS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(25);
     eprintln!("BTRSHIP_MOMENTS_SEED={seed} BTRSHIP_MOMENTS_ITERATIONS={rounds}");
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
