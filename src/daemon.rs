@@ -22,7 +22,10 @@
 //!   never a file from elsewhere. A file renamed or replaced between the
 //!   clone and the check that its path still names it is looked at again.
 //!   Version entries carry the inode's real `ino` and `nlink`, so restore
-//!   keeps hard links (FORMAT.md §5).
+//!   keeps hard links (FORMAT.md §5); a change to an inode with several
+//!   names, or one whose event lost its path (its directory was removed
+//!   before the event was read), is captured under every name the inode
+//!   has (`BTRFS_IOC_INO_PATHS`).
 //! - **ship** waits until a capture has settled (no newer capture of its
 //!   path for `settle_ms`; newer ones supersede older ones inside that
 //!   window) or a `sync` covers it, then ships a batch: changed ranges
