@@ -13,6 +13,19 @@
 //!   made durable with one `syncfs`, then its captures are committed in one
 //!   SQLite transaction before anything else happens to them. A close seen while a writer has reopened the
 //!   file is recorded as `busy`: that writer's own close supersedes it.
+//!   Paths are opened from the share root's directory fd without following
+//!   any symlink or leaving the share (`openat2` with `RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV`, see
+//!   `btrship_snapshot::beneath`), and the metadata, xattrs, symlink target,
+//!   lease and clone are all taken on that fd: a path below a directory
+//!   that a user swapped for a symlink is "nothing there" (a tombstone),
+//!   never a file from elsewhere. A file renamed or replaced between the
+//!   clone and the check that its path still names it is looked at again.
+//!   Version entries carry the inode's real `ino` and `nlink`, so restore
+//!   keeps hard links (FORMAT.md §5); a change to an inode with several
+//!   names, or one whose event lost its path (its directory was removed
+//!   before the event was read), is captured under every name the inode
+//!   has (`BTRFS_IOC_INO_PATHS`).
 //! - **ship** waits until a capture has settled (no newer capture of its
 //!   path for `settle_ms`; newer ones supersede older ones inside that
 //!   window) or a `sync` covers it, then ships a batch: changed ranges
@@ -34,7 +47,8 @@ use crate::ship;
 use crate::state::{Capture, NewCapture, ShippedBatch, State};
 use crate::{queue, state};
 use anyhow::{Context, Result};
-use btrship_diff::{ChunkSizes, FileKind};
+use btrship_diff::{ChunkSizes, FileKind, FsMeta};
+use btrship_snapshot::beneath;
 use btrship_snapshot::watch::{clone_closed_file, WatchEvent, Watcher};
 use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::format::{
@@ -45,8 +59,9 @@ use btrship_upload::layers::Counters;
 use btrship_upload::Repository;
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc;
@@ -146,9 +161,17 @@ impl Daemon {
             "READY=1\nSTATUS=watching {}",
             self.cfg.path.display()
         ));
+        let root_dir = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.cfg.path)
+            .with_context(|| format!("cannot open the share {}", self.cfg.path.display()))?;
+        let root_dev = root_dir.metadata()?.dev();
         let capture = Capturer {
             cfg: &self.cfg,
             root: self.cfg.path.clone(),
+            root_dir,
+            root_dev,
             staging,
             counter: 0,
             // Busy captures left by an earlier run: look at them again.
@@ -219,7 +242,12 @@ fn remove_clones(staging: &Path, names: &[String]) {
 
 struct Capturer<'a> {
     cfg: &'a ShareConfig,
+    /// The share's path (for messages only: nothing is opened by it).
     root: PathBuf,
+    /// The share root directory: every capture is opened beneath it.
+    root_dir: File,
+    /// Its device: entries on another (nested subvolumes) are not captured.
+    root_dev: u64,
     staging: PathBuf,
     counter: u64,
     /// Paths last captured as busy (a writer had them open).
@@ -244,7 +272,16 @@ fn rel_bytes(p: &Path) -> Vec<u8> {
 /// The paths a batch of events touched, in first-seen order, each followed
 /// by its parent directory (whose mtime the change moved; "" is the share
 /// root).
-fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
+///
+/// `orphans` gets the inode numbers of files closed after writing or
+/// changed in metadata whose event has no path any more (the directory it
+/// happened in was removed or renamed away before the event was read): the
+/// inode may still have other names (hard links), which changed with it.
+fn dirty_paths(
+    events: &[WatchEvent],
+    overflow: &mut bool,
+    orphans: &mut std::collections::BTreeSet<u64>,
+) -> Vec<Dirty> {
     let mut seen = std::collections::HashMap::<Vec<u8>, usize>::new();
     let mut out: Vec<Dirty> = Vec::new();
     let mut add_one = |path: Vec<u8>, subtree: bool, out: &mut Vec<Dirty>| match seen.get(&path) {
@@ -279,7 +316,13 @@ fn dirty_paths(events: &[WatchEvent], overflow: &mut bool) -> Vec<Dirty> {
             add(e.new_path(), k.is_dir, &mut out);
             continue;
         }
-        add(e.path(), k.is_dir && k.moved_to, &mut out);
+        let path = e.path();
+        if path.is_none() && !k.is_dir && (k.close_write || k.attrib) {
+            if let Some(o) = e.object {
+                orphans.insert(o.ino);
+            }
+        }
+        add(path, k.is_dir && k.moved_to, &mut out);
     }
     out
 }
@@ -311,6 +354,7 @@ impl Capturer<'_> {
             };
             let events = watcher.read(timeout)?;
             let mut overflow = false;
+            let mut linked = std::collections::BTreeSet::new();
             let retrying = events.is_empty();
             let dirty = if events.is_empty() {
                 // The queue was empty: every close before `started` has
@@ -333,7 +377,7 @@ impl Capturer<'_> {
                     })
                     .collect()
             } else {
-                dirty_paths(&events, &mut overflow)
+                dirty_paths(&events, &mut overflow, &mut linked)
             };
             if overflow {
                 let msg = "fanotify queue overflow: events were lost; reconciling with a snapshot";
@@ -353,6 +397,41 @@ impl Capturer<'_> {
                     );
                     tracing::warn!("{msg}");
                     state.log_event("warn", "capture", &msg)?;
+                }
+            }
+            // An inode with several names changed through one of them: all
+            // its names hold the new state (and the new link count).
+            for c in &caps {
+                if let Some(n) = c
+                    .node
+                    .as_deref()
+                    .and_then(|raw| from_cbor::<Node>(raw).ok())
+                {
+                    if n.nlink > 1 && n.kind != btrship_upload::format::NodeKind::Dir {
+                        linked.insert(n.ino);
+                    }
+                }
+            }
+            if !linked.is_empty() {
+                let seen: std::collections::HashSet<Vec<u8>> =
+                    caps.iter().map(|c| c.path.clone()).collect();
+                for ino in linked {
+                    let names = match btrship_snapshot::inode_paths(&self.root, ino) {
+                        Ok(names) => names,
+                        Err(e) => {
+                            tracing::warn!("cannot list the names of inode {ino}: {e}");
+                            continue;
+                        }
+                    };
+                    for name in names {
+                        let p = rel_bytes(&name);
+                        if p.is_empty() || seen.contains(&p) || self.cfg.excluded(&p) {
+                            continue;
+                        }
+                        if let Err(e) = self.capture(&p, false, &mut caps) {
+                            tracing::warn!("cannot capture {}: {e:#}", String::from_utf8_lossy(&p));
+                        }
+                    }
                 }
             }
             if retrying {
@@ -401,22 +480,24 @@ impl Capturer<'_> {
     }
 
     /// Records the current state of `path` (and, for a directory that
-    /// arrived by rename, of everything below it).
+    /// arrived by rename, of everything below it). The entry is opened from
+    /// the share root's fd, one component at a time, never following a
+    /// symlink (`btrship_snapshot::beneath`); everything is read from that
+    /// fd.
     fn capture(&mut self, path: &[u8], subtree: bool, out: &mut Vec<NewCapture>) -> Result<()> {
-        let full = self.root.join(OsStr::from_bytes(path));
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
-        let meta = match btrship_diff::read_meta(&full) {
-            Ok(m) => m,
-            Err(btrship_diff::DiffError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                out.push(without_content(path, "delete"));
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+        let Some(entry) = self.open_entry(path)? else {
+            out.push(without_content(path, "delete"));
+            return Ok(());
         };
+        let meta = fd_meta(&entry).with_context(|| self.shown(path))?;
+        if entry.metadata()?.dev() != self.root_dev {
+            // A nested subvolume (or a mount): not part of the share's
+            // snapshots either.
+            return Ok(());
+        }
         match meta.kind {
-            FileKind::File => self.capture_file(path, &full, out),
+            FileKind::File => self.capture_file(path, &entry, out),
             FileKind::Dir => {
                 let node = ship::node_from(name, &meta);
                 out.push(NewCapture {
@@ -428,9 +509,13 @@ impl Capturer<'_> {
                     size: 0,
                 });
                 if subtree {
-                    for child in btrship_diff::read_dir_sorted(&full)? {
+                    // Listed through the fd: this very directory.
+                    let listed = beneath::proc_path(&entry);
+                    for child in btrship_diff::read_dir_sorted(&listed)? {
                         let mut p = path.to_vec();
-                        p.push(b'/');
+                        if !p.is_empty() {
+                            p.push(b'/');
+                        }
                         p.extend_from_slice(child.as_bytes());
                         if !self.cfg.excluded(&p) {
                             self.capture(&p, true, out)?;
@@ -454,23 +539,34 @@ impl Capturer<'_> {
         }
     }
 
-    /// Clones a regular file as its last writer closed it, with the
-    /// metadata that goes with exactly that content.
-    fn capture_file(&mut self, path: &[u8], full: &Path, out: &mut Vec<NewCapture>) -> Result<()> {
+    fn shown(&self, path: &[u8]) -> String {
+        self.root
+            .join(OsStr::from_bytes(path))
+            .display()
+            .to_string()
+    }
+
+    /// The entry at `path` (`O_PATH`, not followed), or `None` when the
+    /// share's tree has nothing there (also when a directory on the way is
+    /// a symlink now).
+    fn open_entry(&self, path: &[u8]) -> Result<Option<File>> {
+        match beneath::open_entry(self.root_dir.as_fd(), path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if beneath::is_absent(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| self.shown(path)),
+        }
+    }
+
+    /// Clones the regular file `entry` (opened at `path`) as its last
+    /// writer closed it, with the metadata that goes with exactly that
+    /// content.
+    fn capture_file(&mut self, path: &[u8], entry: &File, out: &mut Vec<NewCapture>) -> Result<()> {
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
         for _ in 0..CAPTURE_ATTEMPTS {
-            let src = match File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(full)
-            {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return self.capture(path, false, out)
-                }
-                Err(e) => return Err(e).with_context(|| format!("{}", full.display())),
-            };
-            let before = btrship_diff::read_meta(full)?;
+            // The same inode, opened for reading (the lease needs it).
+            let src = beneath::reopen(entry, libc::O_RDONLY | libc::O_NONBLOCK)
+                .with_context(|| self.shown(path))?;
+            let before = fd_meta(&src).with_context(|| self.shown(path))?;
             let (clone_name, dst) = self.new_clone_file()?;
             let cloned = clone_closed_file(&src, &dst)?;
             if !cloned {
@@ -480,16 +576,29 @@ impl Capturer<'_> {
                 return Ok(());
             }
             let time = now_text();
-            let after = btrship_diff::read_meta(full)?;
+            let after = fd_meta(&src).with_context(|| self.shown(path))?;
             let len = dst.metadata()?.len();
+            // The path still names this inode: the state is the path's.
+            let still = match self.open_entry(path)? {
+                Some(now) => {
+                    let (a, b) = (now.metadata()?, src.metadata()?);
+                    a.ino() == b.ino() && a.dev() == b.dev()
+                }
+                None => false,
+            };
             let consistent = before.ino == after.ino
                 && before.size == after.size
                 && before.mtime_ns == after.mtime_ns
                 && before.ctime_ns == after.ctime_ns
                 && len == before.size;
-            if !consistent {
+            if !consistent || !still {
                 drop(dst);
                 let _ = std::fs::remove_file(self.staging.join(&clone_name));
+                if !still {
+                    // Renamed or replaced meanwhile: look at the path again.
+                    out.push(without_content(path, "busy"));
+                    return Ok(());
+                }
                 continue;
             }
             self.unsynced = true;
@@ -508,6 +617,64 @@ impl Capturer<'_> {
         out.push(without_content(path, "busy"));
         Ok(())
     }
+}
+
+/// An entry's metadata read from its fd (`O_PATH` or open): `fstat`, the
+/// symlink target with `readlinkat(fd, "")`, xattrs through the fd's
+/// `/proc/self/fd` link (which reaches the inode itself, also a symlink's).
+fn fd_meta(f: &File) -> std::io::Result<FsMeta> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = f.metadata()?;
+    let ft = md.file_type();
+    let kind = if ft.is_file() {
+        FileKind::File
+    } else if ft.is_dir() {
+        FileKind::Dir
+    } else if ft.is_symlink() {
+        FileKind::Symlink
+    } else if ft.is_fifo() {
+        FileKind::Fifo
+    } else if ft.is_socket() {
+        FileKind::Socket
+    } else if ft.is_char_device() {
+        FileKind::CharDev
+    } else {
+        FileKind::BlockDev
+    };
+    let target = if kind == FileKind::Symlink {
+        Some(beneath::read_link(f)?)
+    } else {
+        None
+    };
+    let link = beneath::proc_path(f);
+    let mut xattrs = Vec::new();
+    match xattr::list_deref(&link) {
+        Ok(names) => {
+            for n in names {
+                // An attribute removed between list and get is simply gone.
+                if let Some(v) = xattr::get_deref(&link, &n)? {
+                    xattrs.push((n.as_bytes().to_vec(), v));
+                }
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {}
+        Err(e) => return Err(e),
+    }
+    xattrs.sort();
+    Ok(FsMeta {
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        size: if kind == FileKind::File { md.size() } else { 0 },
+        ino: md.ino(),
+        nlink: md.nlink(),
+        rdev: md.rdev(),
+        xattrs,
+        target,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -697,7 +864,6 @@ impl Shipper {
                             .with_context(|| {
                                 format!("reading the clone of {}", String::from_utf8_lossy(&c.path))
                             })?;
-                    n.nlink = 1;
                     bytes += n.size;
                     baselines.push((c.path.clone(), clone, n.size, to_cbor(&content)));
                     n.content = content;
@@ -709,8 +875,7 @@ impl Shipper {
                     }
                 }
                 "mkdir" | "node" => {
-                    let mut n = node(&c.node)?;
-                    n.nlink = 1;
+                    let n = node(&c.node)?;
                     VersionEntry {
                         time: c.time.clone(),
                         path: c.path.clone(),
@@ -853,5 +1018,52 @@ pub fn lock_daemon(state_dir: &Path, name: &str) -> Result<File> {
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btrship_snapshot::watch::{EventKind, Handle};
+    use std::collections::BTreeSet;
+
+    fn event(mask: u64, dir: Option<&str>, name: &str, ino: u64) -> WatchEvent {
+        WatchEvent {
+            kind: EventKind::from_mask(mask),
+            mask,
+            dir: dir.map(PathBuf::from),
+            dir_handle: None,
+            name: Some(name.into()),
+            old_dir: None,
+            old_name: None,
+            new_dir: None,
+            new_name: None,
+            object: Some(Handle {
+                root: 256,
+                ino,
+                gen: 1,
+            }),
+            object_raw: None,
+            pid: 0,
+        }
+    }
+
+    #[test]
+    fn an_event_whose_directory_is_gone_names_its_inode() {
+        let events = [
+            event(libc::FAN_CLOSE_WRITE, Some("/d"), "f", 300),
+            // Its directory was removed before the event was read.
+            event(libc::FAN_CLOSE_WRITE, None, "g", 301),
+            event(libc::FAN_ATTRIB, None, "h", 302),
+            // A directory's own event without a path names nothing.
+            event(libc::FAN_ATTRIB | libc::FAN_ONDIR, None, "e", 303),
+            event(libc::FAN_CREATE, None, "c", 304),
+        ];
+        let (mut overflow, mut orphans) = (false, BTreeSet::new());
+        let dirty = dirty_paths(&events, &mut overflow, &mut orphans);
+        let paths: Vec<&[u8]> = dirty.iter().map(|d| d.path.as_slice()).collect();
+        assert_eq!(paths, [&b"d/f"[..], b"d"]);
+        assert_eq!(orphans.into_iter().collect::<Vec<_>>(), [301, 302]);
+        assert!(!overflow);
     }
 }

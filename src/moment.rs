@@ -6,9 +6,20 @@
 //!
 //! Applying an entry: `close` and `node` put the entry at its path
 //! (replacing whatever was there), `mkdir` sets a directory's own metadata
-//! (keeping its entries, or making an empty directory), `delete` removes
+//! (keeping its entries when it is the same directory, by inode number;
+//! otherwise the directory was replaced and starts empty), `delete` removes
 //! the path and everything below it. Every path component is checked like
 //! a tree name: a hostile batch cannot reach outside the share.
+//!
+//! Hard links: a `close` or `node` entry whose node has `nlink` > 1 is the
+//! state of an inode with several names. Every other name that holds the
+//! same inode (same `ino`, not a directory) at that point of the moment
+//! gets the same node under its own name, so all names show the new
+//! content and metadata, and restore links them again (it links nodes with
+//! equal `ino` and `nlink` > 1). The names are found once: the snapshot's
+//! tree is walked for the inode numbers of such entries only when there
+//! are any, and later entries for those inodes add their paths. Batches
+//! written before this rule carry `nlink` 1 and change one name only.
 
 use crate::exit::{UserError, DAMAGED};
 use crate::history::ShareHistory;
@@ -19,7 +30,7 @@ use btrship_upload::format::{
 };
 use btrship_upload::Repository;
 use chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 fn damaged(message: String) -> anyhow::Error {
     UserError::new(DAMAGED, message).into()
@@ -76,8 +87,12 @@ pub fn at(repo: &Repository, hist: &ShareHistory, at: DateTime<Utc>) -> Result<M
     }
     let mut root = MemDir::new(record.root.clone(), BTreeMap::new());
     root.load(repo)?;
+    let mut links = Links::for_entries(entries.iter().map(|(_, e)| e));
+    if !links.is_empty() {
+        links.find_in(repo, &record.root)?;
+    }
     for (_, e) in &entries {
-        apply(repo, &mut root, e)?;
+        apply(repo, &mut root, &mut links, e)?;
     }
     let node = root.fold(repo);
     record.tree = node.subtree.unwrap_or(record.tree);
@@ -87,6 +102,86 @@ pub fn at(repo: &Repository, hist: &ShareHistory, at: DateTime<Utc>) -> Result<M
         snapshot,
         versions_applied: entries.len(),
     })
+}
+
+/// Where directory trees come from: the repository (checked names), or a
+/// table in unit tests.
+trait Trees {
+    fn read(&self, dir: &Node) -> Result<Tree>;
+}
+
+impl Trees for Repository {
+    fn read(&self, dir: &Node) -> Result<Tree> {
+        read_checked_tree(self, dir)
+    }
+}
+
+/// The names of hard-linked inodes in the moment being built: for every
+/// inode number that some entry shows with `nlink` > 1, the paths that
+/// held it at some point (each is checked again before use: it may have
+/// been replaced or deleted since).
+#[derive(Default)]
+struct Links {
+    paths: HashMap<u64, BTreeSet<Vec<u8>>>,
+}
+
+impl Links {
+    /// The inodes some entry shows with several names (`ino` 0 is unknown).
+    fn for_entries<'a>(entries: impl Iterator<Item = &'a VersionEntry>) -> Links {
+        let mut paths = HashMap::new();
+        for e in entries {
+            if let Some(n) = linked_node(e) {
+                paths.insert(n.ino, BTreeSet::new());
+            }
+        }
+        Links { paths }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Records the paths below `root` (the snapshot) that hold one of the
+    /// inodes of interest. Reads every tree of the snapshot once.
+    fn find_in(&mut self, trees: &dyn Trees, root: &Node) -> Result<()> {
+        let mut stack = vec![(Vec::new(), root.clone())];
+        while let Some((path, dir)) = stack.pop() {
+            if dir.subtree.is_none() {
+                continue;
+            }
+            for n in trees.read(&dir)?.entries {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&n.name);
+                if n.kind == NodeKind::Dir {
+                    stack.push((p, n));
+                } else {
+                    self.note(n.ino, &p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers that `path` holds inode `ino` (if it is of interest).
+    fn note(&mut self, ino: u64, path: &[u8]) {
+        if let Some(set) = self.paths.get_mut(&ino) {
+            set.insert(path.to_vec());
+        }
+    }
+}
+
+/// The node of a `close`/`node` entry for an inode with several names.
+fn linked_node(e: &VersionEntry) -> Option<&Node> {
+    match e.kind {
+        VersionKind::Close | VersionKind::Node => e
+            .node
+            .as_ref()
+            .filter(|n| n.nlink > 1 && n.ino != 0 && n.kind != NodeKind::Dir),
+        _ => None,
+    }
 }
 
 /// A directory being changed: its node and its entries.
@@ -111,7 +206,7 @@ impl MemDir {
     }
 
     /// Reads this directory's tree from the repository (once).
-    fn load(&mut self, repo: &Repository) -> Result<()> {
+    fn load(&mut self, repo: &dyn Trees) -> Result<()> {
         if self.loaded {
             return Ok(());
         }
@@ -119,7 +214,7 @@ impl MemDir {
         if self.node.subtree.is_none() {
             return Ok(());
         }
-        for n in read_checked_tree(repo, &self.node)?.entries {
+        for n in repo.read(&self.node)?.entries {
             self.children.insert(n.name.clone(), Entry::Leaf(n));
         }
         Ok(())
@@ -129,7 +224,7 @@ impl MemDir {
     /// it is missing or not a directory.
     fn child_dir(
         &mut self,
-        repo: &Repository,
+        repo: &dyn Trees,
         name: &[u8],
         create: bool,
     ) -> Result<Option<&mut MemDir>> {
@@ -200,7 +295,30 @@ fn default_dir(name: &[u8]) -> Node {
     }
 }
 
-fn apply(repo: &Repository, root: &mut MemDir, e: &VersionEntry) -> Result<()> {
+/// The non-directory node at `comps` below `root`, if there is one
+/// (nothing is created on the way).
+fn leaf_mut<'d>(
+    repo: &dyn Trees,
+    root: &'d mut MemDir,
+    comps: &[&[u8]],
+) -> Result<Option<&'d mut Node>> {
+    let Some((last, parents)) = comps.split_last() else {
+        return Ok(None);
+    };
+    let mut dir = root;
+    for c in parents {
+        match dir.child_dir(repo, c, false)? {
+            Some(d) => dir = d,
+            None => return Ok(None),
+        }
+    }
+    Ok(match dir.children.get_mut(*last) {
+        Some(Entry::Leaf(n)) if n.kind != NodeKind::Dir => Some(n),
+        _ => None,
+    })
+}
+
+fn apply(repo: &dyn Trees, root: &mut MemDir, links: &mut Links, e: &VersionEntry) -> Result<()> {
     let shown = String::from_utf8_lossy(&e.path).into_owned();
     if e.path.is_empty() {
         // The share root's own metadata.
@@ -230,6 +348,30 @@ fn apply(repo: &Repository, root: &mut MemDir, e: &VersionEntry) -> Result<()> {
         return Ok(());
     };
     let create = e.kind != VersionKind::Delete;
+    if let Some(n) = linked_node(e) {
+        // The inode's other names get the same state.
+        let others: Vec<Vec<u8>> = links
+            .paths
+            .get(&n.ino)
+            .map(|s| s.iter().filter(|p| **p != e.path).cloned().collect())
+            .unwrap_or_default();
+        for other in others {
+            let oc: Vec<&[u8]> = other.split(|&b| b == b'/').collect();
+            if let Some(leaf) = leaf_mut(repo, root, &oc)? {
+                if leaf.ino == n.ino {
+                    *leaf = Node {
+                        name: leaf.name.clone(),
+                        ..n.clone()
+                    };
+                }
+            }
+        }
+    }
+    if let Some(n) = &e.node {
+        if n.kind != NodeKind::Dir && e.kind != VersionKind::Mkdir {
+            links.note(n.ino, &e.path);
+        }
+    }
     let mut dir = root;
     for c in parents {
         match dir.child_dir(repo, c, create)? {
@@ -262,6 +404,16 @@ fn apply(repo: &Repository, root: &mut MemDir, e: &VersionEntry) -> Result<()> {
         VersionKind::Mkdir => {
             let mut n = node(e)?;
             n.content.clear();
+            if let Some(Entry::Dir(MemDir { node: old, .. })) | Some(Entry::Leaf(old)) =
+                dir.children.get(*last)
+            {
+                if old.kind == NodeKind::Dir && old.ino != 0 && n.ino != 0 && old.ino != n.ino {
+                    // Another directory now holds this name (the old one was
+                    // removed or renamed away; entries below a removed
+                    // directory have no path of their own): it starts empty.
+                    dir.children.remove(*last);
+                }
+            }
             let d = dir
                 .child_dir(repo, last, true)?
                 .ok_or_else(|| anyhow::anyhow!("cannot make directory {shown:?}"))?;
@@ -340,4 +492,200 @@ pub fn versions_of(
     }
     out.sort_by(|a, b| a.time.cmp(&b.time));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btrship_crypto::ContentId;
+
+    /// Trees by subtree id.
+    struct Table(HashMap<[u8; 32], Tree>);
+
+    impl Trees for Table {
+        fn read(&self, dir: &Node) -> Result<Tree> {
+            let id = dir.subtree.ok_or_else(|| anyhow::anyhow!("no subtree"))?;
+            self.0
+                .get(&id.0 .0)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no such tree"))
+        }
+    }
+
+    fn file(name: &str, ino: u64, nlink: u64, size: u64) -> Node {
+        Node {
+            kind: NodeKind::File,
+            mode: 0o644,
+            size,
+            ino,
+            nlink,
+            ..default_dir(name.as_bytes())
+        }
+    }
+
+    fn dir(name: &str, ino: u64, tree: u8) -> Node {
+        Node {
+            ino,
+            subtree: Some(BlobId(ContentId([tree; 32]))),
+            ..default_dir(name.as_bytes())
+        }
+    }
+
+    /// A snapshot: `a` and `b` one inode (ino 10, 3 bytes), `d/c` another
+    /// name of it, `e` a file of its own, `sub/x` a file in a directory.
+    fn snapshot() -> (Table, MemDir) {
+        let mut t = HashMap::new();
+        t.insert(
+            [1; 32],
+            Tree {
+                entries: vec![
+                    file("a", 10, 3, 3),
+                    file("b", 10, 3, 3),
+                    dir("d", 20, 2),
+                    file("e", 11, 1, 5),
+                    dir("sub", 21, 3),
+                ],
+            },
+        );
+        t.insert(
+            [2; 32],
+            Tree {
+                entries: vec![file("c", 10, 3, 3)],
+            },
+        );
+        t.insert(
+            [3; 32],
+            Tree {
+                entries: vec![file("x", 12, 1, 1)],
+            },
+        );
+        let table = Table(t);
+        let mut root = MemDir::new(dir("", 256, 1), BTreeMap::new());
+        root.load(&table).unwrap();
+        (table, root)
+    }
+
+    fn entry(path: &str, kind: VersionKind, node: Option<Node>) -> VersionEntry {
+        VersionEntry {
+            time: "2026-12-03T00:00:00.000000001Z".into(),
+            path: path.as_bytes().to_vec(),
+            kind,
+            node,
+        }
+    }
+
+    fn run(table: &Table, root: &mut MemDir, entries: &[VersionEntry]) {
+        let mut links = Links::for_entries(entries.iter());
+        if !links.is_empty() {
+            links.find_in(table, &root.node.clone()).unwrap();
+        }
+        for e in entries {
+            apply(table, root, &mut links, e).unwrap();
+        }
+    }
+
+    fn at<'d>(table: &Table, root: &'d mut MemDir, path: &str) -> Option<&'d mut Node> {
+        let comps: Vec<&[u8]> = path.as_bytes().split(|&b| b == b'/').collect();
+        leaf_mut(table, root, &comps).unwrap()
+    }
+
+    #[test]
+    fn a_close_of_a_linked_inode_changes_every_name() {
+        let (table, mut root) = snapshot();
+        // Truncated to 0 through `b`.
+        let entries = [entry("b", VersionKind::Close, Some(file("b", 10, 3, 0)))];
+        run(&table, &mut root, &entries);
+        for p in ["a", "b", "d/c"] {
+            let n = at(&table, &mut root, p).unwrap();
+            assert_eq!((n.ino, n.nlink, n.size), (10, 3, 0), "{p}");
+            assert_eq!(n.name, p.rsplit('/').next().unwrap().as_bytes());
+        }
+        assert_eq!(at(&table, &mut root, "e").unwrap().size, 5);
+    }
+
+    #[test]
+    fn a_new_link_joins_the_old_name() {
+        let (table, mut root) = snapshot();
+        // `ln e sub/y`: the new name's entry says 2 links.
+        let entries = [entry(
+            "sub/y",
+            VersionKind::Close,
+            Some(file("y", 11, 2, 5)),
+        )];
+        run(&table, &mut root, &entries);
+        let e = at(&table, &mut root, "e").unwrap();
+        assert_eq!((e.ino, e.nlink), (11, 2));
+        assert_eq!(at(&table, &mut root, "sub/y").unwrap().nlink, 2);
+        assert_eq!(at(&table, &mut root, "sub/x").unwrap().nlink, 1);
+    }
+
+    #[test]
+    fn a_replaced_or_deleted_name_is_left_alone() {
+        let (table, mut root) = snapshot();
+        let entries = [
+            // `a` replaced by another file (rename over it), `d` removed.
+            entry("a", VersionKind::Close, Some(file("a", 30, 1, 7))),
+            entry("d", VersionKind::Delete, None),
+            entry("b", VersionKind::Close, Some(file("b", 10, 2, 9))),
+        ];
+        run(&table, &mut root, &entries);
+        let a = at(&table, &mut root, "a").unwrap();
+        assert_eq!((a.ino, a.size), (30, 7));
+        assert!(at(&table, &mut root, "d/c").is_none());
+        assert_eq!(at(&table, &mut root, "b").unwrap().size, 9);
+    }
+
+    #[test]
+    fn entries_with_one_link_change_one_name() {
+        let (table, mut root) = snapshot();
+        // Batches written before links were kept say nlink 1.
+        let entries = [entry("a", VersionKind::Close, Some(file("a", 10, 1, 0)))];
+        run(&table, &mut root, &entries);
+        assert_eq!(at(&table, &mut root, "a").unwrap().size, 0);
+        assert_eq!(at(&table, &mut root, "b").unwrap().size, 3);
+    }
+
+    #[test]
+    fn a_link_made_by_an_earlier_entry_is_followed() {
+        let (table, mut root) = snapshot();
+        let entries = [
+            entry("new", VersionKind::Close, Some(file("new", 40, 1, 1))),
+            entry("sub/l", VersionKind::Close, Some(file("l", 40, 2, 1))),
+            entry("new", VersionKind::Close, Some(file("new", 40, 2, 0))),
+        ];
+        run(&table, &mut root, &entries);
+        assert_eq!(at(&table, &mut root, "sub/l").unwrap().size, 0);
+        assert_eq!(at(&table, &mut root, "new").unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn mkdir_of_another_directory_starts_empty() {
+        let (table, mut root) = snapshot();
+        // `rm -r sub; mkdir sub`: the deletes below had no path any more.
+        let entries = [entry("sub", VersionKind::Mkdir, Some(dir("sub", 99, 0)))];
+        run(&table, &mut root, &entries);
+        assert!(at(&table, &mut root, "sub/x").is_none());
+        // The same directory keeps its entries.
+        let (table, mut root) = snapshot();
+        let mut same = dir("sub", 21, 0);
+        same.mode = 0o700;
+        run(
+            &table,
+            &mut root,
+            &[entry("sub", VersionKind::Mkdir, Some(same))],
+        );
+        assert!(at(&table, &mut root, "sub/x").is_some());
+        // A directory made in place of a file.
+        let (table, mut root) = snapshot();
+        run(
+            &table,
+            &mut root,
+            &[entry("e", VersionKind::Mkdir, Some(dir("e", 98, 0)))],
+        );
+        assert!(at(&table, &mut root, "e").is_none());
+        assert!(root
+            .child_dir(&table, b"e", false)
+            .unwrap()
+            .is_some_and(|d| d.children.is_empty()));
+    }
 }

@@ -481,3 +481,138 @@ fn tells_systemd_it_is_ready_and_stopping() {
     assert!(stopping, "no STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+/// The daemon runs as root: a share user who swaps a directory for a
+/// symlink to another place on the same btrfs (here a second subvolume,
+/// read-only so that writes through the symlink fail) must never make it
+/// ship a file from there. Writers close files in `d/` as fast as they can
+/// while another thread renames `d` away, puts `d -> other` in its place
+/// and back, again and again. Afterwards no version of any path, and no
+/// acknowledged moment, holds the secret content.
+#[test]
+fn a_directory_swapped_for_a_symlink_never_ships_a_file_from_elsewhere() {
+    const SECRET: &[u8] = b"SECRET of another share, never to be shipped from this one\n";
+    const FILES: usize = 6;
+    let fs_ = LoopBtrfs::new(1024);
+    let share = fs_.subvolume("share");
+    let src = fs_.subvolume("other-src");
+    for i in 0..FILES {
+        fs::write(src.join(format!("f{i}")), SECRET).unwrap();
+    }
+    let other = fs_.mnt.join("other");
+    reference_snapshot(&src, &other);
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    bs.set_config("share", "settle_ms", "100");
+    fs::create_dir(share.join("d")).unwrap();
+    let _daemon = bs.start_daemon("share");
+
+    let done = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let closes = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    for w in 0..2 {
+        let (done, closes, share) = (done.clone(), closes.clone(), share.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !done.load(SeqCst) {
+                n += 1;
+                let p = share.join(format!("d/f{}", (n as usize + w) % FILES));
+                // Fails while `d` is the symlink (read-only target) or gone.
+                if fs::write(&p, format!("public {w} {n}\n")).is_ok() {
+                    closes.fetch_add(1, SeqCst);
+                }
+            }
+        }));
+    }
+    {
+        let (done, swaps, share, other) =
+            (done.clone(), swaps.clone(), share.clone(), other.clone());
+        threads.push(std::thread::spawn(move || {
+            let (d, away) = (share.join("d"), share.join("d.real"));
+            while !done.load(SeqCst) {
+                fs::rename(&d, &away).unwrap();
+                std::os::unix::fs::symlink(&other, &d).unwrap();
+                std::thread::yield_now();
+                fs::remove_file(&d).unwrap();
+                fs::rename(&away, &d).unwrap();
+                swaps.fetch_add(1, SeqCst);
+            }
+        }));
+    }
+    let mut acks = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(1000));
+        bs.sync("share");
+        acks.push(now_text());
+    }
+    done.store(true, SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    bs.sync("share");
+    acks.push(now_text());
+    eprintln!(
+        "{} closes, {} symlink swaps, {} acknowledged moments",
+        closes.load(SeqCst),
+        swaps.load(SeqCst),
+        acks.len()
+    );
+
+    let fresh = Btrship::new();
+    let holds_secret = |dir: &Path| -> Vec<String> {
+        common::walk(dir)
+            .into_iter()
+            .filter(|(_, md)| md.is_file())
+            .filter_map(|(rel, _)| {
+                let p = rel.iter().fold(dir.to_path_buf(), |p, c| p.join(c));
+                let data = fs::read(&p).unwrap();
+                (data.windows(6).any(|w| w == b"SECRET")).then(|| p.display().to_string())
+            })
+            .collect()
+    };
+    let mut leaks = Vec::new();
+    for (i, t) in acks.iter().enumerate() {
+        let to = fs_.dir("restored").join(format!("a{i}"));
+        restore_at(&fresh, &bs, t, &to, &[]);
+        leaks.extend(holds_secret(&to));
+    }
+    // Every version of every path the writers used, at its own moment.
+    let mut checked = 0;
+    for dir in ["d", "d.real"] {
+        for i in 0..FILES {
+            let path = format!("{dir}/f{i}");
+            let v: serde_json::Value = serde_json::from_str(&fresh.ok(osargs![
+                "versions",
+                "share",
+                &path,
+                "--json",
+                "--repo",
+                bs.repo(),
+                "--key-file",
+                bs.key_file("share")
+            ]))
+            .unwrap();
+            for x in v["versions"].as_array().unwrap() {
+                if x["size"].as_u64() == Some(SECRET.len() as u64) {
+                    leaks.push(format!(
+                        "{path} has a version of the secret's size at {}",
+                        x["time"]
+                    ));
+                }
+                if x["kind"] != "close" {
+                    continue;
+                }
+                let t = x["time"].as_str().unwrap();
+                let to = fs_.dir("versions").join(format!("v{checked}"));
+                restore_at(&fresh, &bs, t, &to, &["--path", &path]);
+                leaks.extend(holds_secret(&to));
+                fs::remove_dir_all(&to).unwrap();
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("{checked} file versions restored and read");
+    assert!(leaks.is_empty(), "the secret was shipped: {leaks:#?}");
+}

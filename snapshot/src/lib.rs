@@ -32,6 +32,7 @@
 //! Creating the private area, creating or deleting snapshots and the
 //! change search need root (`CAP_SYS_ADMIN`).
 
+pub mod beneath;
 mod changes;
 mod mountinfo;
 mod sys;

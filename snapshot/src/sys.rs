@@ -797,3 +797,78 @@ pub fn ficlone(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) })?;
     Ok(())
 }
+
+/// `struct open_how` from `linux/openat2.h` (extensible; this is version 0).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+const _: () = assert!(std::mem::size_of::<OpenHow>() == 24);
+
+/// `openat2(dir, path, { flags | O_CLOEXEC, 0, resolve })`. `path` must not
+/// contain NUL.
+pub fn openat2(
+    dir: BorrowedFd<'_>,
+    path: &[u8],
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u32 as u64,
+        mode: 0,
+        resolve,
+    };
+    // SAFETY: `cpath` is NUL-terminated; `how` is a live `struct open_how`
+    // whose size is passed along (the kernel only reads it). Returns a new
+    // fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            cpath.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd)
+        .map_err(|_| io::Error::other("openat2 returned an fd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `readlinkat(fd, "")`: the target of the symlink that `fd` (opened with
+/// `O_PATH | O_NOFOLLOW`) refers to.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: the path is the empty C string; `buf` is writable for
+        // `buf.len()` bytes and the kernel writes at most that many.
+        let n = unsafe {
+            libc::readlinkat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        if buf.len() >= 1 << 16 {
+            return Err(io::Error::other("symlink target longer than 64 KiB"));
+        }
+        let len = buf.len() * 2;
+        buf.resize(len, 0);
+    }
+}
