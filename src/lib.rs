@@ -12,6 +12,7 @@ pub mod exit;
 pub mod moment;
 pub mod progress;
 pub mod queue;
+pub mod repair;
 pub mod restore;
 pub mod ship;
 pub mod state;

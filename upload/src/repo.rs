@@ -101,6 +101,9 @@ pub struct Repository {
     verified_packs: Mutex<HashSet<String>>,
     /// Trees built in memory (restore between snapshots), never uploaded.
     staged_trees: Mutex<HashMap<ContentId, Tree>>,
+    /// Packs known to be missing from the store (`check`, `repair`): their
+    /// blobs count as absent, so writers upload them again.
+    missing_packs: RwLock<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -235,6 +238,7 @@ impl Repository {
             loaded_indexes: Mutex::default(),
             verified_packs: Mutex::default(),
             staged_trees: Mutex::default(),
+            missing_packs: RwLock::default(),
         };
         Ok(repo)
     }
@@ -327,11 +331,44 @@ impl Repository {
         }
     }
 
+    /// Is `id` listed in a pack not known to be missing?
     pub fn has_blob(&self, id: &ContentId) -> bool {
+        let map = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
+        if missing.is_empty() {
+            map.contains(id)
+        } else {
+            map.contains_where(id, |pack| !missing.contains(pack))
+        }
+    }
+
+    /// Tells the repository that these packs are missing from the store:
+    /// their blobs no longer count as present ([`has_blob`]), so a writer
+    /// uploads them again, and readers try other copies first.
+    ///
+    /// [`has_blob`]: Repository::has_blob
+    pub fn mark_packs_missing<I: IntoIterator<Item = String>>(&self, packs: I) {
+        self.missing_packs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(packs);
+    }
+
+    /// The packs marked missing.
+    pub fn missing_packs(&self) -> HashSet<String> {
+        self.missing_packs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every listed location of a blob (a blob uploaded again after its
+    /// pack was lost is listed in several packs).
+    pub fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
         self.index
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .get_all(id)
     }
 
     pub fn locate(&self, id: &ContentId) -> Result<BlobLocation> {
@@ -349,8 +386,40 @@ impl Repository {
 
     /// Reads one blob: ranged GET, authenticate, check the content id.
     /// Also authenticates the header of each pack it touches, once.
+    ///
+    /// A blob listed in several packs is read from the first copy that
+    /// works: packs known missing are tried last, and a copy that cannot be
+    /// read (pack gone, damaged) falls through to the next; when none works
+    /// the first copy's error is returned.
     pub fn read_blob(&self, id: &ContentId, kind: BlobKind) -> Result<Vec<u8>> {
-        let loc = self.locate(id)?;
+        let mut locations = self.blob_locations(id);
+        if locations.is_empty() {
+            return Err(RepoError::MissingBlob { id: *id });
+        }
+        {
+            let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
+            locations.sort_by_key(|l| missing.contains(&l.pack));
+        }
+        let mut first_error = None;
+        for loc in locations {
+            let pack = loc.pack.clone();
+            match self.read_blob_at(id, kind, loc) {
+                Ok(plain) => return Ok(plain),
+                Err(e) => {
+                    if matches!(&e, RepoError::Store(s) if s.is_not_found()) {
+                        // The store lost this pack: count its blobs absent.
+                        tracing::info!("{pack}: listed in an index but missing from the store");
+                        self.mark_packs_missing([pack]);
+                    }
+                    tracing::debug!("blob {id}: one copy failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(RepoError::MissingBlob { id: *id }))
+    }
+
+    fn read_blob_at(&self, id: &ContentId, kind: BlobKind, loc: BlobLocation) -> Result<Vec<u8>> {
         if loc.kind != kind {
             return Err(RepoError::Format {
                 object: loc.pack,
