@@ -598,7 +598,7 @@ impl Repository {
         body: &T,
     ) -> Result<String> {
         let name = random_name(prefix);
-        let sealed = self.key.seal(kind, name.as_bytes(), &to_cbor(body));
+        let sealed = crate::padding::seal_padded(&self.key, kind, name.as_bytes(), body);
         self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))?;
         Ok(name)
     }
@@ -615,9 +615,8 @@ impl Repository {
             ident.push(0);
         }
         let name = format!("snapshots/{}", self.key.content_id(&ident).to_hex());
-        let sealed = self
-            .key
-            .seal(ObjectKind::Snapshot, name.as_bytes(), &to_cbor(record));
+        let sealed =
+            crate::padding::seal_padded(&self.key, ObjectKind::Snapshot, name.as_bytes(), record);
         match self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))? {
             PutOutcome::Created => {}
             PutOutcome::AlreadyExists => {
@@ -818,11 +817,12 @@ impl PackWriter<'_> {
         }
         if !index.packs.is_empty() {
             let name = random_name("index");
-            let body = to_cbor(&index);
-            let sealed = self
-                .repo
-                .key
-                .seal(ObjectKind::Index, name.as_bytes(), &body);
+            let sealed = crate::padding::seal_padded(
+                &self.repo.key,
+                ObjectKind::Index,
+                name.as_bytes(),
+                &index,
+            );
             self.stats.uploaded_bytes += sealed.len() as u64;
             self.repo
                 .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
