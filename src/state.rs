@@ -612,6 +612,9 @@ pub fn lock_share(state_dir: &Path, name: &str) -> Result<std::fs::File> {
     }
 }
 
+/// One baseline: (share-relative path, clone file name, CBOR content).
+pub type BaselineRow = (Vec<u8>, String, Vec<u8>);
+
 /// A pack the store lost, as the state remembers it.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
 pub struct MissingPack {
@@ -658,7 +661,7 @@ impl State {
 
     /// Every baseline (the newest shipped clone of a path): (path, clone
     /// file name, CBOR content). `repair` reads lost chunks back from them.
-    pub fn all_baselines(&self) -> Result<Vec<(Vec<u8>, String, Vec<u8>)>> {
+    pub fn all_baselines(&self) -> Result<Vec<BaselineRow>> {
         let mut stmt = self
             .conn
             .prepare("SELECT path, clone, content FROM baselines ORDER BY path")?;
