@@ -201,3 +201,33 @@ fn repair_reads_back_local_data_and_reports_what_is_lost() {
     // The old moment is damaged for good: check still says so.
     b.fails(osargs!["check", SHARE], 5);
 }
+
+#[test]
+fn repair_reads_back_a_daemon_version_from_its_staging_clone() {
+    let (fs_, share, b) = setup();
+    let daemon = b.start_daemon(SHARE);
+    b.sync(SHARE);
+    let before = packs(&b.repo());
+    write_random_file(&share.join("saved.bin"), 100 * KIB, 7);
+    b.sync(SHARE);
+    daemon.terminate();
+    let refs = fs_.dir("refs");
+    reference_snapshot(&share, &refs.join("now"));
+    // The pack of that version batch is lost; only the staging clone
+    // (the daemon's baseline of saved.bin) still holds its data.
+    let new: Vec<_> = packs(&b.repo()).difference(&before).cloned().collect();
+    assert!(!new.is_empty(), "the daemon shipped no pack");
+    for (_, p) in &new {
+        fs::remove_file(p).expect("delete a pack");
+    }
+    let out = b.ok(osargs!["repair", SHARE, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("repair --json");
+    assert_eq!(v["ok"], true, "{out}");
+    assert!(
+        out.contains("staging clones"),
+        "repair did not read the staging clone:\n{out}"
+    );
+    let to = fs_.dir("restores").join("fresh");
+    fresh_restore(&b, &to);
+    assert_same_tree(&refs.join("now"), &to);
+}
