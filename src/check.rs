@@ -28,6 +28,9 @@ pub struct CheckReport {
     pub histories: u64,
     pub problems: Vec<String>,
     pub warnings: Vec<String>,
+    /// Packs listed in an index but missing from the store (remembered in
+    /// the state database so the next ship uploads their blobs again).
+    pub missing_packs: Vec<String>,
 }
 
 /// What the shipping machine knows of a share's history (rollback and
@@ -93,9 +96,19 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
     let indexed = repo.packs_in_index();
     for (pack, blobs) in &indexed {
         match sizes.get(pack.as_str()) {
-            None => r.problems.push(format!(
-                "{pack}: listed in an index but missing from the store"
-            )),
+            None => {
+                r.missing_packs.push(pack.clone());
+                match crate::repair::blobs_without_copy(repo, pack, blobs, &sizes) {
+                    0 => r.warnings.push(format!(
+                        "{pack}: listed in an index but missing from the store; \
+                         every blob it held has another copy (healed)"
+                    )),
+                    n => r.problems.push(format!(
+                        "{pack}: listed in an index but missing from the store \
+                         ({n} blobs it held have no other copy; btrship repair)"
+                    )),
+                }
+            }
             Some(&size) => {
                 if let Some((id, _)) = blobs
                     .iter()
@@ -147,6 +160,7 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
     }
     check_chains(repo, local, &mut r);
     referenced.extend(version_refs);
+    r.missing_packs.sort();
     r.trees = seen_trees.len() as u64;
     r.blobs_referenced = referenced.len() as u64;
     for id in &referenced {

@@ -725,7 +725,11 @@ impl Shipper {
                 return Ok(());
             }
             match open_repo() {
-                Ok(r) => break r,
+                Ok(r) => {
+                    // Packs the store lost: their blobs count as absent.
+                    crate::repair::prepare_ship(&r, &self.state)?;
+                    break r;
+                }
                 Err(e) => {
                     self.failed(&format!("cannot open the repository: {e:#}"))?;
                     self.sleep(backoff.fail());

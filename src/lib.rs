@@ -13,6 +13,7 @@ pub mod history;
 pub mod moment;
 pub mod progress;
 pub mod queue;
+pub mod repair;
 pub mod restore;
 pub mod ship;
 pub mod state;

@@ -191,6 +191,14 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// After the store lost packs: upload their blobs again from local snapshots and staging clones, and report what is lost for good.
+    Repair {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
 }
 
 fn main() {
@@ -445,6 +453,7 @@ fn run(cli: Cli) -> Result<u8> {
             json,
             repo,
         } => app.check(&name, read_data, json, &repo),
+        Command::Repair { name, json, repo } => app.repair(&name, json, &repo),
     }
 }
 
@@ -1306,6 +1315,92 @@ impl App {
         Ok(exit::OK)
     }
 
+    fn repair(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {
+        let (repo, cfg) = self.open_repo(name, args, true)?;
+        let report = match &cfg {
+            // On the shipping machine: read lost data back from local copies.
+            Some(cfg) if self.state_path(name).exists() => {
+                let _lock = state::lock_share(&self.state_dir, name)?;
+                let share = Share::open(&cfg.path)?;
+                let area = PrivateArea::open(&share, name)?;
+                let mut state = state::State::open(&self.state_path(name))?;
+                let report = btrship::repair::repair(
+                    &repo,
+                    Some(btrship::repair::Local {
+                        state: &mut state,
+                        area: &area,
+                        share: &cfg.name,
+                        host: &host_name(),
+                    }),
+                )?;
+                state.log_event(
+                    if report.lost_blobs == 0 {
+                        "info"
+                    } else {
+                        "error"
+                    },
+                    "repair",
+                    &format!(
+                        "repair: {} packs missing, {} blobs recovered, {} lost for good",
+                        report.missing_packs.len(),
+                        report.recovered_blobs,
+                        report.lost_blobs
+                    ),
+                )?;
+                report
+            }
+            _ => btrship::repair::repair(&repo, None)?,
+        };
+        if json {
+            print_json(&serde_json::json!({
+                "version": 1,
+                "ok": report.lost_blobs == 0,
+                "report": report,
+            }))?;
+        } else {
+            for p in &report.missing_packs {
+                println!("missing pack: {p}");
+            }
+            for s in &report.sources {
+                println!("read back from: {s}");
+            }
+            for l in &report.lost {
+                println!(
+                    "lost: {} {} {:?} ({}; {} blobs) in {}",
+                    l.time,
+                    l.kind,
+                    l.path,
+                    if l.kind == "file" { "content" } else { "tree" },
+                    l.lost_blobs,
+                    l.object
+                );
+            }
+            println!(
+                "repaired {}: {} packs missing of {} indexed, {} blobs had no copy, {} uploaded again ({} bytes), {} lost for good",
+                repo.location(),
+                report.missing_packs.len(),
+                report.packs_in_index,
+                report.lost_blobs_before,
+                report.recovered_blobs,
+                report.uploaded_bytes,
+                report.lost_blobs
+            );
+        }
+        if report.lost_blobs == 0 {
+            Ok(exit::OK)
+        } else {
+            Err(UserError::new(
+                exit::DAMAGED,
+                format!(
+                    "{} blobs exist nowhere any more ({} paths in snapshots and versions reference them); the rest is repaired",
+                    report.lost_blobs,
+                    report.lost.len()
+                ),
+            )
+            .into())
+        }
+    }
+
     fn check(&self, name: &str, read_data: bool, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, cfg) = self.open_repo(name, args, true)?;
         let _ = cfg;
@@ -1325,6 +1420,10 @@ impl App {
             None => None,
         };
         let report = check::check(&repo, read_data, local.as_ref());
+        // Remember lost packs: the next ship uploads their blobs again.
+        if cfg.is_some() && !report.missing_packs.is_empty() && self.state_path(name).exists() {
+            state::State::open(&self.state_path(name))?.add_missing_packs(&report.missing_packs)?;
+        }
         if json {
             print_json(
                 &serde_json::json!({ "version": 1, "ok": report.problems.is_empty(), "report": report }),

@@ -106,6 +106,9 @@ pub fn ship_queued(
     mut on_shipped: impl FnMut(&ShipReport),
 ) -> Result<Vec<ShipReport>> {
     let mut reports = Vec::new();
+    // Packs the store lost: the first ship re-reads what referenced them.
+    let mut heal = crate::repair::prepare_ship(repo, state)?;
+    let known_missing = repo.missing_packs().len();
     for pending in state.queued()? {
         let info = area.get(&pending.name)?;
         let parent = state.last_shipped()?.and_then(|s| {
@@ -128,7 +131,8 @@ pub fn ship_queued(
             parent,
         };
         let before = counters.values();
-        let (mut report, tree) = ship::ship(repo, state, &input, &mut progress)?;
+        let (mut report, tree) =
+            ship::ship_with(repo, state, &input, &mut progress, heal.as_deref())?;
         report.store = counters.values().since(&before);
         let message = format!(
             "shipped {}: {} files, {} new bytes; store: {}",
@@ -142,6 +146,9 @@ pub fn ship_queued(
             &serde_json::to_string(&report)?,
             &message,
         )?;
+        if heal.take().is_some() || repo.missing_packs().len() > known_missing {
+            crate::repair::settle(repo, state)?;
+        }
         on_shipped(&report);
         reports.push(report);
     }

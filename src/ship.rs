@@ -121,6 +121,21 @@ pub fn ship(
     input: &ShipInput<'_>,
     progress: &mut Progress,
 ) -> Result<(ShipReport, ContentId)> {
+    ship_with(repo, state, input, progress, None)
+}
+
+/// [`ship`], with a reason to walk every directory and stat every file
+/// even when btrfs could name the changes: after packs were lost
+/// (`crate::repair`), files whose content references a lost blob are read
+/// again and trees that were in a lost pack are rebuilt and uploaded again
+/// (the full walk reuses a file's chunks only when they are all present).
+pub fn ship_with(
+    repo: &Repository,
+    state: &State,
+    input: &ShipInput<'_>,
+    progress: &mut Progress,
+    force_full_walk: Option<&str>,
+) -> Result<(ShipReport, ContentId)> {
     let started = std::time::Instant::now();
     let cfg = repo.config().chunker;
     let parent_root = match &input.parent {
@@ -135,6 +150,9 @@ pub fn ship(
     };
     let (changes, detection) = match (&input.parent, &parent_root) {
         (None, _) => (None, full("first snapshot of this share")),
+        (Some(_), _) if force_full_walk.is_some() => {
+            (None, full(force_full_walk.unwrap_or_default()))
+        }
         (Some(_), None) => (None, full("the parent snapshot's tree is unreadable")),
         (Some(Parent { path: None, .. }), _) => {
             (None, full("the parent snapshot is no longer on disk"))

@@ -101,6 +101,19 @@ const MIGRATIONS: &[&str] = &[
         time      TEXT NOT NULL
     );
 ",
+    "
+    -- Packs listed in an index but missing from the store (found by check
+    -- or repair). 'missing': the next ship re-reads and re-uploads what
+    -- referenced them; 'healed': every blob they held has another copy;
+    -- 'lost': some blobs exist nowhere any more (lost_blobs of them).
+    CREATE TABLE missing_packs (
+        pack       TEXT PRIMARY KEY,
+        found_at   TEXT NOT NULL,
+        state      TEXT NOT NULL CHECK (state IN ('missing', 'healed', 'lost')),
+        lost_blobs INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+",
 ];
 
 pub struct State {
@@ -695,6 +708,76 @@ pub fn lock_share(state_dir: &Path, name: &str) -> Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
+    }
+}
+
+/// One baseline: (share-relative path, clone file name, CBOR content).
+pub type BaselineRow = (Vec<u8>, String, Vec<u8>);
+
+/// A pack the store lost, as the state remembers it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct MissingPack {
+    pub pack: String,
+    pub found_at: String,
+    /// `missing`, `healed` or `lost`.
+    pub state: String,
+    pub lost_blobs: u64,
+}
+
+impl State {
+    /// Remembers packs found missing from the store (a pack already known
+    /// keeps its state).
+    pub fn add_missing_packs(&mut self, packs: &[String]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for p in packs {
+            tx.execute(
+                "INSERT INTO missing_packs (pack, found_at, state, updated_at)
+                 VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), 'missing',
+                         strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+                 ON CONFLICT (pack) DO NOTHING",
+                params![p],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every pack known missing, in any state.
+    pub fn missing_packs(&self) -> Result<Vec<MissingPack>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT pack, found_at, state, lost_blobs FROM missing_packs ORDER BY found_at, pack",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(MissingPack {
+                pack: r.get(0)?,
+                found_at: r.get(1)?,
+                state: r.get(2)?,
+                lost_blobs: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every baseline (the newest shipped clone of a path): (path, clone
+    /// file name, CBOR content). `repair` reads lost chunks back from them.
+    pub fn all_baselines(&self) -> Result<Vec<BaselineRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT path, clone, content FROM baselines ORDER BY path")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Sets a missing pack's state ('missing', 'healed', 'lost') and the
+    /// number of its blobs that exist nowhere else.
+    pub fn set_missing_pack_state(&self, pack: &str, state: &str, lost_blobs: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE missing_packs SET state = ?2, lost_blobs = ?3,
+                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE pack = ?1",
+            params![pack, state, lost_blobs as i64],
+        )?;
+        Ok(())
     }
 }
 

@@ -110,6 +110,10 @@ pub struct PackedBlob {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PackHeader {
     pub blobs: Vec<PackedBlob>,
+    /// Random bytes between the last blob and the header (size classes,
+    /// FORMAT.md §6a); absent = 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub padding: u64,
 }
 
 /// FORMAT.md §5 index body.

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod local;
 mod memindex;
 pub mod pack;
+pub mod padding;
 pub mod repo;
 pub mod s3;
 pub mod store;

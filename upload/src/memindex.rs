@@ -5,6 +5,10 @@
 //! sorted array searched by bisection (a hash table would need up to twice
 //! the room); blobs added later go to a small hash table until the next
 //! [`MemIndex::compact`].
+//!
+//! A blob listed in several packs (a copy uploaded again after its first
+//! pack was lost, FORMAT.md §5) keeps its first location in the array and
+//! every further one in a small side table: readers try them in turn.
 
 use crate::format::BlobKind;
 use crate::repo::BlobLocation;
@@ -27,6 +31,8 @@ pub(crate) struct MemIndex {
     /// Sorted by id, no duplicates.
     sorted: Vec<(ContentId, Slot)>,
     recent: HashMap<ContentId, Slot>,
+    /// Further locations of blobs listed in more than one pack (rare).
+    extra: HashMap<ContentId, Vec<Slot>>,
 }
 
 impl MemIndex {
@@ -39,9 +45,6 @@ impl MemIndex {
         else {
             return false;
         };
-        if self.contains(&id) {
-            return true;
-        }
         let pack = match self.pack_ids.get(loc.pack) {
             Some(&n) => n,
             None => {
@@ -51,16 +54,25 @@ impl MemIndex {
                 n
             }
         };
-        self.recent.insert(
-            id,
-            Slot {
-                offset: loc.offset,
-                pack,
-                length,
-                raw_length,
-                kind: loc.kind,
-            },
-        );
+        let slot = Slot {
+            offset: loc.offset,
+            pack,
+            length,
+            raw_length,
+            kind: loc.kind,
+        };
+        if let Some(first) = self.slot(&id) {
+            let first_pack = first.pack;
+            let extra = self.extra.entry(id).or_default();
+            if first_pack != pack && !extra.iter().any(|s| s.pack == pack) {
+                extra.push(slot);
+            }
+            if extra.is_empty() {
+                self.extra.remove(&id);
+            }
+            return true;
+        }
+        self.recent.insert(id, slot);
         if self.recent.len() >= Self::RECENT_MAX {
             self.compact();
         }
@@ -112,14 +124,41 @@ impl MemIndex {
         self.slot(id).map(|s| self.location(s))
     }
 
+    /// Every listed location of `id`, the first one first.
+    pub fn get_all(&self, id: &ContentId) -> Vec<BlobLocation> {
+        let Some(first) = self.slot(id) else {
+            return Vec::new();
+        };
+        let mut out = vec![self.location(first)];
+        if let Some(extra) = self.extra.get(id) {
+            out.extend(extra.iter().map(|s| self.location(s)));
+        }
+        out
+    }
+
+    /// Is `id` listed in some pack for which `usable` says yes?
+    pub fn contains_where(&self, id: &ContentId, usable: impl Fn(&str) -> bool) -> bool {
+        let Some(first) = self.slot(id) else {
+            return false;
+        };
+        usable(&self.packs[first.pack as usize])
+            || self
+                .extra
+                .get(id)
+                .is_some_and(|v| v.iter().any(|s| usable(&self.packs[s.pack as usize])))
+    }
+
     /// Does the index place `id` in `pack` at other than (offset, length)?
     pub fn disagrees(&self, id: &ContentId, pack: &str, offset: u64, length: u64) -> bool {
-        match (self.slot(id), self.pack_ids.get(pack)) {
-            (Some(s), Some(&p)) => {
-                s.pack == p && (s.offset != offset || u64::from(s.length) != length)
-            }
-            _ => false,
-        }
+        let Some(&p) = self.pack_ids.get(pack) else {
+            return false;
+        };
+        let Some(first) = self.slot(id) else {
+            return false;
+        };
+        std::iter::once(first)
+            .chain(self.extra.get(id).into_iter().flatten())
+            .any(|s| s.pack == p && (s.offset != offset || u64::from(s.length) != length))
     }
 
     /// Every blob by pack.
@@ -129,7 +168,12 @@ impl MemIndex {
             .sorted
             .iter()
             .map(|(i, s)| (i, s))
-            .chain(self.recent.iter());
+            .chain(self.recent.iter())
+            .chain(
+                self.extra
+                    .iter()
+                    .flat_map(|(id, v)| v.iter().map(move |s| (id, s))),
+            );
         for (id, s) in all {
             out.entry(self.packs[s.pack as usize].clone())
                 .or_default()
@@ -167,7 +211,12 @@ mod tests {
         assert!(m.insert(a, &loc("packs/aa/x", 5)));
         assert!(m.insert(b, &loc("packs/aa/x", 15)));
         assert!(m.insert(a, &loc("packs/bb/y", 0)), "first location wins");
-        assert_eq!(m.packs.len(), 1);
+        assert_eq!(m.packs.len(), 2);
+        assert_eq!(m.get_all(&a).len(), 2, "the second copy is kept too");
+        assert!(m.insert(a, &loc("packs/bb/y", 0)));
+        assert_eq!(m.get_all(&a).len(), 2, "a pack is listed once per blob");
+        assert!(m.contains_where(&a, |p| p == "packs/bb/y"));
+        assert!(!m.contains_where(&b, |p| p == "packs/bb/y"));
         let got = m.get(&a).unwrap();
         assert_eq!(
             (got.pack.as_str(), got.offset, got.length, got.raw_length),
@@ -175,7 +224,9 @@ mod tests {
         );
         assert!(m.disagrees(&a, "packs/aa/x", 6, 10));
         assert!(!m.disagrees(&a, "packs/aa/x", 5, 10));
-        assert!(!m.disagrees(&a, "packs/bb/y", 6, 10));
+        assert!(m.disagrees(&a, "packs/bb/y", 6, 10));
+        assert!(!m.disagrees(&a, "packs/bb/y", 0, 10));
+        assert!(!m.disagrees(&a, "packs/zz/none", 6, 10));
         let huge = BlobLocationRef {
             length: 1 << 40,
             ..loc("packs/cc/z", 0)
@@ -192,6 +243,7 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert_eq!(m.get(&ContentId([0; 32])).unwrap().pack, "packs/dd/w");
         assert_eq!(m.by_pack()["packs/aa/x"].len(), 2);
+        assert_eq!(m.by_pack()["packs/bb/y"].len(), 1);
         assert!(std::mem::size_of::<(ContentId, Slot)>() <= 56);
     }
 }

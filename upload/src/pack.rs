@@ -2,6 +2,7 @@
 //! then the sealed pack header, then its length as a little-endian u32.
 
 use crate::format::{from_cbor, to_cbor, BlobKind, PackHeader, PackedBlob};
+use crate::padding::{self, size_class};
 use btrship_crypto::{ContentId, MasterKey, ObjectKind};
 
 /// Object name of a pack: `packs/<2 hex>/<64 hex>`, from the keyed hash of
@@ -39,12 +40,42 @@ impl PackBuilder {
         self.buf.extend_from_slice(sealed);
     }
 
-    /// Seals the header and returns (pack bytes, blobs in it).
+    /// Seals the header and returns (pack bytes, blobs in it). Random
+    /// padding between the last blob and the header, declared in the
+    /// header, brings the pack to its size class (FORMAT.md §6a).
     pub fn finish(mut self, key: &MasterKey) -> (Vec<u8>, Vec<PackedBlob>) {
-        let header = PackHeader {
-            blobs: self.blobs.clone(),
+        let blobs_len = self.buf.len() as u64;
+        let seal = |padding: u64| {
+            let header = PackHeader {
+                blobs: self.blobs.clone(),
+                padding,
+            };
+            key.seal(ObjectKind::PackHeader, b"", &to_cbor(&header))
         };
-        let sealed = key.seal(ObjectKind::PackHeader, b"", &to_cbor(&header));
+        let mut sealed = seal(0);
+        let mut target = size_class(blobs_len + sealed.len() as u64 + 4);
+        let mut padding = 0u64;
+        for _ in 0..32 {
+            let total = blobs_len + padding + sealed.len() as u64 + 4;
+            if total == target {
+                break;
+            }
+            if total < target {
+                padding += target - total;
+            } else if total - target <= padding {
+                padding -= total - target;
+            } else {
+                target = size_class(target + 1);
+                continue;
+            }
+            sealed = seal(padding);
+        }
+        let total = blobs_len + padding + sealed.len() as u64 + 4;
+        if total != target {
+            tracing::debug!("pack of {total} bytes misses its class {target}");
+        }
+        self.buf
+            .extend_from_slice(&padding::random_bytes(padding as usize));
         self.buf.extend_from_slice(&sealed);
         self.buf
             .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
@@ -78,7 +109,8 @@ pub fn header_range(size: u64, tail: &[u8]) -> Result<(u64, u64), PackError> {
 }
 
 /// Opens a sealed pack header and checks that its blobs tile the pack
-/// exactly from offset 0 up to the header (no unaccounted byte).
+/// exactly from offset 0, followed by exactly the padding the header
+/// declares, up to the header (no unaccounted byte).
 pub fn open_header(
     key: &MasterKey,
     sealed: &[u8],
@@ -96,9 +128,10 @@ pub fn open_header(
         }
         expect = b.offset.saturating_add(b.length);
     }
-    if expect != header_offset {
+    if expect.saturating_add(header.padding) != header_offset {
         return Err(PackError::Layout(format!(
-            "blobs end at {expect}, header starts at {header_offset}"
+            "blobs end at {expect}, {} bytes of padding, header starts at {header_offset}",
+            header.padding
         )));
     }
     Ok(header.blobs)
@@ -119,6 +152,7 @@ mod tests {
         }
         let (bytes, blobs) = b.finish(&key);
         let size = bytes.len() as u64;
+        assert_eq!(size, size_class(size), "a pack is padded to its class");
         let (off, len) = header_range(size, &bytes[bytes.len() - 4..]).unwrap();
         let parsed = open_header(&key, &bytes[off as usize..(off + len) as usize], off).unwrap();
         assert_eq!(parsed, blobs);
@@ -128,6 +162,48 @@ mod tests {
                 .open(ObjectKind::DataBlob, p.id.0.as_bytes(), sealed)
                 .unwrap();
             assert_eq!(key.content_id(&plain), p.id.0);
+        }
+    }
+
+    #[test]
+    fn padding_is_accepted_only_as_declared() {
+        let key = MasterKey::generate();
+        let data = b"some data";
+        let id = key.content_id(data);
+        let sealed = key.seal(ObjectKind::DataBlob, id.as_bytes(), data);
+        let mut b = PackBuilder::default();
+        b.push(id, BlobKind::Data, &sealed, data.len() as u64);
+        let (bytes, blobs) = b.finish(&key);
+        let size = bytes.len() as u64;
+        assert_eq!(size, 4096);
+        let (off, len) = header_range(size, &bytes[bytes.len() - 4..]).unwrap();
+        let header_bytes = &bytes[off as usize..(off + len) as usize];
+        assert_eq!(open_header(&key, header_bytes, off).unwrap(), blobs);
+        // A header declaring another padding length (sealed with the key:
+        // a writer bug) does not lay out.
+        for padding in [
+            0,
+            off - sealed.len() as u64 - 1,
+            off - sealed.len() as u64 + 1,
+        ] {
+            let lying = key.seal(
+                ObjectKind::PackHeader,
+                b"",
+                &to_cbor(&PackHeader {
+                    blobs: blobs.clone(),
+                    padding,
+                }),
+            );
+            assert!(matches!(
+                open_header(&key, &lying, off),
+                Err(PackError::Layout(_))
+            ));
+        }
+        // A tampered header (the padding length in it) fails authentication.
+        for i in 0..header_bytes.len() {
+            let mut bad = header_bytes.to_vec();
+            bad[i] ^= 0x40;
+            assert!(open_header(&key, &bad, off).is_err(), "byte {i}");
         }
     }
 

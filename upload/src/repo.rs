@@ -105,6 +105,9 @@ pub struct Repository {
     /// Index objects that could not be read or opened, with why: their
     /// blobs are unknown, so only the paths that need them fail.
     damaged_indexes: Mutex<Vec<(String, String)>>,
+    /// Packs known to be missing from the store (`check`, `repair`): their
+    /// blobs count as absent, so writers upload them again.
+    missing_packs: RwLock<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -240,6 +243,7 @@ impl Repository {
             verified_packs: Mutex::default(),
             staged_trees: Mutex::default(),
             damaged_indexes: Mutex::default(),
+            missing_packs: RwLock::default(),
         };
         Ok(repo)
     }
@@ -357,11 +361,44 @@ impl Repository {
         }
     }
 
+    /// Is `id` listed in a pack not known to be missing?
     pub fn has_blob(&self, id: &ContentId) -> bool {
+        let map = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
+        if missing.is_empty() {
+            map.contains(id)
+        } else {
+            map.contains_where(id, |pack| !missing.contains(pack))
+        }
+    }
+
+    /// Tells the repository that these packs are missing from the store:
+    /// their blobs no longer count as present ([`has_blob`]), so a writer
+    /// uploads them again, and readers try other copies first.
+    ///
+    /// [`has_blob`]: Repository::has_blob
+    pub fn mark_packs_missing<I: IntoIterator<Item = String>>(&self, packs: I) {
+        self.missing_packs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(packs);
+    }
+
+    /// The packs marked missing.
+    pub fn missing_packs(&self) -> HashSet<String> {
+        self.missing_packs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every listed location of a blob (a blob uploaded again after its
+    /// pack was lost is listed in several packs).
+    pub fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
         self.index
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .get_all(id)
     }
 
     pub fn locate(&self, id: &ContentId) -> Result<BlobLocation> {
@@ -379,8 +416,40 @@ impl Repository {
 
     /// Reads one blob: ranged GET, authenticate, check the content id.
     /// Also authenticates the header of each pack it touches, once.
+    ///
+    /// A blob listed in several packs is read from the first copy that
+    /// works: packs known missing are tried last, and a copy that cannot be
+    /// read (pack gone, damaged) falls through to the next; when none works
+    /// the first copy's error is returned.
     pub fn read_blob(&self, id: &ContentId, kind: BlobKind) -> Result<Vec<u8>> {
-        let loc = self.locate(id)?;
+        let mut locations = self.blob_locations(id);
+        if locations.is_empty() {
+            return Err(RepoError::MissingBlob { id: *id });
+        }
+        {
+            let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
+            locations.sort_by_key(|l| missing.contains(&l.pack));
+        }
+        let mut first_error = None;
+        for loc in locations {
+            let pack = loc.pack.clone();
+            match self.read_blob_at(id, kind, loc) {
+                Ok(plain) => return Ok(plain),
+                Err(e) => {
+                    if matches!(&e, RepoError::Store(s) if s.is_not_found()) {
+                        // The store lost this pack: count its blobs absent.
+                        tracing::info!("{pack}: listed in an index but missing from the store");
+                        self.mark_packs_missing([pack]);
+                    }
+                    tracing::debug!("blob {id}: one copy failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(RepoError::MissingBlob { id: *id }))
+    }
+
+    fn read_blob_at(&self, id: &ContentId, kind: BlobKind, loc: BlobLocation) -> Result<Vec<u8>> {
         if loc.kind != kind {
             return Err(RepoError::Format {
                 object: loc.pack,
@@ -559,7 +628,7 @@ impl Repository {
         body: &T,
     ) -> Result<String> {
         let name = random_name(prefix);
-        let sealed = self.key.seal(kind, name.as_bytes(), &to_cbor(body));
+        let sealed = crate::padding::seal_padded(&self.key, kind, name.as_bytes(), body);
         self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))?;
         Ok(name)
     }
@@ -584,13 +653,15 @@ impl Repository {
     /// object of that name exists. Returns the outcome and the BLAKE3 hash
     /// of the sealed bytes (what the next object's link holds).
     pub fn put_history(&self, name: &str, body: &HistoryBody) -> Result<(PutOutcome, [u8; 32])> {
-        let plain = match body {
-            HistoryBody::Snapshot(r) => to_cbor(r),
-            HistoryBody::Versions(b) => to_cbor(b),
+        let kind = body.kind().object_kind();
+        let sealed = match body {
+            HistoryBody::Snapshot(r) => {
+                crate::padding::seal_padded(&self.key, kind, name.as_bytes(), r)
+            }
+            HistoryBody::Versions(b) => {
+                crate::padding::seal_padded(&self.key, kind, name.as_bytes(), b)
+            }
         };
-        let sealed = self
-            .key
-            .seal(body.kind().object_kind(), name.as_bytes(), &plain);
         let hash = history::sealed_hash(&sealed);
         let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
         Ok((outcome, hash))
@@ -859,11 +930,12 @@ impl PackWriter<'_> {
         }
         if !index.packs.is_empty() {
             let name = random_name("index");
-            let body = to_cbor(&index);
-            let sealed = self
-                .repo
-                .key
-                .seal(ObjectKind::Index, name.as_bytes(), &body);
+            let sealed = crate::padding::seal_padded(
+                &self.repo.key,
+                ObjectKind::Index,
+                name.as_bytes(),
+                &index,
+            );
             self.stats.uploaded_bytes += sealed.len() as u64;
             self.repo
                 .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
