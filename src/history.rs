@@ -92,7 +92,7 @@ impl ShareHistory {
 pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
     let (objects, bad) = repo.history_objects()?;
     for (name, e) in &bad {
-        tracing::warn!("unreadable history object {name}: {e}");
+        tracing::debug!("unreadable history object {name}: {e}");
     }
     let hosts: BTreeSet<&str> = objects
         .iter()
@@ -202,6 +202,42 @@ fn store_behind(share: &str, msg: String) -> anyhow::Error {
         format!("{msg}; nothing more is shipped until `btrship repair {share}` re-ships what this machine still holds and continues the history"),
     )
     .into()
+}
+
+/// Fails (exit 5) when the store lacks this machine's head of the history
+/// of `share` on `host`, or holds another object under its name: call it
+/// before shipping anything, so nothing is uploaded into a store that is
+/// behind. One GET. [`append`] checks the same again under its lock.
+pub fn ensure_store_holds_head(
+    repo: &Repository,
+    state: &State,
+    share: &str,
+    host: &str,
+) -> Result<()> {
+    let Some(h) = state
+        .history_head()?
+        .filter(|h| h.host == host && !h.name.is_empty())
+    else {
+        return Ok(());
+    };
+    match repo.read_history(&h.name) {
+        Ok(o) if o.hash == h.hash => Ok(()),
+        Ok(_) => Err(store_behind(
+            share,
+            format!(
+                "the store's {} is not the object this machine shipped there: it was replaced",
+                h.name
+            ),
+        )),
+        Err(e) if is_not_found(&e) => Err(store_behind(
+            share,
+            format!(
+                "the store lacks {} (place {} of this machine's history of share {share}, shipped {}): it was withheld, deleted or rolled back",
+                h.name, h.seq, h.time
+            ),
+        )),
+        Err(e) => Err(e).context(format!("cannot read {}", h.name)),
+    }
 }
 
 /// Appends one object to the history of `share` on `host`: `build` makes

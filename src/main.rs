@@ -1317,6 +1317,7 @@ impl App {
 
     fn repair(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, cfg) = self.open_repo(name, args, true)?;
+        let mut history_lost: Option<(u64, u64, Vec<String>)> = None;
         let report = match &cfg {
             // On the shipping machine: read lost data back from local copies.
             Some(cfg) if self.state_path(name).exists() => {
@@ -1330,9 +1331,41 @@ impl App {
                         state: &mut state,
                         area: &area,
                         share: &cfg.name,
-                        host: &host_name(),
+                        host: &share_host(cfg),
                     }),
                 )?;
+                // The store lost the newest history objects: continue the
+                // chain after the newest intact one, and ship again every
+                // local snapshot whose record is gone.
+                let lost = btrship::history::resume_after_loss(
+                    &repo,
+                    &state,
+                    &cfg.name,
+                    &share_host(cfg),
+                )?;
+                let mut requeued = Vec::new();
+                if let Some((from, to)) = lost {
+                    for s in state.snapshots()? {
+                        let Some(rec) = &s.record else { continue };
+                        if s.shipped && !repo.exists(rec)? && area.get(&s.name).is_ok() {
+                            state.requeue(
+                                &s.name,
+                                &format!(
+                                    "repair: the store lost record {rec}; {} ships again",
+                                    s.name
+                                ),
+                            )?;
+                            requeued.push(s.name.clone());
+                        }
+                    }
+                    let msg = format!(
+                        "repair: history places {from} to {to} of share {} are lost in the store; the history continues after them; {} local snapshots queued to ship again",
+                        cfg.name,
+                        requeued.len()
+                    );
+                    state.log_event("error", "history_lost", &msg)?;
+                }
+                history_lost = lost.map(|(from, to)| (from, to, requeued));
                 state.log_event(
                     if report.lost_blobs == 0 {
                         "info"
@@ -1354,8 +1387,11 @@ impl App {
         if json {
             print_json(&serde_json::json!({
                 "version": 1,
-                "ok": report.lost_blobs == 0,
+                "ok": report.lost_blobs == 0 && history_lost.is_none(),
                 "report": report,
+                "history_lost": history_lost.as_ref().map(|(from, to, requeued)| serde_json::json!({
+                    "from": from, "to": to, "requeued_snapshots": requeued,
+                })),
             }))?;
         } else {
             for p in &report.missing_packs {
@@ -1385,6 +1421,23 @@ impl App {
                 report.uploaded_bytes,
                 report.lost_blobs
             );
+        }
+        if let Some((from, to, requeued)) = &history_lost {
+            if !json {
+                println!(
+                    "history: places {from} to {to} were lost by the store; the history continues after them; {} local snapshots queued to ship again ({})",
+                    requeued.len(),
+                    requeued.join(", ")
+                );
+            }
+            return Err(UserError::new(
+                exit::DAMAGED,
+                format!(
+                    "the store lost places {from} to {to} of this share's history; {} local snapshots ship again with the next `btrship snapshot {name}`; versions only in the lost places are gone",
+                    requeued.len()
+                ),
+            )
+            .into());
         }
         if report.lost_blobs == 0 {
             Ok(exit::OK)

@@ -175,7 +175,7 @@ pub fn prune_local(
             Some(r) => match repo.exists(r) {
                 Ok(true) => true,
                 Ok(false) => {
-                    tracing::warn!(
+                    tracing::info!(
                         "keeping local snapshot {}: its record {r} is missing from the store",
                         s.name
                     );

@@ -137,6 +137,7 @@ pub fn ship_with(
     force_full_walk: Option<&str>,
 ) -> Result<(ShipReport, ContentId)> {
     let started = std::time::Instant::now();
+    crate::history::ensure_store_holds_head(repo, state, input.share, input.host)?;
     let cfg = repo.config().chunker;
     let parent_root = match &input.parent {
         Some(p) => match repo.read_tree(&p.tree) {

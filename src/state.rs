@@ -251,6 +251,21 @@ impl State {
         Ok(())
     }
 
+    /// Puts a shipped snapshot back in the queue (its record was lost by
+    /// the store; `repair`): the next run ships it again.
+    pub fn requeue(&self, name: &str, message: &str) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE snapshots SET state = 'taken', record = NULL, tree = NULL, stats = NULL,
+                 shipped_at = NULL
+             WHERE name = ?1",
+            params![name],
+        )?;
+        insert_event(&tx, "warn", "requeued", message)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn mark_shipped(
         &mut self,
         name: &str,

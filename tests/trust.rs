@@ -62,9 +62,12 @@ fn fresh_args(bs: &Btrship, name: &str) -> Vec<OsString> {
 
 #[test]
 fn two_hosts_with_one_share_name_never_mix() {
-    let lb = LoopBtrfs::new(512);
-    let share_a = lb.subvolume("a-office");
-    let share_b = lb.subvolume("b-office");
+    // Two machines: two filesystems (the private snapshot area is per
+    // filesystem and share name).
+    let lb = LoopBtrfs::new(256);
+    let lb_b = LoopBtrfs::new(256);
+    let share_a = lb.subvolume("office");
+    let share_b = lb_b.subvolume("office");
     write(&share_a.join("who.txt"), "host A's file\n");
     write(&share_b.join("who.txt"), "host B's file, longer\n");
     write(&share_b.join("only-b/x"), "b\n");
@@ -168,7 +171,11 @@ fn init_of_a_second_share_with_default_options_shares_the_key() {
     fs::write(&victim, bytes).unwrap();
     let to1 = lb.dir("r1");
     let out = bs.cmd(osargs!["restore", "one", "--at", "now", "--to", &to1]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&two_records[0].record), "{stderr}");
     assert_same_tree(&one, &to1);
@@ -352,7 +359,11 @@ fn a_rolled_back_repository_stops_shipping_and_keeps_the_last_copy() {
     assert_eq!(before.len(), 1, "keep_local_snapshots = 1: {before:?}");
     // The store is replaced by its older copy.
     fs::remove_dir_all(bs.repo()).unwrap();
-    fs::rename(&old, bs.repo()).unwrap();
+    fs::create_dir(bs.repo()).unwrap();
+    run(
+        "cp",
+        &[OsString::from("-a"), old.join(".").into(), bs.repo().into()],
+    );
     std::thread::sleep(std::time::Duration::from_millis(1100));
     write(&share.join("doc.txt"), "three\n");
     let err = bs.fails(["snapshot", "office"], 5);
@@ -361,5 +372,29 @@ fn a_rolled_back_repository_stops_shipping_and_keeps_the_last_copy() {
     assert!(
         before.iter().all(|s| after.contains(s)),
         "the local snapshot whose record the store lost is kept: before {before:?}, after {after:?}"
+    );
+    // repair declares the lost places, queues the kept snapshot again, and
+    // the history goes on.
+    let (code, err, out) = bs.fails_with(["repair", "office", "--json"], &[5]);
+    assert_eq!(code, 5);
+    let report = json(&out);
+    assert!(!report["history_lost"].is_null(), "{report}\n{err}");
+    bs.ok(["snapshot", "office"]);
+    let to = lb.dir("after-repair");
+    bs.ok(osargs!["restore", "office", "--at", "now", "--to", &to]);
+    assert_same_tree(&share, &to);
+    let report = json(&bs.ok(["check", "office", "--json"]));
+    assert_eq!(report["ok"], true, "{report}");
+    let warnings = report["report"]["warnings"].to_string();
+    assert!(warnings.contains("declared lost"), "{warnings}");
+    // Every point in time the machine still had is in the store again.
+    let times: Vec<String> = bs
+        .snapshot_list("office")
+        .into_iter()
+        .map(|s| s.snapshot)
+        .collect();
+    assert!(
+        before.iter().all(|s| times.contains(s)),
+        "{before:?} shipped again: {times:?}"
     );
 }

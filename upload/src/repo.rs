@@ -307,7 +307,7 @@ impl Repository {
                 Err(e) if e.is_wrong_key() => return Err(e),
                 Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
                 Err(e) => {
-                    tracing::warn!("skipping damaged index {}: {e}", meta.key);
+                    tracing::debug!("skipping damaged index {}: {e}", meta.key);
                     self.damaged_indexes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
