@@ -72,6 +72,9 @@ impl RepoError {
 
 pub type Result<T> = std::result::Result<T, RepoError>;
 
+/// The history objects that opened, and those that did not with why.
+pub type HistoryObjects = (Vec<HistoryObject>, Vec<(String, RepoError)>);
+
 /// Where a blob lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobLocation {
@@ -710,7 +713,7 @@ impl Repository {
     /// share and host), read with up to 16 requests in flight. Objects that
     /// cannot be read or opened come back as errors, each naming its
     /// object; only a wrong key or a store failure fails the whole call.
-    pub fn history_objects(&self) -> Result<(Vec<HistoryObject>, Vec<(String, RepoError)>)> {
+    pub fn history_objects(&self) -> Result<HistoryObjects> {
         let mut names = Vec::new();
         for kind in HistoryKind::ALL {
             for meta in self.list(&format!("{}/", kind.prefix()))? {
