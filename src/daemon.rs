@@ -623,24 +623,9 @@ impl Capturer<'_> {
 /// symlink target with `readlinkat(fd, "")`, xattrs through the fd's
 /// `/proc/self/fd` link (which reaches the inode itself, also a symlink's).
 fn fd_meta(f: &File) -> std::io::Result<FsMeta> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
     let md = f.metadata()?;
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        FileKind::File
-    } else if ft.is_dir() {
-        FileKind::Dir
-    } else if ft.is_symlink() {
-        FileKind::Symlink
-    } else if ft.is_fifo() {
-        FileKind::Fifo
-    } else if ft.is_socket() {
-        FileKind::Socket
-    } else if ft.is_char_device() {
-        FileKind::CharDev
-    } else {
-        FileKind::BlockDev
-    };
+    let kind = FileKind::of(md.file_type());
     let target = if kind == FileKind::Symlink {
         Some(beneath::read_link(f)?)
     } else {

@@ -24,7 +24,8 @@ use crate::state::{HistoryHead, State};
 use anyhow::{Context, Result};
 use btrship_upload::format::{ChainLink, PrevLink, SnapshotRecord, VersionBatch};
 use btrship_upload::history::{
-    history_name, verify_chain, ChainCheck, ChainHead, HistoryBody, HistoryKind, HistoryObject,
+    history_name, verify_chain, ChainCheck, ChainHead, ChainProblem, HistoryBody, HistoryKind,
+    HistoryObject,
 };
 use btrship_upload::{PutOutcome, Repository};
 use std::collections::BTreeSet;
@@ -148,7 +149,25 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         .into_iter()
         .filter(|o| o.body.share() == sel.share && o.body.host() == host)
         .collect();
-    let chain = verify_chain(&mine);
+    let mut chain = verify_chain(&mine);
+    // Unreadable objects at one of this chain's places (names are keyed
+    // hashes of share, host and place, so they can be recognised without
+    // opening them): a damaged part of this history, not someone else's.
+    if !bad.is_empty() {
+        let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
+        for seq in 1..=top {
+            for kind in HistoryKind::ALL {
+                let name = history_name(repo.key(), kind, sel.share, &host, seq);
+                if let Some((_, e)) = bad.iter().find(|(n, _)| *n == name) {
+                    chain.problems.push(ChainProblem::Damaged {
+                        seq,
+                        name,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
     let behind = sel
         .local_head
         .as_ref()

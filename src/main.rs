@@ -232,15 +232,38 @@ fn main() {
             std::process::exit(i32::from(exit::USAGE));
         }
     };
-    let code = match run(cli) {
-        Ok(code) => code,
+    let result = run(cli);
+    let warnings = std::mem::take(&mut *WARNINGS.lock().unwrap_or_else(|p| p.into_inner()));
+    let code = match result {
+        Ok(code) => {
+            for w in &warnings {
+                eprintln!("btrship: warning: {w}");
+            }
+            code
+        }
         Err(e) => {
-            eprintln!("btrship: error: {}", one_line(&e));
+            // Still one line: the warnings that came before ride along.
+            let also = match warnings.as_slice() {
+                [] => String::new(),
+                ws => format!(" (warnings before it: {})", ws.join("; ")),
+            };
+            eprintln!("btrship: error: {}{also}", one_line(&e));
             exit::code_of(&e)
         }
     };
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(code));
+}
+
+/// Warnings of this run: printed after a success, folded into the one error
+/// line after a failure (every error is one line on stderr).
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn warn(message: impl Into<String>) {
+    WARNINGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(message.into().replace('\n', " "));
 }
 
 /// The error chain on one line, skipping causes whose text the line
@@ -630,13 +653,17 @@ impl App {
             },
         )?;
         for w in hist.require_intact(args.allow_gaps)? {
-            eprintln!("btrship: warning: {w}");
+            warn(w);
         }
         for (obj, e) in &hist.unreadable {
-            eprintln!("btrship: warning: history object {obj} is unreadable and skipped: {e}");
+            warn(format!(
+                "history object {obj} is unreadable and skipped: {e}"
+            ));
         }
         for (obj, e) in repo.damaged_indexes() {
-            eprintln!("btrship: warning: index {obj} is unreadable and skipped (data it lists cannot be restored): {e}");
+            warn(format!(
+                "index {obj} is unreadable and skipped (data it lists cannot be restored): {e}"
+            ));
         }
         Ok(hist)
     }

@@ -276,23 +276,7 @@ impl MemDir {
 }
 
 fn default_dir(name: &[u8]) -> Node {
-    Node {
-        name: name.to_vec(),
-        kind: NodeKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 0,
-        ctime_ns: 0,
-        size: 0,
-        ino: 0,
-        nlink: 1,
-        xattrs: Vec::new(),
-        target: None,
-        rdev: 0,
-        content: Vec::new(),
-        subtree: None,
-    }
+    Node::empty_dir(name, 0o755)
 }
 
 /// The non-directory node at `comps` below `root`, if there is one

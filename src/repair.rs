@@ -213,21 +213,8 @@ fn recover(
         let mut writer = repo.writer();
         let mut trees_lost = false;
         let root = Node {
-            name: Vec::new(),
-            kind: NodeKind::Dir,
-            mode: 0,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            size: 0,
-            ino: 0,
-            nlink: 1,
-            xattrs: Vec::new(),
-            target: None,
-            rdev: 0,
-            content: Vec::new(),
             subtree: Some(btrship_upload::format::BlobId(tree)),
+            ..Node::empty_dir(b"", 0)
         };
         walk(
             repo,

@@ -17,7 +17,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -70,6 +70,28 @@ pub enum FileKind {
     BlockDev,
 }
 
+impl FileKind {
+    /// The kind of a file type as `stat` reports it.
+    pub fn of(ft: std::fs::FileType) -> FileKind {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_file() {
+            FileKind::File
+        } else if ft.is_dir() {
+            FileKind::Dir
+        } else if ft.is_symlink() {
+            FileKind::Symlink
+        } else if ft.is_fifo() {
+            FileKind::Fifo
+        } else if ft.is_socket() {
+            FileKind::Socket
+        } else if ft.is_char_device() {
+            FileKind::CharDev
+        } else {
+            FileKind::BlockDev
+        }
+    }
+}
+
 /// Everything about one directory entry except file data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsMeta {
@@ -93,22 +115,7 @@ pub struct FsMeta {
 /// Reads an entry's metadata without following symlinks.
 pub fn read_meta(path: &Path) -> Result<FsMeta> {
     let md = std::fs::symlink_metadata(path).map_err(|e| DiffError::io(path, e))?;
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        FileKind::File
-    } else if ft.is_dir() {
-        FileKind::Dir
-    } else if ft.is_symlink() {
-        FileKind::Symlink
-    } else if ft.is_fifo() {
-        FileKind::Fifo
-    } else if ft.is_socket() {
-        FileKind::Socket
-    } else if ft.is_char_device() {
-        FileKind::CharDev
-    } else {
-        FileKind::BlockDev
-    };
+    let kind = FileKind::of(md.file_type());
     let target = if kind == FileKind::Symlink {
         let t = std::fs::read_link(path).map_err(|e| DiffError::io(path, e))?;
         Some(t.as_os_str().as_bytes().to_vec())

@@ -283,6 +283,30 @@ pub struct Node {
     pub subtree: Option<BlobId>,
 }
 
+impl Node {
+    /// An empty directory named `name` with mode `mode`, owned by root,
+    /// time zero: a directory the history names but does not describe.
+    pub fn empty_dir(name: &[u8], mode: u32) -> Node {
+        Node {
+            name: name.to_vec(),
+            kind: NodeKind::Dir,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            size: 0,
+            ino: 0,
+            nlink: 1,
+            xattrs: Vec::new(),
+            target: None,
+            rdev: 0,
+            content: Vec::new(),
+            subtree: None,
+        }
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }

@@ -150,6 +150,12 @@ pub enum ChainProblem {
     },
     /// Several objects claim `seq`.
     Fork { seq: u64, names: Vec<String> },
+    /// The object at `seq` is there but cannot be read or opened.
+    Damaged {
+        seq: u64,
+        name: String,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for ChainProblem {
@@ -171,6 +177,9 @@ impl std::fmt::Display for ChainProblem {
                 f,
                 "history object {seq} ({name}) is not the one {named_by} follows (replaced)"
             ),
+            ChainProblem::Damaged { seq, name, error } => {
+                write!(f, "history object {seq} ({name}) is damaged: {error}")
+            }
             ChainProblem::Fork { seq, names } => write!(
                 f,
                 "several history objects claim place {seq}: {} (two writers with one share and host name?)",
