@@ -62,6 +62,7 @@ fn fresh_restore(b: &Btrship, to: &Path) {
         &repo,
         "--key-file",
         &key,
+        "--special-files",
         "--to",
         to
     ]);
@@ -194,6 +195,7 @@ fn repair_reads_back_local_data_and_reports_what_is_lost() {
         &b.repo(),
         "--key-file",
         &key,
+        "--special-files",
         "--to",
         &to
     ]);
