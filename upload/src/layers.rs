@@ -348,8 +348,10 @@ impl Counting {
         Counting { inner, counters }
     }
 
+    /// Counts failures. "Not found" is an answer, not a failure: readers
+    /// probe for objects that may not exist (the next place of a history).
     fn note<T>(&self, r: &Result<T, StoreError>) {
-        if r.is_err() {
+        if r.as_ref().is_err_and(|e| !e.is_not_found()) {
             self.counters.errors.fetch_add(1, Relaxed);
         }
     }
