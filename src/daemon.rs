@@ -623,7 +623,6 @@ impl Capturer<'_> {
 /// symlink target with `readlinkat(fd, "")`, xattrs through the fd's
 /// `/proc/self/fd` link (which reaches the inode itself, also a symlink's).
 fn fd_meta(f: &File) -> std::io::Result<FsMeta> {
-    use std::os::unix::fs::MetadataExt;
     let md = f.metadata()?;
     let kind = FileKind::of(md.file_type());
     let target = if kind == FileKind::Symlink {
@@ -646,20 +645,7 @@ fn fd_meta(f: &File) -> std::io::Result<FsMeta> {
         Err(e) => return Err(e),
     }
     xattrs.sort();
-    Ok(FsMeta {
-        kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        size: if kind == FileKind::File { md.size() } else { 0 },
-        ino: md.ino(),
-        nlink: md.nlink(),
-        rdev: md.rdev(),
-        xattrs,
-        target,
-    })
+    Ok(FsMeta::from_metadata(&md, xattrs, target))
 }
 
 // ---------------------------------------------------------------------------

@@ -122,20 +122,33 @@ pub fn read_meta(path: &Path) -> Result<FsMeta> {
     } else {
         None
     };
-    Ok(FsMeta {
-        kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        size: if kind == FileKind::File { md.size() } else { 0 },
-        ino: md.ino(),
-        nlink: md.nlink(),
-        rdev: md.rdev(),
-        xattrs: read_xattrs(path)?,
-        target,
-    })
+    Ok(FsMeta::from_metadata(&md, read_xattrs(path)?, target))
+}
+
+impl FsMeta {
+    /// An entry's metadata from its `stat` (not following links), its
+    /// xattrs and, for a symlink, its target.
+    pub fn from_metadata(
+        md: &std::fs::Metadata,
+        xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+        target: Option<Vec<u8>>,
+    ) -> FsMeta {
+        let kind = FileKind::of(md.file_type());
+        FsMeta {
+            kind,
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            size: if kind == FileKind::File { md.size() } else { 0 },
+            ino: md.ino(),
+            nlink: md.nlink(),
+            rdev: md.rdev(),
+            xattrs,
+            target,
+        }
+    }
 }
 
 /// All extended attributes of `path` (not following symlinks), sorted by name.
