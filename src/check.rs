@@ -10,7 +10,7 @@ use crate::restore::read_checked_tree;
 use crate::state::HistoryHead;
 use btrship_crypto::ContentId;
 use btrship_upload::format::{Node, NodeKind};
-use btrship_upload::history::{verify_chain, HistoryObject};
+use btrship_upload::history::{verify_chain, HistoryBody, HistoryObject};
 use btrship_upload::Repository;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -53,12 +53,45 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         }
     };
     let sizes: HashMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    // Every snapshot record and version batch, read once: for what they
+    // reference and for their chains.
+    let history = match repo.history_objects() {
+        Ok((good, bad)) => {
+            for (_, e) in bad {
+                r.problems.push(format!("{e}"));
+            }
+            good
+        }
+        Err(e) => {
+            r.problems
+                .push(format!("cannot read the history objects: {e}"));
+            Vec::new()
+        }
+    };
     let mut version_refs = HashSet::new();
+    for o in &history {
+        let HistoryBody::Versions(b) = &o.body else {
+            continue;
+        };
+        r.version_batches += 1;
+        r.version_entries += b.entries.len() as u64;
+        for e in &b.entries {
+            let Some(n) = &e.node else { continue };
+            if unsafe_path(&e.path) {
+                r.problems.push(format!(
+                    "{}: unsafe path {:?}",
+                    o.name,
+                    String::from_utf8_lossy(&e.path)
+                ));
+            }
+            version_refs.extend(n.content.iter().map(|x| x.1 .0));
+        }
+    }
     for o in &objects {
         let key = o.key.as_str();
         let prefix = key.split('/').next().unwrap_or_default();
         match prefix {
-            "config" | "packs" | "snapshots" => {}
+            "config" | "packs" | "snapshots" | "versions" => {}
             "keys" => {
                 if let Err(e) = repo.read_key_check(key) {
                     r.problems.push(format!("{e}"));
@@ -69,23 +102,6 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
                     r.problems.push(format!("{e}"));
                 }
             }
-            "versions" => match repo.version_batch(key) {
-                Err(e) => r.problems.push(format!("{e}")),
-                Ok(b) => {
-                    r.version_batches += 1;
-                    r.version_entries += b.entries.len() as u64;
-                    for e in &b.entries {
-                        let Some(n) = &e.node else { continue };
-                        if unsafe_path(&e.path) {
-                            r.problems.push(format!(
-                                "{key}: unsafe path {:?}",
-                                String::from_utf8_lossy(&e.path)
-                            ));
-                        }
-                        version_refs.extend(n.content.iter().map(|x| x.1 .0));
-                    }
-                }
-            },
             "locks" => {}
             _ => r
                 .warnings
@@ -133,23 +149,21 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
     // Snapshot records and everything they reference.
     let mut seen_trees = HashSet::new();
     let mut referenced = HashSet::new();
-    for o in objects.iter().filter(|o| o.key.starts_with("snapshots/")) {
-        match repo.snapshot(&o.key) {
-            Err(e) => r.problems.push(format!("{e}")),
-            Ok(rec) => {
-                r.snapshots += 1;
-                let mut root = rec.root.clone();
-                root.subtree = Some(rec.tree);
-                walk(
-                    repo,
-                    &root,
-                    &o.key,
-                    &mut seen_trees,
-                    &mut referenced,
-                    &mut r,
-                );
-            }
-        }
+    for o in &history {
+        let HistoryBody::Snapshot(rec) = &o.body else {
+            continue;
+        };
+        r.snapshots += 1;
+        let mut root = rec.root.clone();
+        root.subtree = Some(rec.tree);
+        walk(
+            repo,
+            &root,
+            &o.name,
+            &mut seen_trees,
+            &mut referenced,
+            &mut r,
+        );
     }
     if let Some(local) = local {
         for rec in &local.shipped_records {
@@ -158,7 +172,7 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
             }
         }
     }
-    check_chains(repo, local, &mut r);
+    check_chains(&history, local, &mut r);
     referenced.extend(version_refs);
     r.missing_packs.sort();
     r.trees = seen_trees.len() as u64;
@@ -188,17 +202,9 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
 
 /// Every share+host history chain: gaps, replaced objects, forks; and
 /// whether the store holds what this machine shipped last.
-fn check_chains(repo: &Repository, local: Option<&LocalHistory>, r: &mut CheckReport) {
-    let objects = match repo.history_objects() {
-        Ok((good, _bad)) => good, // the bad ones are reported above, by name
-        Err(e) => {
-            r.problems
-                .push(format!("cannot read the history objects: {e}"));
-            return;
-        }
-    };
+fn check_chains(objects: &[HistoryObject], local: Option<&LocalHistory>, r: &mut CheckReport) {
     let mut chains: BTreeMap<(&str, &str), Vec<&HistoryObject>> = BTreeMap::new();
-    for o in &objects {
+    for o in objects {
         chains
             .entry((o.body.share(), o.body.host()))
             .or_default()
@@ -223,24 +229,15 @@ fn check_chains(repo: &Repository, local: Option<&LocalHistory>, r: &mut CheckRe
             ));
         }
     }
+    // Names are unique to a share, host and place: no need to filter.
     if let Some(LocalHistory {
         share,
-        host,
         head: Some(head),
         ..
     }) = local
     {
-        match objects.iter().find(|o| o.name == head.name) {
-            Some(o) if o.hash == head.hash => {}
-            Some(_) => r.problems.push(format!(
-                "{}: not the object this machine shipped as place {} of share {share} on host {host} (replaced)",
-                head.name, head.seq
-            )),
-            None if head.name.is_empty() => {}
-            None => r.problems.push(format!(
-                "{}: place {} of share {share} on host {host}, shipped from this machine at {}, is missing: the store is behind this machine (withheld, deleted or rolled back)",
-                head.name, head.seq, head.time
-            )),
+        if let Some(why) = crate::history::behind_reason(objects, head, share) {
+            r.problems.push(why);
         }
     }
 }

@@ -193,8 +193,12 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
     })
 }
 
-/// Why the store does not hold this machine's head, if it does not.
-fn behind_reason(objects: &[HistoryObject], head: &HistoryHead, share: &str) -> Option<String> {
+/// Why the store does not hold this machine's head, if it does not
+/// (`objects`: the history of the head's share and host in the store).
+pub fn behind_reason(objects: &[HistoryObject], head: &HistoryHead, share: &str) -> Option<String> {
+    if head.name.is_empty() {
+        return None; // repair found nothing surviving: nothing to hold
+    }
     match objects.iter().find(|o| o.name == head.name) {
         Some(o) if o.hash == head.hash => None,
         Some(_) => Some(format!(
@@ -233,14 +237,21 @@ pub fn ensure_store_holds_head(
     share: &str,
     host: &str,
 ) -> Result<()> {
-    let Some(h) = state
-        .history_head()?
-        .filter(|h| h.host == host && !h.name.is_empty())
-    else {
-        return Ok(());
-    };
+    match state.history_head()?.filter(|h| h.host == host) {
+        Some(h) => read_head(repo, &h, share).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// The object this machine recorded as its head, as the store holds it;
+/// exit 5 when the store lacks it or holds another object under its name.
+/// None when `repair` found nothing surviving (nothing to hold).
+fn read_head(repo: &Repository, h: &HistoryHead, share: &str) -> Result<Option<HistoryObject>> {
+    if h.name.is_empty() {
+        return Ok(None);
+    }
     match repo.read_history(&h.name) {
-        Ok(o) if o.hash == h.hash => Ok(()),
+        Ok(o) if o.hash == h.hash => Ok(Some(o)),
         Ok(_) => Err(store_behind(
             share,
             format!(
@@ -280,34 +291,14 @@ pub fn append(
             head = None;
         }
     }
-    if let Some(h) = head.as_ref().filter(|h| !h.name.is_empty()) {
-        let obj = match repo.read_history(&h.name) {
-            Ok(o) => o,
-            Err(e) if is_not_found(&e) => {
-                return Err(store_behind(
-                    share,
-                    format!(
-                        "the store lacks {} (place {} of this machine's history of share {share}, shipped {}): it was withheld, deleted or rolled back",
-                        h.name, h.seq, h.time
-                    ),
-                ))
+    if let Some(h) = &head {
+        if let Some(obj) = read_head(repo, h, share)? {
+            if h.lost_from.is_none() && same(&obj.body) {
+                return Ok(Appended {
+                    name: h.name.clone(),
+                    existed: true,
+                });
             }
-            Err(e) => return Err(e).context(format!("cannot read {}", h.name)),
-        };
-        if obj.hash != h.hash {
-            return Err(store_behind(
-                share,
-                format!(
-                    "the store's {} is not the object this machine shipped there: it was replaced",
-                    h.name
-                ),
-            ));
-        }
-        if h.lost_from.is_none() && same(&obj.body) {
-            return Ok(Appended {
-                name: h.name.clone(),
-                existed: true,
-            });
         }
     }
     loop {

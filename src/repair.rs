@@ -27,6 +27,7 @@ use anyhow::{Context, Result};
 use btrship_crypto::ContentId;
 use btrship_snapshot::PrivateArea;
 use btrship_upload::format::{from_cbor, BlobKind, Extent, Node, NodeKind};
+use btrship_upload::history::HistoryBody;
 use btrship_upload::Repository;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
@@ -362,7 +363,17 @@ fn walk(
 /// directory whose tree is lost.
 fn attribute(repo: &Repository, lost: &HashSet<ContentId>) -> Result<Vec<LostItem>> {
     let mut out = Vec::new();
-    for (name, rec) in repo.snapshots()? {
+    // Unreadable objects are `check`'s to report; they hold nothing to list.
+    let (history, _) = repo.history_objects()?;
+    let mut batches = Vec::new();
+    for o in history {
+        let (name, rec) = match o.body {
+            HistoryBody::Snapshot(rec) => (o.name, rec),
+            HistoryBody::Versions(b) => {
+                batches.push((o.name, b));
+                continue;
+            }
+        };
         let mut root = rec.root.clone();
         root.subtree = Some(rec.tree);
         let mut seen: HashMap<PathBuf, ()> = HashMap::new();
@@ -388,7 +399,7 @@ fn attribute(repo: &Repository, lost: &HashSet<ContentId>) -> Result<Vec<LostIte
             }
         });
     }
-    for (name, batch) in repo.version_batches()? {
+    for (name, batch) in batches {
         for e in &batch.entries {
             let Some(n) = &e.node else { continue };
             let count = n.content.iter().filter(|x| lost.contains(&x.1 .0)).count();

@@ -1377,21 +1377,8 @@ mod tests {
 
     fn node(kind: NodeKind, mode: u32) -> Node {
         Node {
-            name: b"x".to_vec(),
             kind,
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            size: 0,
-            ino: 0,
-            nlink: 1,
-            xattrs: vec![],
-            target: None,
-            rdev: 0,
-            content: vec![],
-            subtree: None,
+            ..Node::empty_dir(b"x", mode)
         }
     }
 

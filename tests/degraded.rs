@@ -95,7 +95,10 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
     let store = Arc::new(LocalStore::open(b.repo()).unwrap());
     let key = read_key_file(&b.key_file(SHARE)).unwrap();
     let repo = Repository::open(store, Arc::new(key), rt.handle().clone()).unwrap();
-    let (_, record) = repo.snapshots().unwrap().remove(0);
+    let record = match repo.history_objects().unwrap().0.remove(0).body {
+        btrship_upload::history::HistoryBody::Snapshot(r) => r,
+        other => panic!("expected the one snapshot record, got {other:?}"),
+    };
     let (mut files, mut dirs) = (BTreeMap::new(), BTreeMap::new());
     walk_repo(&repo, &record.tree.0, "", &mut files, &mut dirs);
     let packs = repo.packs_in_index();

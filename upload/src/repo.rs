@@ -9,7 +9,7 @@
 
 use crate::format::{
     from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
-    PackedBlob, SnapshotRecord, Tree, VersionBatch,
+    PackedBlob, SnapshotRecord, Tree,
 };
 use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
@@ -606,22 +606,6 @@ impl Repository {
         id
     }
 
-    /// One version batch.
-    pub fn version_batch(&self, name: &str) -> Result<VersionBatch> {
-        self.get_cbor(ObjectKind::Version, name)
-    }
-
-    /// Every version batch, in name order (entries carry their own times).
-    /// Fails naming the first batch that does not authenticate.
-    pub fn version_batches(&self) -> Result<Vec<(String, VersionBatch)>> {
-        let mut out = Vec::new();
-        for meta in self.list("versions/")? {
-            let b = self.version_batch(&meta.key)?;
-            out.push((meta.key, b));
-        }
-        Ok(out)
-    }
-
     /// Seals and uploads a record under a fresh random name
     /// (`<prefix>/<64 hex>`), returning the name.
     pub fn put_record<T: serde::Serialize>(
@@ -634,18 +618,6 @@ impl Repository {
         let sealed = crate::padding::seal_padded(&self.key, kind, name.as_bytes(), body);
         self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))?;
         Ok(name)
-    }
-
-    /// Every snapshot record, sorted by time. Fails naming the first record
-    /// that does not authenticate.
-    pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>> {
-        let mut out = Vec::new();
-        for meta in self.list("snapshots/")? {
-            let rec: SnapshotRecord = self.get_cbor(ObjectKind::Snapshot, &meta.key)?;
-            out.push((meta.key, rec));
-        }
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
     }
 
     pub fn snapshot(&self, name: &str) -> Result<SnapshotRecord> {

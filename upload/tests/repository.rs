@@ -157,7 +157,7 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
     assert_eq!(first, PutOutcome::Created);
     let (again, _) = repo.put_history(&name, &body).unwrap();
     assert_eq!(again, PutOutcome::AlreadyExists);
-    assert_eq!(repo.snapshots().unwrap().len(), 1);
+    assert_eq!(repo.history_objects().unwrap().0.len(), 1);
     let back = repo.read_history(&name).unwrap();
     assert_eq!(
         back.hash, hash,
