@@ -881,6 +881,7 @@ impl Shipper {
             host: self.host.clone(),
             entries,
             chain: None,
+            indexes: None,
         };
         let same_entries = |found: &HistoryBody| {
             let key = |e: &VersionEntry| (e.time.clone(), e.path.clone(), e.kind);

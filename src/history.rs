@@ -23,10 +23,12 @@ use crate::exit::{UserError, DAMAGED, NOT_FOUND, USAGE};
 use crate::state::{HistoryHead, State};
 use anyhow::{Context, Result};
 use btrship_upload::format::{ChainLink, PrevLink, SnapshotRecord, VersionBatch};
+use btrship_upload::format::{Summary, SummaryIndex};
 use btrship_upload::history::{
-    history_name, verify_chain, ChainCheck, ChainHead, ChainProblem, HistoryBody, HistoryKind,
-    HistoryObject,
+    history_name, span, summary_entry, summary_name, summary_objects, verify_chain, ChainCheck,
+    ChainHead, ChainProblem, HistoryBody, HistoryKind, HistoryObject,
 };
+use btrship_upload::walk::walk_cached;
 use btrship_upload::{PutOutcome, Repository};
 use std::collections::BTreeSet;
 
@@ -89,17 +91,38 @@ impl ShareHistory {
     }
 }
 
-/// Reads the history of `sel.share` on the chosen host.
+/// Reads the history of `sel.share` on the chosen host: through chain
+/// registrations and summaries (FORMAT.md §5b) when the share has them,
+/// else by listing every history object (repositories written before §5b).
 pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
-    let (objects, bad) = repo.history_objects()?;
-    for (name, e) in &bad {
-        tracing::debug!("unreadable history object {name}: {e}");
-    }
-    let hosts: BTreeSet<&str> = objects
+    let (regs, _) = repo.chain_registrations()?;
+    let hosts: BTreeSet<String> = regs
         .iter()
-        .filter(|o| o.body.share() == sel.share)
-        .map(|o| o.body.host())
+        .filter(|r| r.share == sel.share)
+        .map(|r| r.host.clone())
         .collect();
+    let wanted = sel.host.or(sel.local_host);
+    if hosts.is_empty() || wanted.is_some_and(|h| !hosts.contains(h)) {
+        return load_listing(repo, sel);
+    }
+    let host = choose_host(repo, sel, &hosts)?;
+    let at_least = sel
+        .local_head
+        .as_ref()
+        .filter(|h| h.host == host)
+        .map_or(0, |h| h.seq);
+    let walk = walk_cached(repo, sel.share, &host, at_least)?;
+    Ok(assemble(
+        repo,
+        sel,
+        host,
+        walk.objects.clone(),
+        walk.bad.clone(),
+    ))
+}
+
+/// The host whose history a command reads (see [`load`]).
+fn choose_host(repo: &Repository, sel: &Select<'_>, hosts: &BTreeSet<String>) -> Result<String> {
     let host = match (sel.host, sel.local_host) {
         (Some(h), _) | (None, Some(h)) => h.to_string(),
         (None, None) => match hosts.len() {
@@ -114,13 +137,9 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
                 )
                 .into())
             }
-            1 => hosts
-                .iter()
-                .next()
-                .map(|h| h.to_string())
-                .unwrap_or_default(),
+            1 => hosts.iter().next().cloned().unwrap_or_default(),
             _ => {
-                let list: Vec<&str> = hosts.iter().copied().collect();
+                let list: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
                 return Err(UserError::new(
                     USAGE,
                     format!(
@@ -133,8 +152,8 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
             }
         },
     };
-    if sel.host.is_some() && !hosts.contains(host.as_str()) && !hosts.is_empty() {
-        let list: Vec<&str> = hosts.iter().copied().collect();
+    if sel.host.is_some() && !hosts.contains(&host) && !hosts.is_empty() {
+        let list: Vec<&str> = hosts.iter().map(|h| h.as_str()).collect();
         return Err(UserError::new(
             NOT_FOUND,
             format!(
@@ -145,10 +164,39 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         )
         .into());
     }
+    Ok(host)
+}
+
+/// [`load`] for a share without chain registrations: every history object
+/// of the repository is listed and read.
+fn load_listing(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
+    let (objects, bad) = repo.history_objects()?;
+    for (name, e) in &bad {
+        tracing::debug!("unreadable history object {name}: {e}");
+    }
+    let hosts: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| o.body.share() == sel.share)
+        .map(|o| o.body.host().to_string())
+        .collect();
+    let host = choose_host(repo, sel, &hosts)?;
     let mine: Vec<HistoryObject> = objects
         .into_iter()
         .filter(|o| o.body.share() == sel.share && o.body.host() == host)
         .collect();
+    let bad = bad.into_iter().map(|(n, e)| (n, e.to_string())).collect();
+    Ok(assemble(repo, sel, host, mine, bad))
+}
+
+/// Checks the chain of what was read and sorts it into records and
+/// batches.
+fn assemble(
+    repo: &Repository,
+    sel: &Select<'_>,
+    host: String,
+    mine: Vec<HistoryObject>,
+    bad: Vec<(String, String)>,
+) -> ShareHistory {
     let mut chain = verify_chain(&mine);
     // Unreadable objects at one of this chain's places (names are keyed
     // hashes of share, host and place, so they can be recognised without
@@ -162,7 +210,7 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
                     chain.problems.push(ChainProblem::Damaged {
                         seq,
                         name,
-                        error: e.to_string(),
+                        error: e.clone(),
                     });
                 }
             }
@@ -182,15 +230,47 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
     }
     snapshots.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
     batches.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(ShareHistory {
+    ShareHistory {
         share: sel.share.to_string(),
         host,
         snapshots,
         batches,
         chain,
-        unreadable: bad.into_iter().map(|(n, e)| (n, e.to_string())).collect(),
+        unreadable: bad,
         behind,
-    })
+    }
+}
+
+/// Loads the blob index a repository opened with
+/// [`Repository::open_lazy`] needs: the indexes every chain's history
+/// names (embedded in its summaries, or read, FORMAT.md §5b). A
+/// repository without chain registrations, or with a chain older than
+/// named indexes, has every index read instead. `own`: this machine's
+/// share, host and head place (its chain is read at least that far).
+pub fn load_indexes(repo: &Repository, own: Option<(&str, &str, u64)>) -> Result<()> {
+    let (regs, _) = repo.chain_registrations()?;
+    if regs.is_empty() {
+        return Ok(repo.load_index()?);
+    }
+    let mut names = Vec::new();
+    let mut legacy = false;
+    for r in &regs {
+        let at_least = own
+            .filter(|(s, h, _)| *s == r.share && *h == r.host)
+            .map_or(0, |o| o.2);
+        let walk = walk_cached(repo, &r.share, &r.host, at_least)?;
+        legacy |= walk.legacy;
+        for (name, body) in &walk.indexes {
+            match body {
+                Some(index) => repo.merge_named_index(name, index),
+                None => names.push(name.clone()),
+            }
+        }
+    }
+    if legacy {
+        return Ok(repo.load_index()?);
+    }
+    Ok(repo.load_named_indexes(&names)?)
 }
 
 /// Why the store does not hold this machine's head, if it does not
@@ -284,6 +364,8 @@ pub fn append(
     same: impl Fn(&HistoryBody) -> bool,
 ) -> Result<Appended> {
     let _lock = state.lock_history()?;
+    repo.register_chain(share, host)
+        .context("cannot register the history chain")?;
     let mut head = state.history_head()?;
     if let Some(h) = &head {
         if h.host != host {
@@ -327,9 +409,12 @@ pub fn append(
                     lost_from: head.as_ref().and_then(|h| h.lost_from),
                 };
                 let name = history_name(repo.key(), kind, share, host, seq);
-                let body = build(link);
+                let mut body = build(link);
+                let indexes = repo.unnamed_written_indexes();
+                body.set_indexes(indexes.clone());
                 let (outcome, hash) = repo.put_history(&name, &body)?;
                 if outcome == PutOutcome::Created {
+                    repo.indexes_named(&indexes);
                     state.set_history_head(&HistoryHead {
                         host: host.to_string(),
                         seq,
@@ -338,6 +423,7 @@ pub fn append(
                         lost_from: None,
                         time: crate::daemon::now_text(),
                     })?;
+                    write_due_summaries(repo, state, share, host);
                     return Ok(Appended {
                         name,
                         existed: false,
@@ -387,6 +473,129 @@ pub fn append(
         }
         head = state.history_head()?;
     }
+}
+
+/// A summary whose body would pass this is not written: readers use the
+/// 16 summaries (or places) below it. Keeps every summary well under the
+/// envelope's 256 MiB decompression cap and the writer's memory bounded
+/// (a level-1 summary of daemon batches is a few KiB to a few MiB).
+pub const SUMMARY_MAX_BYTES: usize = 16 << 20;
+
+/// Writes the summaries this machine owes for its chain (FORMAT.md §5b),
+/// each once its last place is this machine's head or older. Never fails
+/// the ship that calls it: a summary that cannot be written now stays due
+/// (readers meanwhile read the places it would cover).
+pub fn write_due_summaries(repo: &Repository, state: &State, share: &str, host: &str) {
+    if let Err(e) = try_write_due_summaries(repo, state, share, host) {
+        tracing::info!("history summaries of {share} not written yet: {e:#}");
+    }
+}
+
+fn try_write_due_summaries(
+    repo: &Repository,
+    state: &State,
+    share: &str,
+    host: &str,
+) -> Result<()> {
+    let Some(head) = state.history_head()?.filter(|h| h.host == host) else {
+        return Ok(());
+    };
+    for (level, first) in state.summaries_due(host)? {
+        if first + span(level) - 1 > head.seq {
+            continue;
+        }
+        let name = summary_name(repo.key(), share, host, level, first);
+        match build_summary(repo, share, host, level, first)? {
+            Some(summary) => {
+                repo.put_summary(&name, &summary)?;
+                tracing::debug!("wrote {name}: level {level}, places {first}..={}", summary.last);
+            }
+            None => tracing::info!(
+                "summary of places {first}..={} of {share} is larger than {} MiB: not written (readers use the ones below it)",
+                first + span(level) - 1,
+                SUMMARY_MAX_BYTES >> 20
+            ),
+        }
+        state.summary_done(host, level, first)?;
+    }
+    Ok(())
+}
+
+/// The summary of places `first ..= first + 16^level - 1`, from the
+/// summaries below it and the objects themselves (both through the object
+/// cache: what this machine wrote is there; anything else is read back
+/// and authenticated). None when it would pass [`SUMMARY_MAX_BYTES`].
+fn build_summary(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    level: u32,
+    first: u64,
+) -> Result<Option<Summary>> {
+    let last = first + span(level) - 1;
+    let mut objects = Vec::new();
+    let mut index_names: Vec<String> = Vec::new();
+    let mut size = 0usize;
+    let mut pos = first - 1;
+    while pos < last {
+        if size > SUMMARY_MAX_BYTES {
+            return Ok(None);
+        }
+        let lower = (1..level)
+            .rev()
+            .filter(|&l| pos % span(l) == 0 && pos + span(l) <= last)
+            .find_map(|l| {
+                let name = summary_name(repo.key(), share, host, l, pos + 1);
+                let s = repo.read_summary(&name).ok().flatten()?;
+                summary_objects(repo.key(), &s, share, host, l, pos + 1)
+                    .ok()
+                    .map(|_| s)
+            });
+        if let Some(s) = lower {
+            size += s.objects.iter().map(|o| o.body.len() + 200).sum::<usize>();
+            objects.extend(s.objects);
+            index_names.extend(s.indexes.into_iter().map(|i| i.name));
+            pos = s.last;
+            continue;
+        }
+        for kind in HistoryKind::ALL {
+            let name = history_name(repo.key(), kind, share, host, pos + 1);
+            if let Some(o) = repo.read_history_opt(&name)? {
+                if let Some(names) = o.body.indexes() {
+                    index_names.extend(names.iter().cloned());
+                }
+                if let Some(entry) = summary_entry(&o) {
+                    size += entry.body.len() + 200;
+                    objects.push(entry);
+                }
+            }
+        }
+        pos += 1;
+    }
+    let mut indexes = Vec::new();
+    for name in index_names {
+        let index = repo.cached_index(&name);
+        let embedded = index
+            .as_ref()
+            .map_or(0, |i| i.packs.iter().map(|p| 64 + 90 * p.blobs.len()).sum());
+        let index = index.filter(|_| size + embedded <= SUMMARY_MAX_BYTES);
+        if index.is_some() {
+            size += embedded;
+        }
+        indexes.push(SummaryIndex { name, index });
+    }
+    if size > SUMMARY_MAX_BYTES {
+        return Ok(None);
+    }
+    Ok(Some(Summary {
+        share: share.to_string(),
+        host: host.to_string(),
+        level,
+        first,
+        last,
+        objects,
+        indexes,
+    }))
 }
 
 fn is_not_found(e: &btrship_upload::RepoError) -> bool {

@@ -5,6 +5,7 @@
 //! (`src/main.rs`) is the only place that builds a tokio runtime, prints, or
 //! reads the environment; the library is also what the tests drive directly.
 
+pub mod catalog;
 pub mod check;
 pub mod config;
 pub mod daemon;

@@ -381,11 +381,23 @@ impl Stores {
         ))
     }
 
-    /// Opens an existing repository with its key file.
-    fn open_repository(&self, address: &str, key_file: &Path) -> Result<Repository> {
+    /// Opens an existing repository with its key file (the daemon's).
+    fn open_repository(
+        &self,
+        address: &str,
+        key_file: &Path,
+        state_dir: &Path,
+        own: (&str, &str),
+    ) -> Result<Repository> {
         let key = Arc::new(btrship_crypto::read_key_file(key_file)?);
         let store = self.store(address, false, layers::RetryPolicy::default())?;
-        Ok(Repository::open(store, key, self.rt.clone())?)
+        btrship::catalog::open_repository(
+            store,
+            key,
+            self.rt.clone(),
+            state_dir,
+            Some((own.0, own.1, 0)),
+        )
     }
 }
 
@@ -595,7 +607,22 @@ impl App {
         let repo = if for_check {
             Repository::open_for_check(store, key, handle)?
         } else {
-            Repository::open(store, key, handle)?
+            let own = match self.local_view(name, args)? {
+                Some((c, st)) => {
+                    let host = share_host(&c);
+                    st.history_head()?
+                        .filter(|h| h.host == host)
+                        .map(|h| (host, h.seq))
+                }
+                None => None,
+            };
+            btrship::catalog::open_repository(
+                store,
+                key,
+                handle,
+                &self.state_dir,
+                own.as_ref().map(|(h, seq)| (name, h.as_str(), *seq)),
+            )?
         };
         Ok((repo, cfg))
     }
@@ -885,7 +912,18 @@ impl App {
         let repo = (|| {
             let key = self.read_key(&cfg.key_file)?;
             let store = self.store(&cfg.repo, false)?;
-            Ok(Repository::open(store, key, self.rt.handle().clone())?)
+            let host = share_host(cfg);
+            let head = state
+                .history_head()?
+                .filter(|h| h.host == host)
+                .map_or(0, |h| h.seq);
+            btrship::catalog::open_repository(
+                store,
+                key,
+                self.rt.handle().clone(),
+                &self.state_dir,
+                Some((&cfg.name, &host, head)),
+            )
         })()
         .map_err(|e: anyhow::Error| (Vec::new(), e.context(format!("repository {}", cfg.repo))))?;
         let mut reports = Vec::new();
@@ -946,7 +984,18 @@ impl App {
             state_path: self.state_path(name),
             state_dir: self.state_dir.clone(),
             host: share_host(&cfg),
-            open_repo: Box::new(move || stores.open_repository(&repo_address, &key_file)),
+            open_repo: {
+                let (state_dir, share_name, host) =
+                    (self.state_dir.clone(), name.to_string(), share_host(&cfg));
+                Box::new(move || {
+                    stores.open_repository(
+                        &repo_address,
+                        &key_file,
+                        &state_dir,
+                        (&share_name, &host),
+                    )
+                })
+            },
             counters: self.counters.clone(),
             stop,
         };

@@ -236,6 +236,7 @@ pub fn ship_with(
         parent: input.parent.as_ref().map(|p| BlobId(p.tree)),
         stats,
         chain: None,
+        indexes: None,
     };
     let appended = crate::history::append(
         repo,

@@ -114,6 +114,17 @@ const MIGRATIONS: &[&str] = &[
         updated_at TEXT NOT NULL
     ) WITHOUT ROWID;
 ",
+    "
+    -- History summaries this machine owes the store (FORMAT.md §5b): added
+    -- in the transaction that records the head at a summary's last place,
+    -- removed once the summary is in the store (or cannot be written).
+    CREATE TABLE summaries_due (
+        host  TEXT NOT NULL,
+        level INTEGER NOT NULL CHECK (level >= 1),
+        first INTEGER NOT NULL CHECK (first >= 1),
+        PRIMARY KEY (host, level, first)
+    ) WITHOUT ROWID;
+",
 ];
 
 pub struct State {
@@ -212,9 +223,11 @@ impl State {
         }))
     }
 
-    /// Records this share's history head (one transaction).
+    /// Records this share's history head, and the summaries that become
+    /// due with it (one transaction).
     pub fn set_history_head(&self, h: &HistoryHead) -> Result<()> {
-        self.conn.execute(
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             "INSERT OR REPLACE INTO history_head (id, host, seq, name, hash, lost_from, time)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -225,6 +238,36 @@ impl State {
                 h.lost_from.map(|l| l as i64),
                 h.time
             ],
+        )?;
+        if !h.name.is_empty() {
+            for (level, first) in btrship_upload::history::summaries_due(h.seq) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO summaries_due (host, level, first) VALUES (?1, ?2, ?3)",
+                    params![h.host, level, first as i64],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Summaries owed for `host`'s chain: (level, first place), oldest
+    /// and lowest first.
+    pub fn summaries_due(&self, host: &str) -> Result<Vec<(u32, u64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT level, first FROM summaries_due WHERE host = ?1 ORDER BY first, level",
+        )?;
+        let rows = stmt.query_map(params![host], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A summary was written (or given up).
+    pub fn summary_done(&self, host: &str, level: u32, first: u64) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM summaries_due WHERE host = ?1 AND level = ?2 AND first = ?3",
+            params![host, level, first as i64],
         )?;
         Ok(())
     }

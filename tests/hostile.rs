@@ -70,6 +70,7 @@ fn craft(build: impl FnOnce(&mut btrship_upload::PackWriter<'_>) -> Vec<Node>) -
         parent: None,
         stats: SnapshotStats::default(),
         chain: None,
+        indexes: None,
     };
     repo.put_record(ObjectKind::Snapshot, "snapshots", &rec)
         .unwrap();

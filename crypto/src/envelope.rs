@@ -48,6 +48,8 @@ pub enum ObjectKind {
     Version = 6,
     DataBlob = 7,
     TreeBlob = 8,
+    ChainRegistration = 9,
+    Summary = 10,
 }
 
 impl ObjectKind {
@@ -62,6 +64,8 @@ impl ObjectKind {
             6 => Self::Version,
             7 => Self::DataBlob,
             8 => Self::TreeBlob,
+            9 => Self::ChainRegistration,
+            10 => Self::Summary,
             _ => return None,
         })
     }
@@ -77,6 +81,8 @@ impl ObjectKind {
             Self::Version => "version",
             Self::DataBlob => "data",
             Self::TreeBlob => "tree",
+            Self::ChainRegistration => "chain",
+            Self::Summary => "summary",
         }
     }
 }

@@ -146,6 +146,10 @@ pub struct SnapshotRecord {
     /// chain); absent in records written before chains existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<ChainLink>,
+    /// The index objects its writer uploaded since its previous history
+    /// object (FORMAT.md §5b); absent in objects written before §5b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indexes: Option<Vec<String>>,
 }
 
 /// FORMAT.md §5 history chain: where a snapshot record or version batch
@@ -184,6 +188,60 @@ pub struct VersionBatch {
     /// Its place in the share+host history chain (FORMAT.md §5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<ChainLink>,
+    /// As in [`SnapshotRecord::indexes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indexes: Option<Vec<String>>,
+}
+
+/// FORMAT.md §5b chain registration (`chains/<id>`): one per share and
+/// host, so readers find the hosts of a share by listing `chains/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainRegistration {
+    pub share: String,
+    pub host: String,
+    pub created: String,
+}
+
+/// FORMAT.md §5b history summary (`summaries/<id>`): every history object
+/// at the places `first ..= last` of one chain, and the indexes they name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub share: String,
+    pub host: String,
+    pub level: u32,
+    pub first: u64,
+    pub last: u64,
+    /// The objects at the covered places that exist, in place order.
+    pub objects: Vec<SummaryObject>,
+    /// The indexes those objects name; `index` absent when the writer did
+    /// not embed it (read the index object itself).
+    pub indexes: Vec<SummaryIndex>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SummaryObject {
+    pub seq: u64,
+    pub name: String,
+    /// BLAKE3 of the object's sealed bytes (what its successor links).
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+    /// Its chain link, as in its body (so a reader can check the chain
+    /// without decoding bodies).
+    pub chain: ChainLink,
+    /// A snapshot record's `time`, or a batch's newest entry time (empty
+    /// for a batch without entries): lets a reader pick the bodies a
+    /// moment needs without decoding the others.
+    pub time: String,
+    /// The object's body: CBOR, as it decodes from the object.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SummaryIndex {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Index>,
 }
 
 /// One captured state of one path.

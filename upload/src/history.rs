@@ -18,9 +18,65 @@
 //! This module is pure: [`verify_chain`] takes decoded objects and returns
 //! what is wrong with them; it needs no key and no store.
 
-use crate::format::{ChainLink, PrevLink, SnapshotRecord, VersionBatch};
+use crate::format::{ChainLink, PrevLink, SnapshotRecord, Summary, SummaryObject, VersionBatch};
 use btrship_crypto::{MasterKey, ObjectKind};
 use std::collections::BTreeMap;
+
+/// Places per level-1 summary; a level-`l` summary covers `FANOUT^l`
+/// places (FORMAT.md §5b).
+pub const FANOUT: u64 = 16;
+/// The highest summary level (16^5 = 1,048,576 places).
+pub const MAX_LEVEL: u32 = 5;
+
+/// Places covered by one summary of `level`.
+pub fn span(level: u32) -> u64 {
+    FANOUT.pow(level)
+}
+
+/// The summaries that become due when the object at place `seq` is
+/// written: `(level, first place)`, lowest level first.
+pub fn summaries_due(seq: u64) -> Vec<(u32, u64)> {
+    (1..=MAX_LEVEL)
+        .take_while(|&l| seq % span(l) == 0)
+        .map(|l| (l, seq - span(l) + 1))
+        .collect()
+}
+
+/// The summary levels a reader that has read places `1..=pos` can try
+/// next (a summary starts at `pos + 1` only when `pos` is a multiple of
+/// its span), highest first.
+pub fn levels_after(pos: u64) -> Vec<u32> {
+    (1..=MAX_LEVEL)
+        .rev()
+        .filter(|&l| pos % span(l) == 0)
+        .collect()
+}
+
+fn keyed_name(key: &MasterKey, prefix: &str, tag: &str, parts: &[&str]) -> String {
+    let mut ident = tag.as_bytes().to_vec();
+    ident.push(0);
+    for part in parts {
+        ident.extend_from_slice(part.as_bytes());
+        ident.push(0);
+    }
+    format!("{prefix}/{}", key.content_id(&ident).to_hex())
+}
+
+/// The name of the chain registration of share+host (FORMAT.md §5b).
+pub fn chain_name(key: &MasterKey, share: &str, host: &str) -> String {
+    keyed_name(key, "chains", "btrship chain", &[share, host])
+}
+
+/// The one name the summary of `level` starting at place `first` of
+/// share+host's chain can have (FORMAT.md §5b).
+pub fn summary_name(key: &MasterKey, share: &str, host: &str, level: u32, first: u64) -> String {
+    keyed_name(
+        key,
+        "summaries",
+        "btrship summary",
+        &[share, host, &level.to_string(), &first.to_string()],
+    )
+}
 
 /// The two kinds of history object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +166,120 @@ impl HistoryBody {
             HistoryBody::Versions(b) => b.chain.as_ref(),
         }
     }
+    /// The index objects this object names (None: written before §5b).
+    pub fn indexes(&self) -> Option<&[String]> {
+        match self {
+            HistoryBody::Snapshot(r) => r.indexes.as_deref(),
+            HistoryBody::Versions(b) => b.indexes.as_deref(),
+        }
+    }
+    pub fn set_indexes(&mut self, names: Vec<String>) {
+        match self {
+            HistoryBody::Snapshot(r) => r.indexes = Some(names),
+            HistoryBody::Versions(b) => b.indexes = Some(names),
+        }
+    }
+    /// A snapshot record's time, or a batch's newest entry time.
+    pub fn time(&self) -> String {
+        match self {
+            HistoryBody::Snapshot(r) => r.time.clone(),
+            HistoryBody::Versions(b) => b
+                .entries
+                .iter()
+                .map(|e| e.time.as_str())
+                .max()
+                .unwrap_or("")
+                .to_string(),
+        }
+    }
+    /// The body as CBOR, unpadded (as a summary holds it).
+    pub fn to_cbor(&self) -> Vec<u8> {
+        match self {
+            HistoryBody::Snapshot(r) => crate::format::to_cbor(r),
+            HistoryBody::Versions(b) => crate::format::to_cbor(b),
+        }
+    }
+    /// Decodes a body of `kind` from CBOR.
+    pub fn from_cbor(kind: HistoryKind, bytes: &[u8]) -> Result<HistoryBody, String> {
+        Ok(match kind {
+            HistoryKind::Snapshot => HistoryBody::Snapshot(crate::format::from_cbor(bytes)?),
+            HistoryKind::Versions => HistoryBody::Versions(crate::format::from_cbor(bytes)?),
+        })
+    }
+}
+
+/// The entry a summary holds for a history object.
+pub fn summary_entry(obj: &HistoryObject) -> Option<SummaryObject> {
+    let chain = obj.body.chain()?.clone();
+    Some(SummaryObject {
+        seq: chain.seq,
+        name: obj.name.clone(),
+        hash: obj.hash.to_vec(),
+        chain,
+        time: obj.body.time(),
+        body: obj.body.to_cbor(),
+    })
+}
+
+/// The history objects a summary holds, checked against what the
+/// summary's name promises: each object's name must be the one name its
+/// place can have in this chain, its place within the summary's range,
+/// its body of this share and host with the chain link the entry states.
+/// An authentic summary that fails this was written by a faulty writer:
+/// the reader treats the summary as unreadable and reads the places.
+pub fn summary_objects(
+    key: &MasterKey,
+    s: &Summary,
+    share: &str,
+    host: &str,
+    level: u32,
+    first: u64,
+) -> Result<Vec<HistoryObject>, String> {
+    if s.share != share || s.host != host || s.level != level || s.first != first {
+        return Err("it names another chain or range than its name".into());
+    }
+    if s.last != first + span(level) - 1 {
+        return Err(format!(
+            "its range ends at {} instead of {}",
+            s.last,
+            first + span(level) - 1
+        ));
+    }
+    let mut out = Vec::with_capacity(s.objects.len());
+    let mut last_seq = 0;
+    for o in &s.objects {
+        if o.seq < first || o.seq > s.last || o.seq <= last_seq {
+            return Err(format!("place {} is out of range or order", o.seq));
+        }
+        last_seq = o.seq;
+        let kind = HistoryKind::of_name(&o.name)
+            .ok_or_else(|| format!("{} is not a history object name", o.name))?;
+        if o.name != history_name(key, kind, share, host, o.seq) {
+            return Err(format!("{} is not the name of place {}", o.name, o.seq));
+        }
+        let body = HistoryBody::from_cbor(kind, &o.body)?;
+        if body.share() != share
+            || body.host() != host
+            || body.chain() != Some(&o.chain)
+            || o.chain.seq != o.seq
+        {
+            return Err(format!(
+                "the body at place {} does not match its entry",
+                o.seq
+            ));
+        }
+        let hash: [u8; 32] = o
+            .hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("the hash at place {} is not 32 bytes", o.seq))?;
+        out.push(HistoryObject {
+            name: o.name.clone(),
+            hash,
+            body,
+        });
+    }
+    Ok(out)
 }
 
 /// A history object as read from the store.
@@ -301,6 +471,7 @@ mod tests {
                     prev: prev.map(HistoryObject::link),
                     lost_from,
                 }),
+                indexes: None,
             }),
         }
     }

@@ -6,7 +6,8 @@
 //! Layers, bottom up: [`store`] (dumb backends: [`local`]), [`format`] (the
 //! in-store types), [`pack`] (pack layout), [`repo`] (a repository: reads,
 //! dedup, packing, uploads, records), [`history`] (the chain of each
-//! share+host's snapshot records and version batches).
+//! share+host's snapshot records and version batches), [`walk`] (reading
+//! one chain through its summaries with bounded requests).
 
 pub mod conformance;
 pub mod format;
@@ -19,6 +20,7 @@ pub mod padding;
 pub mod repo;
 pub mod s3;
 pub mod store;
+pub mod walk;
 
 pub use repo::{BlobLocation, PackWriter, RepoError, Repository, WriteStats};
 pub use store::{ObjectMeta, PutOutcome, Store, StoreError};

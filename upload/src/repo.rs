@@ -8,8 +8,8 @@
 //! runtime behind a small semaphore, so chunking and uploading overlap.
 
 use crate::format::{
-    from_cbor, to_cbor, BlobId, BlobKind, ChunkerParams, Config, Index, IndexPack, KeyCheck,
-    PackedBlob, SnapshotRecord, Tree,
+    from_cbor, to_cbor, BlobId, BlobKind, ChainRegistration, ChunkerParams, Config, Index,
+    IndexPack, KeyCheck, PackedBlob, SnapshotRecord, Summary, Tree,
 };
 use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
@@ -111,6 +111,31 @@ pub struct Repository {
     /// Packs known to be missing from the store (`check`, `repair`): their
     /// blobs count as absent, so writers upload them again.
     missing_packs: RwLock<HashSet<String>>,
+    /// The local catalogue's object cache, when there is one.
+    cache: RwLock<Option<Arc<dyn ObjectCache>>>,
+    /// Index objects this process uploaded that no history object names
+    /// yet (FORMAT.md §5b: the next one appended names them).
+    written_indexes: Mutex<Vec<String>>,
+    /// Every `index/` object has been listed and read.
+    fully_indexed: Mutex<bool>,
+    /// Packs known only from indexes that no history object names (read
+    /// when a blob was not found otherwise): readable, but writers do not
+    /// deduplicate against them (FORMAT.md §5b, dedup scope).
+    unnamed_packs: RwLock<HashSet<String>>,
+    /// Chains read by [`crate::walk::walk_cached`] in this process.
+    pub(crate) walks: Mutex<HashMap<(String, String), Arc<crate::walk::ChainWalk>>>,
+}
+
+/// The local catalogue's cache of opened objects (FORMAT.md §5b): write-
+/// once objects (history objects, summaries, chain registrations, indexes)
+/// never change under one name, so an object authenticated once is kept
+/// by name with the BLAKE3 hash of its sealed bytes. A cache, never the
+/// truth: losing it costs requests, not correctness.
+pub trait ObjectCache: Send + Sync {
+    /// The opened body and sealed hash of `name`, if cached.
+    fn get(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])>;
+    /// Remembers an authenticated object.
+    fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]);
 }
 
 impl std::fmt::Debug for Repository {
@@ -197,6 +222,27 @@ impl Repository {
         Ok(repo)
     }
 
+    /// Opens an existing repository without reading its indexes: the
+    /// caller loads the indexes its histories name ([`Repository::merge_named_index`],
+    /// FORMAT.md §5b). A blob not found in them makes the repository list
+    /// and read every index once before it gives up.
+    pub fn open_lazy(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+        let repo = Self::open_config(store, key, rt)?;
+        for meta in repo.list("keys/")? {
+            repo.read_key_check(&meta.key)?;
+        }
+        Ok(repo)
+    }
+
+    /// Gives the repository the local catalogue's object cache.
+    pub fn set_cache(&self, cache: Arc<dyn ObjectCache>) {
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);
+    }
+
+    fn cache(&self) -> Option<Arc<dyn ObjectCache>> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Opens a repository for `check`: indexes that fail to load are
     /// skipped (check reports them one by one) instead of failing the open.
     pub fn open_for_check(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
@@ -247,6 +293,11 @@ impl Repository {
             staged_trees: Mutex::default(),
             damaged_indexes: Mutex::default(),
             missing_packs: RwLock::default(),
+            cache: RwLock::default(),
+            written_indexes: Mutex::default(),
+            fully_indexed: Mutex::new(false),
+            unnamed_packs: RwLock::default(),
+            walks: Mutex::default(),
         };
         Ok(repo)
     }
@@ -301,6 +352,14 @@ impl Repository {
     /// the paths that need its blobs, not the whole repository. A wrong
     /// key or an unreachable store still fails.
     pub fn load_index(&self) -> Result<()> {
+        self.load_all_indexes(true)
+    }
+
+    /// [`Repository::load_index`]; `dedup`: whether writers may dedup
+    /// against what it adds (a repository without chain registrations:
+    /// every index counts, as before FORMAT.md §5b).
+    fn load_all_indexes(&self, dedup: bool) -> Result<()> {
+        *self.fully_indexed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         for meta in self.list("index/")? {
             if self.lock_loaded().contains(&meta.key) {
                 continue;
@@ -319,6 +378,13 @@ impl Repository {
                     continue;
                 }
             };
+            if !dedup {
+                let mut unnamed = self
+                    .unnamed_packs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                unnamed.extend(index.packs.iter().map(|p| p.pack.clone()));
+            }
             self.merge_index(&index);
             self.lock_loaded().insert(meta.key);
         }
@@ -327,6 +393,131 @@ impl Repository {
             .unwrap_or_else(|p| p.into_inner())
             .compact();
         Ok(())
+    }
+
+    /// Reads a blob location the named indexes lack from every index
+    /// (once per process): an index no history object names (written by
+    /// older btrship, or by a process that crashed) may still list it.
+    fn load_unnamed_indexes(&self) -> Result<bool> {
+        if *self.fully_indexed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(false);
+        }
+        tracing::debug!("a blob is in no named index: reading every index");
+        self.load_all_indexes(false)?;
+        Ok(true)
+    }
+
+    /// Merges an index a history object names (FORMAT.md §5b), read by
+    /// the caller or embedded in a summary.
+    pub fn merge_named_index(&self, name: &str, index: &Index) {
+        if self.lock_loaded().insert(name.to_string()) {
+            self.merge_index(index);
+        }
+    }
+
+    /// Has this index been merged?
+    pub fn index_loaded(&self, name: &str) -> bool {
+        self.lock_loaded().contains(name)
+    }
+
+    /// Reads and merges the named indexes not merged yet, up to 16 at a
+    /// time. One that cannot be read is remembered as damaged
+    /// ([`Repository::damaged_indexes`]), as in [`Repository::load_index`].
+    pub fn load_named_indexes(&self, names: &[String]) -> Result<()> {
+        let wanted: Vec<String> = names
+            .iter()
+            .filter(|n| !self.index_loaded(n))
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut fetch = Vec::new();
+        for name in wanted {
+            match self.cache().and_then(|c| c.get(&name)) {
+                Some((body, _)) => match from_cbor::<Index>(&body) {
+                    Ok(index) => self.merge_named_index(&name, &index),
+                    Err(_) => fetch.push(name),
+                },
+                None => fetch.push(name),
+            }
+        }
+        for (name, got) in self.get_many(fetch) {
+            let opened = got.map_err(RepoError::from).and_then(|sealed| {
+                let body = self
+                    .key
+                    .open(ObjectKind::Index, name.as_bytes(), &sealed)
+                    .map_err(|e| RepoError::crypto(&name, e))?;
+                let index: Index = from_cbor(&body).map_err(|reason| RepoError::Format {
+                    object: name.clone(),
+                    reason,
+                })?;
+                if let Some(c) = self.cache() {
+                    c.put(&name, &body, &history::sealed_hash(&sealed));
+                }
+                Ok(index)
+            });
+            match opened {
+                Ok(index) => self.merge_named_index(&name, &index),
+                Err(e) if e.is_wrong_key() => return Err(e),
+                Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
+                Err(e) => {
+                    self.damaged_indexes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((name.clone(), e.to_string()));
+                    self.lock_loaded().insert(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// GETs many objects, up to 16 in flight, in the order given.
+    fn get_many(
+        &self,
+        names: Vec<String>,
+    ) -> Vec<(String, std::result::Result<Bytes, StoreError>)> {
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let store = self.store.clone();
+        self.block_on(async move {
+            let slots = Arc::new(Semaphore::new(16));
+            let mut set = tokio::task::JoinSet::new();
+            for (i, name) in names.into_iter().enumerate() {
+                let (store, slots) = (store.clone(), slots.clone());
+                set.spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    let got = store.get(&name).await;
+                    (i, name, got)
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(r) = r {
+                    out.push(r);
+                }
+            }
+            out.sort_by_key(|r| r.0);
+            out.into_iter().map(|(_, n, g)| (n, g)).collect()
+        })
+    }
+
+    /// Index objects this process uploaded that no history object names
+    /// yet (the next appended object names them).
+    pub fn unnamed_written_indexes(&self) -> Vec<String> {
+        self.written_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A history object naming `names` is durable: they are named now.
+    pub fn indexes_named(&self, names: &[String]) {
+        self.written_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n| !names.contains(n));
     }
 
     /// Index objects skipped by [`Repository::load_index`], with why.
@@ -364,14 +555,18 @@ impl Repository {
         }
     }
 
-    /// Is `id` listed in a pack not known to be missing?
+    /// Is `id` listed in a pack not known to be missing (and named by a
+    /// history object, FORMAT.md §5b)? What writers deduplicate against.
     pub fn has_blob(&self, id: &ContentId) -> bool {
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
         let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
-        if missing.is_empty() {
+        let unnamed = self.unnamed_packs.read().unwrap_or_else(|p| p.into_inner());
+        if missing.is_empty() && unnamed.is_empty() {
             map.contains(id)
         } else {
-            map.contains_where(id, |pack| !missing.contains(pack))
+            map.contains_where(id, |pack| {
+                !missing.contains(pack) && !unnamed.contains(pack)
+            })
         }
     }
 
@@ -397,18 +592,28 @@ impl Repository {
 
     /// Every listed location of a blob (a blob uploaded again after its
     /// pack was lost is listed in several packs).
+    /// A blob in no index read so far makes the repository read every
+    /// index once (see [`Repository::open_lazy`]).
     pub fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
-        self.index
+        let found = self
+            .index
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get_all(id)
+            .get_all(id);
+        if found.is_empty() && matches!(self.load_unnamed_indexes(), Ok(true)) {
+            return self
+                .index
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_all(id);
+        }
+        found
     }
 
     pub fn locate(&self, id: &ContentId) -> Result<BlobLocation> {
-        self.index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
+        self.blob_locations(id)
+            .into_iter()
+            .next()
             .ok_or(RepoError::MissingBlob { id: *id })
     }
 
@@ -446,6 +651,15 @@ impl Repository {
                     }
                     tracing::debug!("blob {id}: one copy failed: {e}");
                     first_error.get_or_insert(e);
+                }
+            }
+        }
+        // Every listed copy failed: an index no history object names (a
+        // healed copy written by `repair`) may list another.
+        if matches!(self.load_unnamed_indexes(), Ok(true)) {
+            for loc in self.blob_locations(id) {
+                if let Ok(plain) = self.read_blob_at(id, kind, loc) {
+                    return Ok(plain);
                 }
             }
         }
@@ -639,7 +853,192 @@ impl Repository {
         };
         let hash = history::sealed_hash(&sealed);
         let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
+        if outcome == PutOutcome::Created {
+            if let Some(c) = self.cache() {
+                c.put(name, &body.to_cbor(), &hash);
+            }
+        }
         Ok((outcome, hash))
+    }
+
+    /// Reads a history object through the cache; None when the store
+    /// has no object of that name.
+    pub fn read_history_opt(&self, name: &str) -> Result<Option<HistoryObject>> {
+        let kind = HistoryKind::of_name(name).ok_or_else(|| RepoError::Format {
+            object: name.to_string(),
+            reason: "not a history object name".into(),
+        })?;
+        if let Some((body, hash)) = self.cache().and_then(|c| c.get(name)) {
+            if let Ok(body) = HistoryBody::from_cbor(kind, &body) {
+                return Ok(Some(HistoryObject {
+                    name: name.to_string(),
+                    hash,
+                    body,
+                }));
+            }
+        }
+        let sealed = match self.block_on(self.store.get(name)) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let obj = self.open_history(name, kind, &sealed)?;
+        if let Some(c) = self.cache() {
+            c.put(name, &obj.body.to_cbor(), &obj.hash);
+        }
+        Ok(Some(obj))
+    }
+
+    /// Registers the chain of share+host (FORMAT.md §5b) unless it is.
+    pub fn register_chain(&self, share: &str, host: &str) -> Result<()> {
+        let name = history::chain_name(&self.key, share, host);
+        if self.cache().and_then(|c| c.get(&name)).is_some() || self.exists(&name)? {
+            return Ok(());
+        }
+        let reg = ChainRegistration {
+            share: share.to_string(),
+            host: host.to_string(),
+            created: now_rfc3339(),
+        };
+        let sealed = self.key.seal(
+            ObjectKind::ChainRegistration,
+            name.as_bytes(),
+            &to_cbor(&reg),
+        );
+        let hash = history::sealed_hash(&sealed);
+        self.block_on(self.store.put_if_absent(&name, Bytes::from(sealed)))?;
+        if let Some(c) = self.cache() {
+            c.put(&name, &to_cbor(&reg), &hash);
+        }
+        Ok(())
+    }
+
+    /// An index body the object cache holds (indexes this machine wrote
+    /// or read), for embedding in a summary.
+    pub fn cached_index(&self, name: &str) -> Option<Index> {
+        let (body, _) = self.cache()?.get(name)?;
+        from_cbor(&body).ok()
+    }
+
+    /// Every chain registration (FORMAT.md §5b): the (share, host) pairs
+    /// with history. One whose name is not its share+host's is skipped as
+    /// damaged (returned in the second list with why).
+    pub fn chain_registrations(&self) -> Result<(Vec<ChainRegistration>, Vec<(String, String)>)> {
+        let names: Vec<String> = self.list("chains/")?.into_iter().map(|m| m.key).collect();
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        let mut fetch = Vec::new();
+        for name in names {
+            match self.cache().and_then(|c| c.get(&name)) {
+                Some((body, _)) => match from_cbor::<ChainRegistration>(&body) {
+                    Ok(r) => good.push(r),
+                    Err(_) => fetch.push(name),
+                },
+                None => fetch.push(name),
+            }
+        }
+        for (name, got) in self.get_many(fetch) {
+            let opened = got.map_err(RepoError::from).and_then(|sealed| {
+                let body = self
+                    .key
+                    .open(ObjectKind::ChainRegistration, name.as_bytes(), &sealed)
+                    .map_err(|e| RepoError::crypto(&name, e))?;
+                let reg: ChainRegistration =
+                    from_cbor(&body).map_err(|reason| RepoError::Format {
+                        object: name.clone(),
+                        reason,
+                    })?;
+                if history::chain_name(&self.key, &reg.share, &reg.host) != name {
+                    return Err(RepoError::Format {
+                        object: name.clone(),
+                        reason: "a chain registration under another chain's name".into(),
+                    });
+                }
+                if let Some(c) = self.cache() {
+                    c.put(&name, &body, &history::sealed_hash(&sealed));
+                }
+                Ok(reg)
+            });
+            match opened {
+                Ok(r) => good.push(r),
+                Err(e) if e.is_wrong_key() => return Err(e),
+                Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
+                Err(e) => bad.push((name, e.to_string())),
+            }
+        }
+        good.sort_by(|a, b| (&a.share, &a.host).cmp(&(&b.share, &b.host)));
+        Ok((good, bad))
+    }
+
+    /// Seals and uploads a summary (padded, §6a) unless one of that name
+    /// exists.
+    pub fn put_summary(&self, name: &str, summary: &Summary) -> Result<PutOutcome> {
+        let sealed =
+            crate::padding::seal_padded(&self.key, ObjectKind::Summary, name.as_bytes(), summary);
+        let hash = history::sealed_hash(&sealed);
+        let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
+        if let Some(c) = self.cache() {
+            c.put(name, &to_cbor(summary), &hash);
+        }
+        Ok(outcome)
+    }
+
+    /// Reads a summary through the cache; None when there is none of that
+    /// name.
+    pub fn read_summary(&self, name: &str) -> Result<Option<Summary>> {
+        if let Some((body, _)) = self.cache().and_then(|c| c.get(name)) {
+            if let Ok(s) = from_cbor::<Summary>(&body) {
+                return Ok(Some(s));
+            }
+        }
+        let sealed = match self.block_on(self.store.get(name)) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let body = self
+            .key
+            .open(ObjectKind::Summary, name.as_bytes(), &sealed)
+            .map_err(|e| RepoError::crypto(name, e))?;
+        let summary: Summary = from_cbor(&body).map_err(|reason| RepoError::Format {
+            object: name.to_string(),
+            reason,
+        })?;
+        if let Some(c) = self.cache() {
+            c.put(name, &body, &history::sealed_hash(&sealed));
+        }
+        Ok(Some(summary))
+    }
+
+    /// Which of these objects exist (HEAD requests, up to 16 in flight).
+    pub fn exist_many(&self, names: Vec<String>) -> Result<Vec<bool>> {
+        let store = self.store.clone();
+        let answers = self.block_on(async move {
+            let slots = Arc::new(Semaphore::new(16));
+            let mut set = tokio::task::JoinSet::new();
+            for (i, name) in names.into_iter().enumerate() {
+                let (store, slots) = (store.clone(), slots.clone());
+                set.spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    (i, store.head(&name).await)
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(r) = r {
+                    out.push(r);
+                }
+            }
+            out.sort_by_key(|r| r.0);
+            out
+        });
+        answers
+            .into_iter()
+            .map(|(_, got)| match got {
+                Ok(_) => Ok(true),
+                Err(e) if e.is_not_found() => Ok(false),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
     }
 
     /// Does an object of this name exist? (One HEAD request.)
@@ -912,11 +1311,20 @@ impl PackWriter<'_> {
                 &index,
             );
             self.stats.uploaded_bytes += sealed.len() as u64;
+            let hash = history::sealed_hash(&sealed);
             self.repo
                 .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
             self.stats.objects_written += 1;
             self.repo.merge_index(&index);
-            self.repo.lock_loaded().insert(name);
+            if let Some(c) = self.repo.cache() {
+                c.put(&name, &to_cbor(&index), &hash);
+            }
+            self.repo.lock_loaded().insert(name.clone());
+            self.repo
+                .written_indexes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(name);
         }
         Ok(self.stats)
     }

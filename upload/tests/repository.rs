@@ -148,6 +148,7 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
             prev: None,
             lost_from: None,
         }),
+        indexes: None,
     };
     // Place 1 of office@h has one name: a ship repeated after a crash
     // finds the first upload instead of adding a second record.

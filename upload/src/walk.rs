@@ -1,0 +1,157 @@
+//! Reading one history chain with a bounded number of requests
+//! (FORMAT.md §5b): summaries first, single objects only for the places no
+//! summary covers yet.
+//!
+//! A reader at place `pos` (places `1..=pos` read) tries the summaries
+//! that can start at `pos + 1`, highest level first (a level-`l` summary
+//! starts only after a multiple of `16^l`); the first one that exists and
+//! checks out moves it to the summary's last place. When none does, it
+//! reads the place itself (both names it can have). An empty place ends
+//! the chain, unless the caller knows the chain is longer (`at_least`:
+//! the shipping machine's head) or an object within the next
+//! [`LOOKAHEAD`] places exists: then the empty place is a gap, which
+//! [`crate::history::verify_chain`] reports (its successor names it).
+//!
+//! At `n` places this reads at most about `15 · MAX_LEVEL` summaries plus
+//! `15` single places, and probes one missing summary per level change:
+//! about 60 requests for 100,000 places, against 100,000 before summaries.
+//! Summaries and objects come through the repository's object cache, so a
+//! machine that read them once reads only what is new.
+
+use crate::format::Index;
+use crate::history::{
+    history_name, levels_after, summary_name, summary_objects, HistoryKind, HistoryObject,
+};
+use crate::repo::{RepoError, Repository, Result};
+use std::sync::Arc;
+
+/// How far past an empty place a reader looks for more of the chain.
+pub const LOOKAHEAD: u64 = 8;
+
+/// One chain as read.
+#[derive(Debug, Default, Clone)]
+pub struct ChainWalk {
+    /// Every object found, in place order (a place may hold two: a fork).
+    pub objects: Vec<HistoryObject>,
+    /// Objects and summaries found but unreadable or inconsistent, with
+    /// why. (An unreadable summary costs only requests: its places are
+    /// read one by one.)
+    pub bad: Vec<(String, String)>,
+    /// The indexes the objects name, with the body when a summary embeds
+    /// it.
+    pub indexes: Vec<(String, Option<Index>)>,
+    /// An object predates named indexes (FORMAT.md §5b): readers must
+    /// read every index object to find this chain's blobs.
+    pub legacy: bool,
+    /// Summaries read.
+    pub summaries: u64,
+}
+
+fn fatal(e: &RepoError) -> bool {
+    e.is_wrong_key() || matches!(e, RepoError::Store(s) if !s.is_not_found())
+}
+
+/// Reads the chain of `share` on `host`; `at_least`: a place the chain is
+/// known to reach (0 when unknown).
+pub fn walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
+    let key = repo.key();
+    let mut out = ChainWalk::default();
+    let mut pos = 0u64;
+    let add = |out: &mut ChainWalk, o: HistoryObject| {
+        match o.body.indexes() {
+            Some(names) => out.indexes.extend(names.iter().map(|n| (n.clone(), None))),
+            None => out.legacy = true,
+        }
+        out.objects.push(o);
+    };
+    loop {
+        let mut advanced = false;
+        for level in levels_after(pos) {
+            let name = summary_name(key, share, host, level, pos + 1);
+            match repo.read_summary(&name) {
+                Ok(Some(s)) => match summary_objects(key, &s, share, host, level, pos + 1) {
+                    Ok(objects) => {
+                        for o in objects {
+                            add(&mut out, o);
+                        }
+                        // Embedded bodies replace the names the objects gave.
+                        for ix in s.indexes {
+                            match out.indexes.iter_mut().find(|(n, _)| *n == ix.name) {
+                                Some(slot) => slot.1 = ix.index.or(slot.1.take()),
+                                None => out.indexes.push((ix.name, ix.index)),
+                            }
+                        }
+                        out.summaries += 1;
+                        pos = s.last;
+                        advanced = true;
+                        break;
+                    }
+                    Err(why) => out.bad.push((name, why)),
+                },
+                Ok(None) => {}
+                Err(e) if fatal(&e) => return Err(e),
+                Err(e) => out.bad.push((name, e.to_string())),
+            }
+        }
+        if advanced {
+            continue;
+        }
+        let place = pos + 1;
+        let mut found = false;
+        for kind in HistoryKind::ALL {
+            let name = history_name(key, kind, share, host, place);
+            match repo.read_history_opt(&name) {
+                Ok(Some(o)) => {
+                    add(&mut out, o);
+                    found = true;
+                }
+                Ok(None) => {}
+                Err(e) if fatal(&e) => return Err(e),
+                Err(e) => {
+                    out.bad.push((name, e.to_string()));
+                    found = true;
+                }
+            }
+        }
+        if found || place <= at_least {
+            pos = place;
+            continue;
+        }
+        // An empty place: the end, or a gap with more after it.
+        let ahead: Vec<(u64, String)> = (place + 1..=place + LOOKAHEAD)
+            .flat_map(|p| HistoryKind::ALL.map(|k| (p, history_name(key, k, share, host, p))))
+            .collect();
+        let names: Vec<String> = ahead.iter().map(|(_, n)| n.clone()).collect();
+        let exists = repo.exist_many(names)?;
+        match ahead.iter().zip(exists).find(|(_, e)| *e) {
+            Some(((p, _), _)) => pos = p - 1,
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// [`walk`], once per chain and process: the second caller (e.g. the
+/// history of a command after its index) gets the same reading.
+pub fn walk_cached(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    at_least: u64,
+) -> Result<Arc<ChainWalk>> {
+    let key = (share.to_string(), host.to_string());
+    if let Some(w) = repo
+        .walks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Ok(w.clone());
+    }
+    let w = Arc::new(walk(repo, share, host, at_least)?);
+    repo.walks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, w.clone());
+    Ok(w)
+}
