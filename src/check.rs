@@ -26,6 +26,8 @@ pub struct CheckReport {
     pub blobs_referenced: u64,
     /// Share+host history chains checked.
     pub histories: u64,
+    /// History summaries checked (FORMAT.md §5b).
+    pub summaries: u64,
     pub problems: Vec<String>,
     pub warnings: Vec<String>,
     /// Packs listed in an index but missing from the store (remembered in
@@ -91,7 +93,7 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         let key = o.key.as_str();
         let prefix = key.split('/').next().unwrap_or_default();
         match prefix {
-            "config" | "packs" | "snapshots" | "versions" => {}
+            "config" | "packs" | "snapshots" | "versions" | "chains" | "summaries" => {}
             "keys" => {
                 if let Err(e) = repo.read_key_check(key) {
                     r.problems.push(format!("{e}"));
@@ -173,6 +175,7 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         }
     }
     check_chains(&history, local, &mut r);
+    check_bounded_reads(repo, &objects, &history, &mut r);
     referenced.extend(version_refs);
     r.missing_packs.sort();
     r.trees = seen_trees.len() as u64;
@@ -198,6 +201,110 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         }
     }
     r
+}
+
+/// FORMAT.md §5b: chain registrations open and name their own chain;
+/// every summary opens, covers what its name says, and agrees with every
+/// object it holds that is still in the store; every index a history
+/// object names exists; every chain with named indexes is registered.
+fn check_bounded_reads(
+    repo: &Repository,
+    objects: &[btrship_upload::ObjectMeta],
+    history: &[HistoryObject],
+    r: &mut CheckReport,
+) {
+    let present: HashSet<&str> = objects.iter().map(|o| o.key.as_str()).collect();
+    let regs = match repo.chain_registrations() {
+        Ok((good, bad)) => {
+            for (name, e) in bad {
+                r.problems.push(format!("{name}: {e}"));
+            }
+            good
+        }
+        Err(e) => {
+            r.problems
+                .push(format!("cannot read the chain registrations: {e}"));
+            Vec::new()
+        }
+    };
+    let registered: HashSet<(&str, &str)> = regs
+        .iter()
+        .map(|g| (g.share.as_str(), g.host.as_str()))
+        .collect();
+    let by_name: HashMap<&str, &HistoryObject> =
+        history.iter().map(|o| (o.name.as_str(), o)).collect();
+    let mut unregistered = BTreeMap::new();
+    for o in history {
+        let Some(names) = o.body.indexes() else {
+            continue;
+        };
+        if !registered.contains(&(o.body.share(), o.body.host())) {
+            unregistered.insert((o.body.share(), o.body.host()), o.name.as_str());
+        }
+        for name in names {
+            if !present.contains(name.as_str()) {
+                r.problems.push(format!(
+                    "{}: names index {name}, which the store lacks",
+                    o.name
+                ));
+            }
+        }
+    }
+    for ((share, host), example) in unregistered {
+        r.warnings.push(format!(
+            "share {share} on host {host} has history (e.g. {example}) but no chain registration: readers on other machines list every object to find it"
+        ));
+    }
+    for o in objects.iter().filter(|o| o.key.starts_with("summaries/")) {
+        r.summaries += 1;
+        let summary = match repo.read_summary(&o.key) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                r.problems.push(format!("{e}"));
+                continue;
+            }
+        };
+        let expected = btrship_upload::history::summary_name(
+            repo.key(),
+            &summary.share,
+            &summary.host,
+            summary.level,
+            summary.first,
+        );
+        if expected != o.key {
+            r.problems.push(format!(
+                "{}: a summary stored under another summary's name",
+                o.key
+            ));
+            continue;
+        }
+        let held = match btrship_upload::history::summary_objects(
+            repo.key(),
+            &summary,
+            &summary.share,
+            &summary.host,
+            summary.level,
+            summary.first,
+        ) {
+            Ok(h) => h,
+            Err(why) => {
+                r.problems.push(format!("{}: inconsistent summary: {why}", o.key));
+                continue;
+            }
+        };
+        for h in held {
+            match by_name.get(h.name.as_str()) {
+                Some(single) if single.hash != h.hash || single.body != h.body => {
+                    r.problems.push(format!(
+                        "{}: holds {} differently from the object itself",
+                        o.key, h.name
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Every share+host history chain: gaps, replaced objects, forks; and

@@ -18,6 +18,7 @@ use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
 use btrship_crypto::{ContentId, CryptoError, MasterKey, ObjectKind};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
@@ -124,6 +125,9 @@ pub struct Repository {
     unnamed_packs: RwLock<HashSet<String>>,
     /// Chains read by [`crate::walk::walk_cached`] in this process.
     pub(crate) walks: Mutex<HashMap<(String, String), Arc<crate::walk::ChainWalk>>>,
+    cache_off: AtomicBool,
+    recording: AtomicBool,
+    cache_hits: Mutex<Vec<String>>,
 }
 
 /// The local catalogue's cache of opened objects (FORMAT.md §5b): write-
@@ -240,7 +244,39 @@ impl Repository {
     }
 
     fn cache(&self) -> Option<Arc<dyn ObjectCache>> {
+        if self.cache_off.load(Ordering::Relaxed) {
+            return None;
+        }
         self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// An object from the cache, remembered as a hit while a reader
+    /// records them ([`Repository::record_cache_hits`]).
+    fn cached(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])> {
+        let got = self.cache()?.get(name)?;
+        if self.recording.load(Ordering::Relaxed) {
+            self.cache_hits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(name.to_string());
+        }
+        Some(got)
+    }
+
+    /// Starts (`true`) or stops recording which objects came from the
+    /// cache; returns those recorded since the last call.
+    pub fn record_cache_hits(&self, on: bool) -> Vec<String> {
+        self.recording.store(on, Ordering::Relaxed);
+        std::mem::take(&mut *self.cache_hits.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The store lacks an object the cache holds (lost, withheld or rolled
+    /// back): from now on this process reads only from the store, so it
+    /// sees the store as it is.
+    pub fn distrust_cache(&self) {
+        if !self.cache_off.swap(true, Ordering::Relaxed) {
+            tracing::info!("the store lacks objects this machine's catalogue holds: reading from the store only");
+        }
     }
 
     /// Opens a repository for `check`: indexes that fail to load are
@@ -298,6 +334,9 @@ impl Repository {
             fully_indexed: Mutex::new(false),
             unnamed_packs: RwLock::default(),
             walks: Mutex::default(),
+            cache_off: AtomicBool::new(false),
+            recording: AtomicBool::new(false),
+            cache_hits: Mutex::default(),
         };
         Ok(repo)
     }
@@ -432,13 +471,22 @@ impl Repository {
             .into_iter()
             .collect();
         let mut fetch = Vec::new();
+        let mut from_cache = Vec::new();
         for name in wanted {
-            match self.cache().and_then(|c| c.get(&name)) {
-                Some((body, _)) => match from_cbor::<Index>(&body) {
-                    Ok(index) => self.merge_named_index(&name, &index),
-                    Err(_) => fetch.push(name),
-                },
-                None => fetch.push(name),
+            match self.cached(&name).map(|(body, _)| from_cbor::<Index>(&body)) {
+                Some(Ok(index)) => from_cache.push((name, index)),
+                _ => fetch.push(name),
+            }
+        }
+        // Cached copies count only while the store still holds them (see
+        // `walk`): one that is gone is fetched, and found damaged.
+        let present = self.exist_many(from_cache.iter().map(|(n, _)| n.clone()).collect())?;
+        for ((name, index), present) in from_cache.into_iter().zip(present) {
+            if present {
+                self.merge_named_index(&name, &index);
+            } else {
+                self.distrust_cache();
+                fetch.push(name);
             }
         }
         for (name, got) in self.get_many(fetch) {
@@ -868,7 +916,7 @@ impl Repository {
             object: name.to_string(),
             reason: "not a history object name".into(),
         })?;
-        if let Some((body, hash)) = self.cache().and_then(|c| c.get(name)) {
+        if let Some((body, hash)) = self.cached(name) {
             if let Ok(body) = HistoryBody::from_cbor(kind, &body) {
                 return Ok(Some(HistoryObject {
                     name: name.to_string(),
@@ -985,7 +1033,7 @@ impl Repository {
     /// Reads a summary through the cache; None when there is none of that
     /// name.
     pub fn read_summary(&self, name: &str) -> Result<Option<Summary>> {
-        if let Some((body, _)) = self.cache().and_then(|c| c.get(name)) {
+        if let Some((body, _)) = self.cached(name) {
             if let Ok(s) = from_cbor::<Summary>(&body) {
                 return Ok(Some(s));
             }

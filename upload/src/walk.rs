@@ -53,7 +53,25 @@ fn fatal(e: &RepoError) -> bool {
 
 /// Reads the chain of `share` on `host`; `at_least`: a place the chain is
 /// known to reach (0 when unknown).
+///
+/// What comes from the object cache is checked against the store at the
+/// end (HEAD requests, in parallel): when the store lacks any of it, the
+/// chain is read again from the store alone, so a reader sees a store
+/// that lost or withholds objects as it is, also on a machine that read
+/// them before.
 pub fn walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
+    repo.record_cache_hits(true);
+    let walked = walk_once(repo, share, host, at_least);
+    let hits = repo.record_cache_hits(false);
+    let walked = walked?;
+    if !hits.is_empty() && repo.exist_many(hits)?.contains(&false) {
+        repo.distrust_cache();
+        return walk_once(repo, share, host, at_least);
+    }
+    Ok(walked)
+}
+
+fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
     let key = repo.key();
     let mut out = ChainWalk::default();
     let mut pos = 0u64;
