@@ -289,7 +289,8 @@ fn check_bounded_reads(
         ) {
             Ok(h) => h,
             Err(why) => {
-                r.problems.push(format!("{}: inconsistent summary: {why}", o.key));
+                r.problems
+                    .push(format!("{}: inconsistent summary: {why}", o.key));
                 continue;
             }
         };

@@ -473,7 +473,10 @@ impl Repository {
         let mut fetch = Vec::new();
         let mut from_cache = Vec::new();
         for name in wanted {
-            match self.cached(&name).map(|(body, _)| from_cbor::<Index>(&body)) {
+            match self
+                .cached(&name)
+                .map(|(body, _)| from_cbor::<Index>(&body))
+            {
                 Some(Ok(index)) => from_cache.push((name, index)),
                 _ => fetch.push(name),
             }

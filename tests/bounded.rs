@@ -1,0 +1,236 @@
+//! History at bounded reads (FORMAT.md §5b), through the real append and
+//! read code on a local store: a long chain is read by a machine that
+//! knows nothing with a few dozen requests (summaries), exactly as a full
+//! listing reads it; a withheld summary costs requests, never history; a
+//! withheld object in the tail is still a named gap; a machine whose
+//! catalogue holds objects the store lost sees the store as it is; and
+//! blobs a history names are found without reading every index.
+
+use btrship::catalog::Catalog;
+use btrship::history::{self, Select};
+use btrship::state::State;
+use btrship_crypto::MasterKey;
+use btrship_upload::format::{BlobKind, VersionBatch, VersionEntry, VersionKind};
+use btrship_upload::history::{history_name, summary_name, ChainProblem, HistoryBody, HistoryKind};
+use btrship_upload::layers::{Counters, Counting};
+use btrship_upload::local::LocalStore;
+use btrship_upload::{Repository, Store};
+use std::sync::Arc;
+
+const SHARE: &str = "office";
+const HOST: &str = "h";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    key: Arc<MasterKey>,
+    store: Arc<LocalStore>,
+    state_dir: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = Arc::new(LocalStore::create(dir.path().join("repo")).unwrap());
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    Setup {
+        _dir: dir,
+        rt,
+        key: Arc::new(MasterKey::generate()),
+        store,
+        state_dir,
+    }
+}
+
+/// Appends `n` version batches, each with one new blob (so each names
+/// one index), through `history::append` as the daemon does.
+fn ship_batches(s: &Setup, state: &State, repo: &Repository, from: u64, n: u64) {
+    for i in from..from + n {
+        let mut w = repo.writer();
+        w.add(BlobKind::Data, format!("content of version {i}").as_bytes())
+            .unwrap();
+        w.finish().unwrap();
+        let batch = VersionBatch {
+            share: SHARE.into(),
+            host: HOST.into(),
+            entries: vec![VersionEntry {
+                time: format!(
+                    "2026-12-03T08:{:02}:{:02}.{:09}Z",
+                    i / 3600 % 60,
+                    i / 60 % 60,
+                    i
+                ),
+                path: format!("dir/file-{i}").into_bytes(),
+                kind: VersionKind::Delete,
+                node: None,
+            }],
+            chain: None,
+            indexes: None,
+        };
+        history::append(
+            repo,
+            state,
+            SHARE,
+            HOST,
+            HistoryKind::Versions,
+            |link| {
+                HistoryBody::Versions(VersionBatch {
+                    chain: Some(link),
+                    ..batch.clone()
+                })
+            },
+            |_| false,
+        )
+        .unwrap();
+    }
+    let _ = &s.key;
+}
+
+/// A repository as a machine that knows nothing opens it, counting its
+/// requests.
+fn fresh(s: &Setup) -> (Repository, Arc<Counters>) {
+    let counters = Arc::new(Counters::default());
+    let store: Arc<dyn Store> = Arc::new(Counting::new(s.store.clone(), counters.clone()));
+    let repo = Repository::open_lazy(store, s.key.clone(), s.rt.handle().clone()).unwrap();
+    (repo, counters)
+}
+
+fn read(repo: &Repository) -> history::ShareHistory {
+    history::load(
+        repo,
+        &Select {
+            share: SHARE,
+            host: None,
+            local_host: None,
+            local_head: None,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_long_history_reads_in_a_bounded_number_of_requests() {
+    let s = setup();
+    let (writer, _) =
+        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
+            .unwrap();
+    writer.set_cache(Arc::new(
+        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
+    ));
+    let state = State::open(&s.state_dir.join("office.db")).unwrap();
+    // 2 level-2 summaries, 3 level-1, 7 places on their own.
+    let n = 2 * 256 + 3 * 16 + 7;
+    ship_batches(&s, &state, &writer, 1, n);
+
+    let (repo, counters) = fresh(&s);
+    let hist = read(&repo);
+    assert_eq!(hist.batches.len() as u64, n);
+    assert!(hist.chain.problems.is_empty(), "{:?}", hist.chain.problems);
+    assert_eq!(hist.chain.head.as_ref().map(|h| h.seq), Some(n));
+    let requests = counters.values().requests();
+    eprintln!("fresh read of {n} places: {requests} requests");
+    // Config and keys 3, chains 2, summaries 5 (+4 probes), 7 places read
+    // one by one (2 names each), the end (2) and the look-ahead past it
+    // (16 HEADs): 47. Listing read 1 object per place and 1 index per
+    // place: 1,137.
+    assert!(requests <= 60, "{requests} requests for {n} places");
+
+    // The same history as a full listing reads it.
+    let (all, bad) = repo.history_objects().unwrap();
+    assert!(bad.is_empty());
+    let mut listed: Vec<String> = all.iter().map(|o| o.name.clone()).collect();
+    let mut walked: Vec<String> = hist.batches.iter().map(|b| b.0.clone()).collect();
+    listed.sort();
+    walked.sort();
+    assert_eq!(listed, walked);
+
+    // Every blob of the history is found through the indexes it names
+    // (embedded in summaries, or read), not by listing index/.
+    let (repo, counters) = fresh(&s);
+    history::load_indexes(&repo, None).unwrap();
+    let lists = counters.values().lists;
+    assert_eq!(lists, 2, "keys/ and chains/ only: {lists} LISTs");
+    for i in 1..=n {
+        let id = s
+            .key
+            .content_id(format!("content of version {i}").as_bytes());
+        assert!(repo.has_blob(&id), "blob of version {i}");
+    }
+    let read_all = counters.values().requests();
+    eprintln!("indexes of {n} places: {read_all} requests");
+    assert!(read_all <= 60, "{read_all} requests");
+
+    // A withheld level-2 summary costs requests (its 16 level-1
+    // summaries are read instead), never history.
+    let l2 = summary_name(&s.key, SHARE, HOST, 2, 1);
+    s.rt.block_on(s.store.delete(&l2)).unwrap();
+    let (repo, counters) = fresh(&s);
+    let hist = read(&repo);
+    assert_eq!(hist.batches.len() as u64, n);
+    assert!(hist.chain.problems.is_empty());
+    let more = counters.values().requests();
+    assert!(
+        more > requests && more <= requests + 20,
+        "{more} vs {requests}"
+    );
+
+    // A withheld object in the tail is a gap, named by its successor.
+    let victim = history_name(&s.key, HistoryKind::Versions, SHARE, HOST, n - 2);
+    s.rt.block_on(s.store.delete(&victim)).unwrap();
+    let (repo, _) = fresh(&s);
+    let hist = read(&repo);
+    assert!(
+        hist.chain
+            .problems
+            .iter()
+            .any(|p| matches!(p, ChainProblem::Missing { seq, .. } if *seq == n - 2)),
+        "{:?}",
+        hist.chain.problems
+    );
+
+    // The writer's catalogue still holds the object; reading through it
+    // sees the store as it is, not the cache.
+    let cached =
+        Repository::open_lazy(s.store.clone(), s.key.clone(), s.rt.handle().clone()).unwrap();
+    cached.set_cache(Arc::new(
+        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
+    ));
+    let hist = read(&cached);
+    assert!(
+        hist.chain
+            .problems
+            .iter()
+            .any(|p| matches!(p, ChainProblem::Missing { seq, .. } if *seq == n - 2)),
+        "through the catalogue: {:?}",
+        hist.chain.problems
+    );
+}
+
+#[test]
+fn a_machine_that_read_a_history_reads_only_what_is_new() {
+    let s = setup();
+    let (writer, _) =
+        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
+            .unwrap();
+    let state = State::open(&s.state_dir.join("office.db")).unwrap();
+    ship_batches(&s, &state, &writer, 1, 300);
+    let catalog = s.state_dir.join("reader-catalog.db");
+    let open_cached = || {
+        let (repo, counters) = fresh(&s);
+        repo.set_cache(Arc::new(Catalog::open(&catalog).unwrap()));
+        (repo, counters)
+    };
+    let (repo, counters) = open_cached();
+    assert_eq!(read(&repo).batches.len(), 300);
+    let first = counters.values();
+    ship_batches(&s, &state, &writer, 301, 5);
+    let (repo, counters) = open_cached();
+    assert_eq!(read(&repo).batches.len(), 305);
+    let again = counters.values();
+    eprintln!("first read: {first:?}; after 5 more places: {again:?}");
+    // Everything it read before comes from its catalogue (checked with
+    // HEADs); only the new places and probes are fetched.
+    assert!(again.gets < 20, "{again:?}");
+    assert!(again.gets < first.gets, "{again:?} vs {first:?}");
+}
