@@ -70,6 +70,11 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
             Vec::new()
         }
     };
+    // Objects only summaries still hold (the single was superseded and
+    // pruned) are history like any other.
+    let mut history = history;
+    let held = check_bounded_reads(repo, &objects, &history, &mut r);
+    history.extend(held);
     let mut version_refs = HashSet::new();
     for o in &history {
         let HistoryBody::Versions(b) = &o.body else {
@@ -175,7 +180,6 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         }
     }
     check_chains(&history, local, &mut r);
-    check_bounded_reads(repo, &objects, &history, &mut r);
     referenced.extend(version_refs);
     r.missing_packs.sort();
     r.trees = seen_trees.len() as u64;
@@ -207,12 +211,14 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
 /// every summary opens, covers what its name says, and agrees with every
 /// object it holds that is still in the store; every index a history
 /// object names exists; every chain with named indexes is registered.
+/// Returns the objects summaries hold whose own object the store lacks.
 fn check_bounded_reads(
     repo: &Repository,
     objects: &[btrship_upload::ObjectMeta],
     history: &[HistoryObject],
     r: &mut CheckReport,
-) {
+) -> Vec<HistoryObject> {
+    let mut only_held: HashMap<String, HistoryObject> = HashMap::new();
     let present: HashSet<&str> = objects.iter().map(|o| o.key.as_str()).collect();
     let regs = match repo.chain_registrations() {
         Ok((good, bad)) => {
@@ -302,10 +308,16 @@ fn check_bounded_reads(
                         o.key, h.name
                     ))
                 }
-                _ => {}
+                Some(_) => {}
+                None => {
+                    only_held.insert(h.name.clone(), h);
+                }
             }
         }
     }
+    let mut out: Vec<HistoryObject> = only_held.into_values().collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Every share+host history chain: gaps, replaced objects, forks; and
