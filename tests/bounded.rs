@@ -234,3 +234,44 @@ fn a_machine_that_read_a_history_reads_only_what_is_new() {
     assert!(again.gets < 20, "{again:?}");
     assert!(again.gets < first.gets, "{again:?} vs {first:?}");
 }
+
+/// Figures, not a test of a bound: `BTRSHIP_BOUNDED_PLACES=20000 cargo
+/// test --test bounded -- --ignored --nocapture` prints the requests and
+/// seconds of reading a long history fresh and through a warm catalogue.
+#[test]
+#[ignore]
+fn figures_for_a_long_history() {
+    let n: u64 = std::env::var("BTRSHIP_BOUNDED_PLACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let s = setup();
+    let (writer, _) = Repository::open_or_create(
+        s.store.clone(),
+        s.key.clone(),
+        s.rt.handle().clone(),
+        HOST,
+    )
+    .unwrap();
+    writer.set_cache(Arc::new(
+        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
+    ));
+    let state = State::open(&s.state_dir.join("office.db")).unwrap();
+    let t = std::time::Instant::now();
+    ship_batches(&s, &state, &writer, 1, n);
+    eprintln!("{n} places shipped in {:.1} s", t.elapsed().as_secs_f64());
+    let catalog = s.state_dir.join("reader-catalog.db");
+    for round in ["fresh", "warm"] {
+        let t = std::time::Instant::now();
+        let (repo, counters) = fresh(&s);
+        repo.set_cache(Arc::new(Catalog::open(&catalog).unwrap()));
+        history::load_indexes(&repo, None).unwrap();
+        let hist = read(&repo);
+        assert_eq!(hist.batches.len() as u64, n);
+        eprintln!(
+            "{round}: {n} places read in {:.3} s, {} requests",
+            t.elapsed().as_secs_f64(),
+            counters.values().requests()
+        );
+    }
+}

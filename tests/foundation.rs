@@ -802,7 +802,6 @@ fn tamper_every_object() {
         .0
         .clone();
 
-    let fresh = Btrship::new();
     let key = b.key_file(SHARE);
     let mut n = 0;
     let mut partial = 0;
@@ -850,6 +849,8 @@ fn tamper_every_object() {
             // it fails, or it is exact.
             let here = out.join(format!("t{n}"));
             let there = out.join(format!("f{n}"));
+            // A machine that never read this repository (no catalogue).
+            let fresh = Btrship::new();
             let runs = [
                 (
                     "this machine",
@@ -920,7 +921,7 @@ fn tamper_every_object() {
     // Everything flipped back: the repository is whole again.
     b.ok(osargs!["check", SHARE, "--read-data"]);
     let to = out.join("final");
-    fresh.ok(osargs![
+    Btrship::new().ok(osargs![
         "restore",
         SHARE,
         "--at",
