@@ -257,6 +257,8 @@ fn object_kind_bytes_and_names() {
         (6, ObjectKind::Version, "version"),
         (7, ObjectKind::DataBlob, "data"),
         (8, ObjectKind::TreeBlob, "tree"),
+        (9, ObjectKind::ChainRegistration, "chain"),
+        (10, ObjectKind::Summary, "summary"),
     ];
     for (byte, kind, name) in all {
         assert_eq!(kind as u8, byte);
@@ -264,7 +266,7 @@ fn object_kind_bytes_and_names() {
         assert_eq!(kind.name(), name);
     }
     assert_eq!(ObjectKind::from_u8(0), None);
-    assert_eq!(ObjectKind::from_u8(9), None);
+    assert_eq!(ObjectKind::from_u8(11), None);
 }
 
 #[test]

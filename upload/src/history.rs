@@ -486,6 +486,26 @@ mod tests {
     }
 
     #[test]
+    fn summaries_fall_due_on_aligned_places_and_readers_find_them() {
+        assert!(summaries_due(15).is_empty());
+        assert_eq!(summaries_due(16), vec![(1, 1)]);
+        assert_eq!(summaries_due(32), vec![(1, 17)]);
+        assert_eq!(summaries_due(256), vec![(1, 241), (2, 1)]);
+        assert_eq!(summaries_due(4096), vec![(1, 4081), (2, 3841), (3, 1)]);
+        assert_eq!(levels_after(0), vec![5, 4, 3, 2, 1]);
+        assert_eq!(levels_after(16), vec![1]);
+        assert_eq!(levels_after(17), Vec::<u32>::new());
+        assert_eq!(levels_after(512), vec![2, 1]);
+        // Every due summary starts where a reader can try it.
+        for seq in 1..=5000u64 {
+            for (level, first) in summaries_due(seq) {
+                assert!(levels_after(first - 1).contains(&level), "{seq}");
+                assert_eq!(first + span(level) - 1, seq);
+            }
+        }
+    }
+
+    #[test]
     fn an_intact_chain_has_no_problems_and_its_head() {
         let c = chain(5);
         let v = verify_chain(&c);
