@@ -28,7 +28,7 @@ use btrship_upload::history::{
     history_name, span, summary_entry, summary_name, summary_objects, verify_chain, ChainCheck,
     ChainHead, ChainProblem, HistoryBody, HistoryKind, HistoryObject,
 };
-use btrship_upload::walk::walk_cached;
+use btrship_upload::walk::{take_walk, walk_cached};
 use btrship_upload::{PutOutcome, Repository};
 use std::collections::BTreeSet;
 
@@ -111,14 +111,8 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         .as_ref()
         .filter(|h| h.host == host)
         .map_or(0, |h| h.seq);
-    let walk = walk_cached(repo, sel.share, &host, at_least)?;
-    Ok(assemble(
-        repo,
-        sel,
-        host,
-        walk.objects.clone(),
-        walk.bad.clone(),
-    ))
+    let walk = take_walk(repo, sel.share, &host, at_least)?;
+    Ok(assemble(repo, sel, host, walk.objects, walk.bad))
 }
 
 /// The host whose history a command reads (see [`load`]).

@@ -23,6 +23,7 @@ use crate::history::{
     history_name, levels_after, summary_name, summary_objects, HistoryKind, HistoryObject,
 };
 use crate::repo::{RepoError, Repository, Result};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// How far past an empty place a reader looks for more of the chain.
@@ -75,9 +76,18 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
     let key = repo.key();
     let mut out = ChainWalk::default();
     let mut pos = 0u64;
-    let add = |out: &mut ChainWalk, o: HistoryObject| {
+    // Where each index name sits in `out.indexes`.
+    let mut slots: HashMap<String, usize> = HashMap::new();
+    let add = |out: &mut ChainWalk, slots: &mut HashMap<String, usize>, o: HistoryObject| {
         match o.body.indexes() {
-            Some(names) => out.indexes.extend(names.iter().map(|n| (n.clone(), None))),
+            Some(names) => {
+                for n in names {
+                    if !slots.contains_key(n) {
+                        slots.insert(n.clone(), out.indexes.len());
+                        out.indexes.push((n.clone(), None));
+                    }
+                }
+            }
             None => out.legacy = true,
         }
         out.objects.push(o);
@@ -90,13 +100,19 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
                 Ok(Some(s)) => match summary_objects(key, &s, share, host, level, pos + 1) {
                     Ok(objects) => {
                         for o in objects {
-                            add(&mut out, o);
+                            add(&mut out, &mut slots, o);
                         }
                         // Embedded bodies replace the names the objects gave.
                         for ix in s.indexes {
-                            match out.indexes.iter_mut().find(|(n, _)| *n == ix.name) {
-                                Some(slot) => slot.1 = ix.index.or(slot.1.take()),
-                                None => out.indexes.push((ix.name, ix.index)),
+                            match slots.get(&ix.name) {
+                                Some(&i) => {
+                                    let slot = &mut out.indexes[i];
+                                    slot.1 = ix.index.or(slot.1.take());
+                                }
+                                None => {
+                                    slots.insert(ix.name.clone(), out.indexes.len());
+                                    out.indexes.push((ix.name, ix.index));
+                                }
                             }
                         }
                         out.summaries += 1;
@@ -120,7 +136,7 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
             let name = history_name(key, kind, share, host, place);
             match repo.read_history_opt(&name) {
                 Ok(Some(o)) => {
-                    add(&mut out, o);
+                    add(&mut out, &mut slots, o);
                     found = true;
                 }
                 Ok(None) => {}
@@ -172,4 +188,19 @@ pub fn walk_cached(
         .unwrap_or_else(|p| p.into_inner())
         .insert(key, w.clone());
     Ok(w)
+}
+
+/// [`walk_cached`]'s reading of a chain, taken out of the memo (the last
+/// user of it, e.g. a command's history): no copy of the objects.
+pub fn take_walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
+    let key = (share.to_string(), host.to_string());
+    let memo = repo
+        .walks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    match memo {
+        Some(w) => Ok(Arc::try_unwrap(w).unwrap_or_else(|shared| (*shared).clone())),
+        None => walk(repo, share, host, at_least),
+    }
 }
