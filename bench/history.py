@@ -84,10 +84,11 @@ def log(msg):
 
 
 def alive(pid):
+    """Running (not gone, not a zombie waiting for bench/history to reap it)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
         return False
 
 
@@ -243,7 +244,7 @@ def report(a):
                               "target_met": None if r is None else r <= RATIO_TARGET})
     fresh = points[pts[-1]].get("fresh_restore", {}).get("requests") if pts else None
     fresh_met = None if fresh is None else fresh <= FRESH_REQUESTS_TARGET
-    table.append(["fresh machine restore, requests at the largest point", "requests",
+    table.append(["fresh machine restore at the largest point (target: S3)", "requests",
                   *([""] * (len(pts) - 1)), "-" if fresh is None else str(fresh), "",
                   f"<= {FRESH_REQUESTS_TARGET}", "" if fresh_met is None else ("yes" if fresh_met else "no")])
 
