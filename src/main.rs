@@ -417,6 +417,8 @@ fn run(cli: Cli) -> Result<u8> {
         .build()
         .context("cannot start the async runtime")?;
     let counters = Arc::new(layers::Counters::default());
+    let stats = std::env::var_os("BTRSHIP_STATS").is_some_and(|v| v == "1");
+    let totals = counters.clone();
     let app = App {
         config_dir: cli.config_dir,
         state_dir: cli.state_dir,
@@ -430,7 +432,7 @@ fn run(cli: Cli) -> Result<u8> {
         },
         rt,
     };
-    match cli.command {
+    let result = match cli.command {
         Command::Init {
             path,
             name,
@@ -489,7 +491,22 @@ fn run(cli: Cli) -> Result<u8> {
             repo,
         } => app.check(&name, read_data, json, &repo),
         Command::Repair { name, json, repo } => app.repair(&name, json, &repo),
+    };
+    if stats {
+        print_stats(&totals.values());
     }
+    result
+}
+
+/// `BTRSHIP_STATS=1`: every request this run sent to the store, as one
+/// JSON line on stderr at exit (also after a failure), for benchmarks.
+fn print_stats(v: &layers::CounterValues) {
+    let mut store = serde_json::to_value(v).unwrap_or_default();
+    store["requests"] = v.requests().into();
+    eprintln!(
+        "{}",
+        serde_json::json!({ "btrship_stats": { "store": store } })
+    );
 }
 
 fn print_json(value: &serde_json::Value) -> Result<()> {
