@@ -499,7 +499,18 @@ fn try_write_due_summaries(
             continue;
         }
         let name = summary_name(repo.key(), share, host, level, first);
-        match build_summary(repo, share, host, level, first)? {
+        // What the catalogue gave must still be in the store: a summary
+        // must not bring back objects the store lost (repair declared
+        // them lost), so a miss rebuilds it from the store alone.
+        repo.record_cache_hits(true);
+        let built = build_summary(repo, share, host, level, first);
+        let hits = repo.record_cache_hits(false);
+        let mut built = built?;
+        if !hits.is_empty() && repo.exist_many(hits)?.contains(&false) {
+            repo.distrust_cache();
+            built = build_summary(repo, share, host, level, first)?;
+        }
+        match built {
             Some(summary) => {
                 repo.put_summary(&name, &summary)?;
                 tracing::debug!("wrote {name}: level {level}, places {first}..={}", summary.last);
