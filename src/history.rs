@@ -548,7 +548,7 @@ fn build_summary(
         }
         let lower = (1..level)
             .rev()
-            .filter(|&l| pos % span(l) == 0 && pos + span(l) <= last)
+            .filter(|&l| pos.is_multiple_of(span(l)) && pos + span(l) <= last)
             .find_map(|l| {
                 let name = summary_name(repo.key(), share, host, l, pos + 1);
                 let s = repo.read_summary(&name).ok().flatten()?;

@@ -246,13 +246,9 @@ fn figures_for_a_long_history() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
     let s = setup();
-    let (writer, _) = Repository::open_or_create(
-        s.store.clone(),
-        s.key.clone(),
-        s.rt.handle().clone(),
-        HOST,
-    )
-    .unwrap();
+    let (writer, _) =
+        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
+            .unwrap();
     writer.set_cache(Arc::new(
         Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
     ));

@@ -37,7 +37,7 @@ pub fn span(level: u32) -> u64 {
 /// written: `(level, first place)`, lowest level first.
 pub fn summaries_due(seq: u64) -> Vec<(u32, u64)> {
     (1..=MAX_LEVEL)
-        .take_while(|&l| seq % span(l) == 0)
+        .take_while(|&l| seq.is_multiple_of(span(l)))
         .map(|l| (l, seq - span(l) + 1))
         .collect()
 }
@@ -48,7 +48,7 @@ pub fn summaries_due(seq: u64) -> Vec<(u32, u64)> {
 pub fn levels_after(pos: u64) -> Vec<u32> {
     (1..=MAX_LEVEL)
         .rev()
-        .filter(|&l| pos % span(l) == 0)
+        .filter(|&l| pos.is_multiple_of(span(l)))
         .collect()
 }
 

@@ -75,6 +75,8 @@ pub type Result<T> = std::result::Result<T, RepoError>;
 
 /// The history objects that opened, and those that did not with why.
 pub type HistoryObjects = (Vec<HistoryObject>, Vec<(String, RepoError)>);
+/// Chain registrations that open, and those that do not (name, why).
+pub type ChainRegistrations = (Vec<ChainRegistration>, Vec<(String, String)>);
 
 /// Where a blob lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -974,7 +976,7 @@ impl Repository {
     /// Every chain registration (FORMAT.md §5b): the (share, host) pairs
     /// with history. One whose name is not its share+host's is skipped as
     /// damaged (returned in the second list with why).
-    pub fn chain_registrations(&self) -> Result<(Vec<ChainRegistration>, Vec<(String, String)>)> {
+    pub fn chain_registrations(&self) -> Result<ChainRegistrations> {
         let names: Vec<String> = self.list("chains/")?.into_iter().map(|m| m.key).collect();
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         let mut fetch = Vec::new();
