@@ -135,12 +135,11 @@ impl ObjectCache for Catalog {
     fn get(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let row: Option<(Vec<u8>, Vec<u8>)> = conn
-            .query_row(
-                "SELECT body, hash FROM objects WHERE name = ?1",
-                params![name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
+            .prepare_cached("SELECT body, hash FROM objects WHERE name = ?1")
+            .and_then(|mut st| {
+                st.query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
             .ok()
             .flatten();
         let (body, hash) = row?;
@@ -149,10 +148,10 @@ impl ObjectCache for Catalog {
 
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]) {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = conn.execute(
-            "INSERT OR REPLACE INTO objects (name, hash, body) VALUES (?1, ?2, ?3)",
-            params![name, hash.as_slice(), body],
-        ) {
+        let put = conn
+            .prepare_cached("INSERT OR REPLACE INTO objects (name, hash, body) VALUES (?1, ?2, ?3)")
+            .and_then(|mut st| st.execute(params![name, hash.as_slice(), body]));
+        if let Err(e) = put {
             // A cache that cannot take an entry costs a request later.
             tracing::debug!(
                 "catalogue {}: cannot cache {name}: {e}",

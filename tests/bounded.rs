@@ -257,7 +257,12 @@ fn figures_for_a_long_history() {
     ship_batches(&s, &state, &writer, 1, n);
     eprintln!("{n} places shipped in {:.1} s", t.elapsed().as_secs_f64());
     let catalog = s.state_dir.join("reader-catalog.db");
-    for round in ["fresh", "warm"] {
+    let repeat: usize = std::env::var("BTRSHIP_BOUNDED_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let rounds = std::iter::once("fresh").chain(std::iter::repeat_n("warm", repeat));
+    for round in rounds {
         let t = std::time::Instant::now();
         let (repo, counters) = fresh(&s);
         repo.set_cache(Arc::new(Catalog::open(&catalog).unwrap()));
