@@ -167,10 +167,13 @@ pub fn prune_local(
     cfg: &ShareConfig,
     repo: &Repository,
 ) -> Result<()> {
+    let on_disk = area.list_snapshots()?;
+    // Only snapshots still on disk can be deleted: one HEAD each, not one
+    // per snapshot ever shipped (that grew with the history).
     let shipped: Vec<_> = state
         .snapshots()?
         .into_iter()
-        .filter(|s| s.shipped)
+        .filter(|s| s.shipped && on_disk.iter().any(|d| d.name == s.name))
         .filter(|s| match &s.record {
             Some(r) => match repo.exists(r) {
                 Ok(true) => true,
@@ -187,7 +190,6 @@ pub fn prune_local(
         })
         .map(|s| s.name)
         .collect();
-    let on_disk = area.list_snapshots()?;
     let keep = cfg.keep_local_snapshots.max(1);
     let shipped_on_disk: Vec<_> = on_disk
         .iter()

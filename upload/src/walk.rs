@@ -8,8 +8,9 @@
 //! checks out moves it to the summary's last place. When none does, it
 //! reads the place itself (both names it can have). An empty place ends
 //! the chain, unless the caller knows the chain is longer (`at_least`:
-//! the shipping machine's head) or an object within the next
-//! [`LOOKAHEAD`] places exists: then the empty place is a gap, which
+//! the shipping machine's head; it looks no further) or, for a reader
+//! that knows nothing, an object within the next [`LOOKAHEAD`] places
+//! exists: then the empty place is a gap, which
 //! [`crate::history::verify_chain`] reports (its successor names it).
 //!
 //! At `n` places this reads at most about `15 · MAX_LEVEL` summaries plus
@@ -150,6 +151,12 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
         if found || place <= at_least {
             pos = place;
             continue;
+        }
+        if at_least > 0 {
+            // The shipping machine knows where its chain ends; an object
+            // past an empty place after it would be another writer's,
+            // which its append protocol refuses.
+            break;
         }
         // An empty place: the end, or a gap with more after it.
         let ahead: Vec<(u64, String)> = (place + 1..=place + LOOKAHEAD)
