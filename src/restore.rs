@@ -727,11 +727,11 @@ mod at {
         open(dir, rel, OFlags::RDONLY | OFlags::DIRECTORY)
     }
 
-    /// Creates the regular file `name` in `dir` (0600, must not exist).
-    pub fn create_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    /// Creates the regular file `rel` below `dir` (0600, must not exist).
+    pub fn create_file(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
         Ok(fs::openat2(
             dir,
-            os(name),
+            os(rel),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
             RESOLVE,
@@ -809,13 +809,13 @@ mod at {
     }
 }
 
-/// Restore runs in three phases: create the whole namespace (directories,
-/// empty files at their final size, links, special files); fill file
-/// contents on several threads, pack by pack, neighbouring blobs read in
+/// Restore runs in three phases: create the namespace (directories,
+/// symlinks, special files) and note the regular files; create and fill
+/// the files on several threads, pack by pack, neighbouring blobs read in
 /// one ranged request ([`fill`]), each file getting its metadata as soon
 /// as its last extent is written; then remove the files whose data turned
-/// out damaged, apply the metadata of files without data and finally
-/// directory metadata, deepest first (so mtimes stick), the staging
+/// out damaged, make the further names of hard-linked files, and finally
+/// apply directory metadata, deepest first (so mtimes stick), the staging
 /// directory's own last.
 ///
 /// Every directory stays 0700 and owned by root until its metadata is
@@ -836,7 +836,7 @@ struct Restorer<'r, 'p, 'f> {
     progress: &'p mut Progress,
 }
 
-/// A regular file: created in phase 1, filled in phase 2.
+/// A regular file: noted in phase 1, created and filled in phase 2.
 struct FileJob {
     path: Vec<u8>,
     node: Node,
@@ -918,6 +918,7 @@ impl Restorer<'_, '_, '_> {
             (filled_at - made).as_secs_f64()
         );
         self.drop_files(&filled.failed)?;
+        self.make_links(&filled.failed)?;
         let staging = self.staging;
         for (i, job) in self.files.iter().enumerate() {
             if filled.failed.contains_key(&i) {
@@ -925,7 +926,7 @@ impl Restorer<'_, '_, '_> {
             }
             let mode = final_mode(self.opts, &job.node, &job.path, &mut self.report);
             if filled.finished[i] {
-                continue; // its metadata came with its last extent
+                continue; // its metadata came with its data (phase 2)
             }
             let fd = at::open(staging, &job.path, OFlags::RDONLY | OFlags::NONBLOCK)
                 .with_context(|| shown(&job.path))?;
@@ -1042,7 +1043,7 @@ impl Restorer<'_, '_, '_> {
                 return self.link(node, dir, rel);
             }
             NodeKind::File => {
-                self.file(node, dir, &rel).with_context(ctx)?;
+                self.file(node, &rel).with_context(ctx)?;
                 if node.nlink > 1 {
                     let first = First::Restored {
                         path: rel,
@@ -1108,7 +1109,10 @@ impl Restorer<'_, '_, '_> {
                 path: shown(&rel),
                 reason: "device",
             }),
-            First::Restored { path, file } => {
+            // A regular file is created in phase 2: its other names come
+            // after it ([`Restorer::make_links`]).
+            First::Restored { file: Some(i), .. } => self.files[i].links.push(rel),
+            First::Restored { path, file: None } => {
                 let (first_dir, first_name) = at::split(&path);
                 at::open(self.staging, first_dir, OFlags::PATH | OFlags::DIRECTORY)
                     .and_then(|from| {
@@ -1121,19 +1125,15 @@ impl Restorer<'_, '_, '_> {
                         )?)
                     })
                     .with_context(|| shown(&rel))?;
-                if let Some(i) = file {
-                    self.files[i].links.push(rel);
-                }
             }
         }
         Ok(())
     }
 
-    /// Phase 1 for a file: create it empty at its final size (holes stay
-    /// holes); contents and metadata come later.
-    fn file(&mut self, node: &Node, dir: BorrowedFd<'_>, rel: &[u8]) -> Result<()> {
-        let fd = at::create_file(dir, &node.name)?;
-        fs::ftruncate(&fd, node.size).map_err(io)?;
+    /// Phase 1 for a file: check its extents and note it; phase 2 creates
+    /// it (at its final size: holes stay holes), fills it and applies its
+    /// metadata.
+    fn file(&mut self, node: &Node, rel: &[u8]) -> Result<()> {
         for ext in &node.content {
             let (offset, len) = (ext.0, ext.2);
             if offset.checked_add(len).is_none_or(|end| end > node.size) {
@@ -1170,17 +1170,49 @@ impl Restorer<'_, '_, '_> {
 
     /// Removes every name of the files that could not be filled (none is
     /// left looking complete) and lists them.
+    /// (Its further names were never made: [`Restorer::make_links`].)
     fn drop_files(&mut self, failed: &HashMap<usize, Damage>) -> Result<()> {
         for (&i, damage) in failed {
             let job = &self.files[i];
+            let (dir, name) = at::split(&job.path);
+            at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
+                .and_then(|d| match fs::unlinkat(d, at::os(name), AtFlags::empty()) {
+                    // Not created: its first blob was the bad one.
+                    Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+                    r => Ok(r?),
+                })
+                .with_context(|| format!("cannot remove the incomplete {}", shown(&job.path)))?;
             for path in std::iter::once(&job.path).chain(&job.links) {
-                let (dir, name) = at::split(path);
-                at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
-                    .and_then(|d| Ok(fs::unlinkat(d, at::os(name), AtFlags::empty())?))
-                    .with_context(|| format!("cannot remove the incomplete {}", shown(path)))?;
                 self.report.unrestored.push(damage.unrestored(path, "file"));
             }
             self.report.files -= 1;
+        }
+        Ok(())
+    }
+
+    /// The further names (hard links) of the files phase 2 restored.
+    fn make_links(&self, failed: &HashMap<usize, Damage>) -> Result<()> {
+        for (i, job) in self.files.iter().enumerate() {
+            if job.links.is_empty() || failed.contains_key(&i) {
+                continue;
+            }
+            let (first_dir, first_name) = at::split(&job.path);
+            let from = at::open(self.staging, first_dir, OFlags::PATH | OFlags::DIRECTORY)
+                .with_context(|| shown(&job.path))?;
+            for rel in &job.links {
+                let (dir, name) = at::split(rel);
+                at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
+                    .and_then(|to| {
+                        Ok(fs::linkat(
+                            &from,
+                            at::os(first_name),
+                            to,
+                            at::os(name),
+                            AtFlags::empty(),
+                        )?)
+                    })
+                    .with_context(|| shown(rel))?;
+            }
         }
         Ok(())
     }

@@ -17,9 +17,12 @@
 //! packs are in flight at once (the store's connection limit applies on
 //! top). A worker writes each blob to its files with `pwrite` on a
 //! descriptor opened below the staging directory (`openat2`, beneath, no
-//! symlinks, as everywhere in restore), and the worker that writes a
-//! file's last extent applies the file's metadata on that descriptor
-//! (owner, xattrs, mode, then mtime: after all its data).
+//! symlinks, as everywhere in restore); the first worker to write to a
+//! file creates it (`O_CREAT | O_EXCL`, 0600, at its final size), and the
+//! worker that writes its last extent applies the file's metadata on
+//! that descriptor (owner, xattrs, mode, then mtime: after all its data).
+//! Files without data are created and given their metadata in jobs of
+//! their own.
 //!
 //! **Memory.** Each worker holds one range and one blob's plaintext at a
 //! time: at most `workers × (max(RANGE_MAX, largest blob) + largest
@@ -91,7 +94,13 @@ enum Job {
     Pack { pack: String, ranges: Vec<Range> },
     /// A blob the index does not list: read alone (it fails as missing).
     Blob(ContentId),
+    /// Files without data (empty, or all holes): created and given their
+    /// metadata.
+    Empty(Vec<usize>),
 }
+
+/// Files without data per [`Job::Empty`].
+const EMPTY_PER_JOB: usize = 256;
 
 /// Groups `blobs` (all in `pack`) into ranges: sorted by offset,
 /// neighbours closer than `gap` joined while the range stays within `max`.
@@ -138,7 +147,11 @@ pub(super) fn fill(
     // The plan: where each blob goes, and which pack holds it.
     let mut places: HashMap<ContentId, Vec<Place>> = HashMap::new();
     let mut first_use: Vec<ContentId> = Vec::new();
+    let mut empty: Vec<usize> = Vec::new();
     for (i, job) in files.iter().enumerate() {
+        if job.node.content.is_empty() {
+            empty.push(i);
+        }
         for ext in &job.node.content {
             let id = ext.1 .0;
             let list = places.entry(id).or_default();
@@ -171,6 +184,9 @@ pub(super) fn fill(
         let ranges = coalesce(blobs, RANGE_GAP, RANGE_MAX);
         jobs.push((order, Job::Pack { pack, ranges }));
     }
+    for chunk in empty.chunks(EMPTY_PER_JOB) {
+        jobs.push((0, Job::Empty(chunk.to_vec())));
+    }
     // Packs in the order files first need them: files complete roughly in
     // the order phase 1 created them.
     jobs.sort_by_key(|(order, _)| *order);
@@ -183,6 +199,7 @@ pub(super) fn fill(
             .map(|j| match j {
                 Job::Pack { ranges, .. } => ranges.len(),
                 Job::Blob(_) => 1,
+                Job::Empty(_) => 0,
             })
             .sum::<usize>()
     );
@@ -198,6 +215,7 @@ pub(super) fn fill(
             .map(|f| AtomicUsize::new(f.node.content.len()))
             .collect(),
         failed: Mutex::new(HashMap::new()),
+        created: files.iter().map(|_| Mutex::new(false)).collect(),
     };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -231,13 +249,14 @@ pub(super) fn fill(
         return Err(e);
     }
     let failed = state.failed.into_inner().unwrap_or_else(|p| p.into_inner());
-    let finished = files
+    let finished = state
+        .remaining
         .iter()
-        .zip(&state.remaining)
+        .zip(state.created)
         .enumerate()
-        .map(|(i, (f, left))| {
-            !f.node.content.is_empty()
-                && left.load(Ordering::Acquire) == 0
+        .map(|(i, (left, created))| {
+            left.load(Ordering::Acquire) == 0
+                && created.into_inner().unwrap_or_else(|p| p.into_inner())
                 && !failed.contains_key(&i)
         })
         .collect();
@@ -255,6 +274,9 @@ struct State<'a> {
     /// last one applies the file's metadata.
     remaining: Vec<AtomicUsize>,
     failed: Mutex<HashMap<usize, Damage>>,
+    /// Whether each file exists yet: the first worker to write to it
+    /// creates it.
+    created: Vec<Mutex<bool>>,
 }
 
 /// The last file a worker wrote to, kept open for the next blob of it.
@@ -265,6 +287,15 @@ impl State<'_> {
         let mut open: OpenFile = None;
         match job {
             Job::Blob(id) => self.deliver(id, self.repo.read_blob(id, BlobKind::Data), &mut open),
+            Job::Empty(files) => {
+                for &i in files {
+                    let job = &self.files[i];
+                    let f = self.open_file(i)?;
+                    apply_meta(f.as_fd(), &job.node, self.modes[i])
+                        .with_context(|| shown(&job.path))?;
+                }
+                Ok(())
+            }
             Job::Pack { pack, ranges } => {
                 for r in ranges {
                     if stop.load(Ordering::Relaxed) {
@@ -362,9 +393,7 @@ impl State<'_> {
                 continue;
             }
             if open.as_ref().is_none_or(|(i, _)| *i != p.file) {
-                let fd = at::open(self.staging, &job.path, OFlags::WRONLY)
-                    .with_context(|| shown(&job.path))?;
-                *open = Some((p.file, std::fs::File::from(fd)));
+                *open = Some((p.file, self.open_file(p.file)?));
             }
             let Some((_, f)) = open.as_ref() else {
                 unreachable!("opened above")
@@ -380,6 +409,32 @@ impl State<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl State<'_> {
+    /// Opens file `i` for writing; the first caller creates it (it must
+    /// not exist) at its final size.
+    fn open_file(&self, i: usize) -> Result<std::fs::File> {
+        let job = &self.files[i];
+        let mut created = self.created[i].lock().unwrap_or_else(|p| p.into_inner());
+        let fd = if *created {
+            drop(created);
+            at::open(self.staging, &job.path, OFlags::WRONLY)
+        } else {
+            let fd = at::create_file(self.staging, &job.path).and_then(|fd| {
+                // Writing the last extent sets the size when it ends the
+                // file; otherwise (a hole at the end) truncate to it.
+                let end = job.node.content.iter().map(|e| e.0 + e.2).max();
+                if end.is_none_or(|end| end < job.node.size) {
+                    rustix::fs::ftruncate(&fd, job.node.size)?;
+                }
+                Ok(fd)
+            });
+            *created = fd.is_ok();
+            fd
+        };
+        Ok(std::fs::File::from(fd.with_context(|| shown(&job.path))?))
     }
 }
 
