@@ -37,9 +37,12 @@
 //! blobs a restore needs are grouped by pack, and neighbours (gaps up to
 //! 1 MiB, ranges up to 8 MiB) come in one ranged GET; every blob cut from
 //! a range is authenticated and its content id checked, as single reads
-//! are. Up to 8 packs are read at once, each sequentially, so memory stays
-//! below 8 × (8 MiB + one blob), about 100 MiB. One `syncfs` at the end
-//! makes everything durable before the rename into place.
+//! are. Up to 8 packs are read at once, each sequentially, so the data in
+//! flight stays below 8 × (8 MiB + one blob), about 100 MiB (on top of the
+//! index and the plan). Writeback runs meanwhile (a `syncfs` every
+//! 128 MiB written, so the disk works while the CPU decrypts); the final
+//! `syncfs`, as before, makes everything durable before the rename into
+//! place.
 //!
 //! **Degraded restore.** A data or tree blob that is missing or damaged in
 //! the store (missing pack, bytes that fail authentication, content not
