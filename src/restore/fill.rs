@@ -195,7 +195,7 @@ pub(super) fn fill(
         jobs.push((0, Job::Empty(chunk.to_vec())));
     }
     // Packs in the order files first need them: files complete roughly in
-    // the order phase 1 created them.
+    // the order phase 1 noted them (tree order).
     jobs.sort_by_key(|(order, _)| *order);
     let jobs: Vec<Job> = jobs.into_iter().map(|(_, j)| j).collect();
     tracing::debug!(
