@@ -1362,6 +1362,7 @@ impl App {
         args: &RepoArgs,
     ) -> Result<u8> {
         let at = self.at(at)?;
+        let before = self.counters.values();
         let (repo, _) = self.open_repo(name, args, false)?;
         let hist = self.history(&repo, name, args)?;
         let moment = btrship::moment::at(&repo, &hist, at)?;
@@ -1375,7 +1376,7 @@ impl App {
         let report = restore::restore(&repo, &rec, &paths, to, opts, &mut progress)?;
         if json {
             print_json(
-                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "at": at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "versions_applied": moment.versions_applied, "to": to, "restored": report }),
+                &serde_json::json!({ "version": 1, "snapshot": rec.snapshot, "time": rec.time, "at": at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "versions_applied": moment.versions_applied, "to": to, "restored": report, "store": self.counters.values().since(&before) }),
             )?;
         } else {
             let versions = match moment.versions_applied {

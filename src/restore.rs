@@ -33,6 +33,17 @@
 //! ([`RestoreReport::skipped`]). FIFOs, sockets, the sticky bit and setgid
 //! on directories are always restored.
 //!
+//! **Reading data.** File contents are read pack by pack ([`fill`]): the
+//! blobs a restore needs are grouped by pack, and neighbours (gaps up to
+//! 1 MiB, ranges up to 8 MiB) come in one ranged GET; every blob cut from
+//! a range is authenticated and its content id checked, as single reads
+//! are. Up to 8 packs are read at once, each sequentially, so the data in
+//! flight stays below 8 × (8 MiB + one blob), about 100 MiB (on top of the
+//! index and the plan). Writeback runs meanwhile (a `syncfs` every
+//! 128 MiB written, so the disk works while the CPU decrypts); the final
+//! `syncfs`, as before, makes everything durable before the rename into
+//! place.
+//!
 //! **Degraded restore.** A data or tree blob that is missing or damaged in
 //! the store (missing pack, bytes that fail authentication, content not
 //! matching its id) affects only the paths that need it: a file needing it
@@ -53,7 +64,7 @@ use crate::progress::Progress;
 use anyhow::{Context, Result};
 use btrship_crypto::ContentId;
 use btrship_upload::format::{
-    unsafe_name_reason, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, Tree,
+    unsafe_name_reason, BlobId, BlobKind, Node, NodeKind, SnapshotRecord, Tree,
 };
 use btrship_upload::{RepoError, Repository, StoreError};
 use chrono::{DateTime, Utc};
@@ -62,8 +73,9 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+mod fill;
 
 /// Repository content that cannot be right: damaged or hostile.
 fn damaged(message: String) -> anyhow::Error {
@@ -304,16 +316,7 @@ impl Damage {
     /// in the store; `Err` (abort the restore) when the store failed now
     /// (worth retrying later) or the error is not about the blob.
     fn of(repo: &Repository, id: &ContentId, e: RepoError) -> Result<Damage> {
-        let damage = match &e {
-            RepoError::Store(s) => s.is_not_found() || matches!(s, StoreError::OutOfRange { .. }),
-            RepoError::MissingBlob { .. }
-            | RepoError::BlobMismatch { .. }
-            | RepoError::Crypto { .. }
-            | RepoError::Pack { .. }
-            | RepoError::Format { .. } => true,
-            _ => false,
-        };
-        if !damage {
+        if !is_damage(&e) {
             return Err(e.into());
         }
         Ok(Damage {
@@ -331,6 +334,20 @@ impl Damage {
             blob: self.blob.to_hex(),
             error: self.error.clone(),
         }
+    }
+}
+
+/// Does `e` mean that an object's bytes are missing or damaged in the
+/// store (as opposed to a store failing now, worth retrying later)?
+fn is_damage(e: &RepoError) -> bool {
+    match e {
+        RepoError::Store(s) => s.is_not_found() || matches!(s, StoreError::OutOfRange { .. }),
+        RepoError::MissingBlob { .. }
+        | RepoError::BlobMismatch { .. }
+        | RepoError::Crypto { .. }
+        | RepoError::Pack { .. }
+        | RepoError::Format { .. } => true,
+        _ => false,
     }
 }
 
@@ -444,7 +461,9 @@ pub fn restore(
         progress,
     };
     let result = r.run(record, paths, target.as_ref()).and_then(|()| {
+        let syncing = std::time::Instant::now();
         fs::syncfs(staging.as_fd()).map_err(io).context("syncfs")?;
+        tracing::debug!("restore: syncfs {:.2} s", syncing.elapsed().as_secs_f64());
         move_into_place(
             parent_fd.as_fd(),
             &staging_name,
@@ -711,11 +730,11 @@ mod at {
         open(dir, rel, OFlags::RDONLY | OFlags::DIRECTORY)
     }
 
-    /// Creates the regular file `name` in `dir` (0600, must not exist).
-    pub fn create_file(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    /// Creates the regular file `rel` below `dir` (0600, must not exist).
+    pub fn create_file(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
         Ok(fs::openat2(
             dir,
-            os(name),
+            os(rel),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
             RESOLVE,
@@ -793,13 +812,14 @@ mod at {
     }
 }
 
-/// Restore runs in three phases: create the whole namespace (directories,
-/// empty files at their final size, links, special files), fill file
-/// contents on several threads (blobs are read, authenticated and written
-/// in parallel, in pieces of a few chunks, so one huge file and many small
-/// ones both use every core), then remove the files whose data turned out
-/// damaged, apply file metadata and finally directory metadata, deepest
-/// first (so mtimes stick), the staging directory's own last.
+/// Restore runs in three phases: create the namespace (directories,
+/// symlinks, special files) and note the regular files; create and fill
+/// the files on several threads, pack by pack, neighbouring blobs read in
+/// one ranged request ([`fill`]), each file getting its metadata as soon
+/// as its last extent is written; then remove the files whose data turned
+/// out damaged, make the further names of hard-linked files, and finally
+/// apply directory metadata, deepest first (so mtimes stick), the staging
+/// directory's own last.
 ///
 /// Every directory stays 0700 and owned by root until its metadata is
 /// applied, when everything below it is final.
@@ -819,7 +839,7 @@ struct Restorer<'r, 'p, 'f> {
     progress: &'p mut Progress,
 }
 
-/// A regular file: created in phase 1, filled in phase 2.
+/// A regular file: noted in phase 1, created and filled in phase 2.
 struct FileJob {
     path: Vec<u8>,
     node: Node,
@@ -838,9 +858,6 @@ enum First {
     Skipped,
 }
 
-/// Extents per unit of parallel work.
-const EXTENTS_PER_PIECE: usize = 16;
-
 impl Restorer<'_, '_, '_> {
     fn run(
         &mut self,
@@ -848,6 +865,7 @@ impl Restorer<'_, '_, '_> {
         paths: &[Vec<u8>],
         target: Option<&fs::Stat>,
     ) -> Result<()> {
+        let started = std::time::Instant::now();
         let mut root = record.root.clone();
         root.subtree = Some(record.tree);
         let all = paths.is_empty()
@@ -894,14 +912,25 @@ impl Restorer<'_, '_, '_> {
                 )));
             }
         }
-        let failed = self.fill_files()?;
-        self.drop_files(&failed)?;
+        let made = started.elapsed();
+        let filled = self.fill_files()?;
+        let filled_at = started.elapsed();
+        tracing::debug!(
+            "restore: namespace {:.2} s, contents {:.2} s",
+            made.as_secs_f64(),
+            (filled_at - made).as_secs_f64()
+        );
+        self.drop_files(&filled.failed)?;
+        self.make_links(&filled.failed)?;
         let staging = self.staging;
         for (i, job) in self.files.iter().enumerate() {
-            if failed.contains_key(&i) {
+            if filled.failed.contains_key(&i) {
                 continue;
             }
             let mode = final_mode(self.opts, &job.node, &job.path, &mut self.report);
+            if filled.finished[i] {
+                continue; // its metadata came with its data (phase 2)
+            }
             let fd = at::open(staging, &job.path, OFlags::RDONLY | OFlags::NONBLOCK)
                 .with_context(|| shown(&job.path))?;
             apply_meta(fd.as_fd(), &job.node, mode).with_context(|| shown(&job.path))?;
@@ -921,6 +950,10 @@ impl Restorer<'_, '_, '_> {
                 .map_err(io)
                 .context("chmod")?;
         }
+        tracing::debug!(
+            "restore: metadata {:.2} s",
+            (started.elapsed() - filled_at).as_secs_f64()
+        );
         Ok(())
     }
 
@@ -1013,7 +1046,7 @@ impl Restorer<'_, '_, '_> {
                 return self.link(node, dir, rel);
             }
             NodeKind::File => {
-                self.file(node, dir, &rel).with_context(ctx)?;
+                self.file(node, &rel).with_context(ctx)?;
                 if node.nlink > 1 {
                     let first = First::Restored {
                         path: rel,
@@ -1079,7 +1112,10 @@ impl Restorer<'_, '_, '_> {
                 path: shown(&rel),
                 reason: "device",
             }),
-            First::Restored { path, file } => {
+            // A regular file is created in phase 2: its other names come
+            // after it ([`Restorer::make_links`]).
+            First::Restored { file: Some(i), .. } => self.files[i].links.push(rel),
+            First::Restored { path, file: None } => {
                 let (first_dir, first_name) = at::split(&path);
                 at::open(self.staging, first_dir, OFlags::PATH | OFlags::DIRECTORY)
                     .and_then(|from| {
@@ -1092,19 +1128,15 @@ impl Restorer<'_, '_, '_> {
                         )?)
                     })
                     .with_context(|| shown(&rel))?;
-                if let Some(i) = file {
-                    self.files[i].links.push(rel);
-                }
             }
         }
         Ok(())
     }
 
-    /// Phase 1 for a file: create it empty at its final size (holes stay
-    /// holes); contents and metadata come later.
-    fn file(&mut self, node: &Node, dir: BorrowedFd<'_>, rel: &[u8]) -> Result<()> {
-        let fd = at::create_file(dir, &node.name)?;
-        fs::ftruncate(&fd, node.size).map_err(io)?;
+    /// Phase 1 for a file: check its extents and note it; phase 2 creates
+    /// it (at its final size: holes stay holes), fills it and applies its
+    /// metadata.
+    fn file(&mut self, node: &Node, rel: &[u8]) -> Result<()> {
         for ext in &node.content {
             let (offset, len) = (ext.0, ext.2);
             if offset.checked_add(len).is_none_or(|end| end > node.size) {
@@ -1120,100 +1152,70 @@ impl Restorer<'_, '_, '_> {
         Ok(())
     }
 
-    /// Phase 2: writes every file's data regions, in parallel. Returns the
-    /// files (indices into `files`) that need a damaged or missing blob.
-    fn fill_files(&mut self) -> Result<HashMap<usize, Damage>> {
-        let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    /// Phase 2 ([`fill`]): writes every file's data and, once a file is
+    /// complete, its metadata. Returns the files (indices into `files`)
+    /// that need a damaged or missing blob, and those given their metadata.
+    fn fill_files(&mut self) -> Result<fill::Filled> {
+        let modes: Vec<u32> = self
+            .files
+            .iter()
+            .map(|f| kept_mode(self.opts, &f.node))
+            .collect();
+        let filled = fill::fill(self.repo, self.staging, &self.files, &modes)?;
         for (i, job) in self.files.iter().enumerate() {
-            let n = job.node.content.len();
-            let mut start = 0;
-            while start < n {
-                let end = (start + EXTENTS_PER_PIECE).min(n);
-                pieces.push((i, start, end));
-                start = end;
-            }
-        }
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let failed: std::sync::Mutex<HashMap<usize, Damage>> = Default::default();
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
-        let (files, repo, staging) = (&self.files, self.repo, self.staging);
-        let is_failed = |i: usize| {
-            failed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&i)
-        };
-        let errors: Vec<anyhow::Error> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(|| -> Result<()> {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        while !stop.load(Relaxed) {
-                            let Some(&(i, start, end)) = pieces.get(next.fetch_add(1, Relaxed))
-                            else {
-                                return Ok(());
-                            };
-                            if is_failed(i) {
-                                continue;
-                            }
-                            let job = &files[i];
-                            match write_piece(repo, staging, job, &job.node.content[start..end])
-                                .with_context(|| shown(&job.path))
-                            {
-                                Ok(Ok(())) => {}
-                                Ok(Err(damage)) => {
-                                    failed
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .entry(i)
-                                        .or_insert(damage);
-                                }
-                                Err(e) => {
-                                    stop.store(true, Relaxed);
-                                    return Err(e);
-                                }
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .filter_map(|h| match h.join() {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e),
-                    Err(_) => Some(anyhow::anyhow!("a restore thread panicked")),
-                })
-                .collect()
-        });
-        if let Some(e) = errors.into_iter().next() {
-            return Err(e);
-        }
-        let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
-        for (i, job) in self.files.iter().enumerate() {
-            if !failed.contains_key(&i) {
+            if !filled.failed.contains_key(&i) {
                 self.report.bytes += job.node.content.iter().map(|e| e.2).sum::<u64>();
             }
             self.progress.file(job.node.size);
         }
-        Ok(failed)
+        Ok(filled)
     }
 
     /// Removes every name of the files that could not be filled (none is
     /// left looking complete) and lists them.
+    /// (Its further names were never made: [`Restorer::make_links`].)
     fn drop_files(&mut self, failed: &HashMap<usize, Damage>) -> Result<()> {
         for (&i, damage) in failed {
             let job = &self.files[i];
+            let (dir, name) = at::split(&job.path);
+            at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
+                .and_then(|d| match fs::unlinkat(d, at::os(name), AtFlags::empty()) {
+                    // Not created: its first blob was the bad one.
+                    Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+                    r => Ok(r?),
+                })
+                .with_context(|| format!("cannot remove the incomplete {}", shown(&job.path)))?;
             for path in std::iter::once(&job.path).chain(&job.links) {
-                let (dir, name) = at::split(path);
-                at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
-                    .and_then(|d| Ok(fs::unlinkat(d, at::os(name), AtFlags::empty())?))
-                    .with_context(|| format!("cannot remove the incomplete {}", shown(path)))?;
                 self.report.unrestored.push(damage.unrestored(path, "file"));
             }
             self.report.files -= 1;
+        }
+        Ok(())
+    }
+
+    /// The further names (hard links) of the files phase 2 restored.
+    fn make_links(&self, failed: &HashMap<usize, Damage>) -> Result<()> {
+        for (i, job) in self.files.iter().enumerate() {
+            if job.links.is_empty() || failed.contains_key(&i) {
+                continue;
+            }
+            let (first_dir, first_name) = at::split(&job.path);
+            let from = at::open(self.staging, first_dir, OFlags::PATH | OFlags::DIRECTORY)
+                .with_context(|| shown(&job.path))?;
+            for rel in &job.links {
+                let (dir, name) = at::split(rel);
+                at::open(self.staging, dir, OFlags::PATH | OFlags::DIRECTORY)
+                    .and_then(|to| {
+                        Ok(fs::linkat(
+                            &from,
+                            at::os(first_name),
+                            to,
+                            at::os(name),
+                            AtFlags::empty(),
+                        )?)
+                    })
+                    .with_context(|| shown(rel))?;
+            }
         }
         Ok(())
     }
@@ -1224,42 +1226,23 @@ impl Restorer<'_, '_, '_> {
 /// `--special-files`. setgid on a directory only chooses the group of new
 /// entries and is kept.
 fn final_mode(opts: RestoreOptions, node: &Node, rel: &[u8], report: &mut RestoreReport) -> u32 {
+    let mode = kept_mode(opts, node);
+    if mode != node.mode & 0o7777 {
+        report.skipped.push(Skipped {
+            path: shown(rel),
+            reason: "setuid",
+        });
+    }
+    mode
+}
+
+/// The mode [`final_mode`] gives `node`, without listing anything.
+fn kept_mode(opts: RestoreOptions, node: &Node) -> u32 {
     let mode = node.mode & 0o7777;
     if opts.special_files || node.kind == NodeKind::Dir || mode & 0o6000 == 0 {
         return mode;
     }
-    report.skipped.push(Skipped {
-        path: shown(rel),
-        reason: "setuid",
-    });
     mode & !0o6000
-}
-
-/// Reads, authenticates and writes some extents of one restored file.
-/// `Ok(Err(damage))` when a blob is missing or damaged in the store.
-fn write_piece(
-    repo: &Repository,
-    staging: BorrowedFd<'_>,
-    job: &FileJob,
-    extents: &[Extent],
-) -> Result<std::result::Result<(), Damage>> {
-    let f = std::fs::File::from(at::open(staging, &job.path, OFlags::WRONLY)?);
-    for ext in extents {
-        let (offset, id, len) = (ext.0, ext.1 .0, ext.2);
-        let data = match repo.read_blob(&id, BlobKind::Data) {
-            Ok(data) => data,
-            Err(e) => return Ok(Err(Damage::of(repo, &id, e)?)),
-        };
-        if data.len() as u64 != len {
-            return Err(damaged(format!(
-                "blob {id} is {} bytes, the tree says {len}",
-                data.len()
-            )));
-        }
-        debug_assert!(offset + len <= job.node.size);
-        f.write_all_at(&data, offset)?;
-    }
-    Ok(Ok(()))
 }
 
 fn timestamps(node: &Node) -> fs::Timestamps {

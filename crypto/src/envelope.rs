@@ -263,11 +263,35 @@ fn decompress(frame: &[u8], limit: usize) -> Result<Vec<u8>, CryptoError> {
         .filter(|&n| n <= limit)
         .unwrap_or(0);
     let mut out = Vec::with_capacity(declared);
-    let decoder = zstd::stream::read::Decoder::with_buffer(frame).map_err(err)?;
-    decoder
-        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
-        .read_to_end(&mut out)
-        .map_err(err)?;
+    let take = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    // One decompression context per thread, reused: creating one costs
+    // more than decompressing a small blob (a restore of many small files
+    // spent a tenth of its CPU in ZSTD_createDCtx). `with_context` resets
+    // the context's session first, so nothing of an earlier frame (also
+    // one that failed half way) carries over.
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DCTX.with(|cell| -> Result<(), CryptoError> {
+        let mut slot = cell
+            .try_borrow_mut()
+            .map_err(|_| CryptoError::Decompress("decompression context already in use".into()))?;
+        if slot.is_none() {
+            *slot =
+                Some(zstd::zstd_safe::DCtx::try_create().ok_or_else(|| {
+                    CryptoError::Decompress("cannot allocate a zstd context".into())
+                })?);
+        }
+        let Some(ctx) = slot.as_mut() else {
+            unreachable!("set above")
+        };
+        zstd::stream::read::Decoder::with_context(frame, ctx)
+            .take(take)
+            .read_to_end(&mut out)
+            .map_err(err)?;
+        Ok(())
+    })?;
     if out.len() > limit {
         return Err(CryptoError::Decompress(format!(
             "output exceeds the limit of {limit} bytes"
