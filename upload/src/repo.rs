@@ -495,20 +495,9 @@ impl Repository {
             }
         }
         for (name, got) in self.get_many(fetch) {
-            let opened = got.map_err(RepoError::from).and_then(|sealed| {
-                let body = self
-                    .key
-                    .open(ObjectKind::Index, name.as_bytes(), &sealed)
-                    .map_err(|e| RepoError::crypto(&name, e))?;
-                let index: Index = from_cbor(&body).map_err(|reason| RepoError::Format {
-                    object: name.clone(),
-                    reason,
-                })?;
-                if let Some(c) = self.cache() {
-                    c.put(&name, &body, &history::sealed_hash(&sealed));
-                }
-                Ok(index)
-            });
+            let opened = got
+                .map_err(RepoError::from)
+                .and_then(|sealed| self.open_and_cache::<Index>(ObjectKind::Index, &name, &sealed));
             match opened {
                 Ok(index) => self.merge_named_index(&name, &index),
                 Err(e) if e.is_wrong_key() => return Err(e),
@@ -997,6 +986,28 @@ impl Repository {
         Ok(Some(obj))
     }
 
+    /// Opens and decodes a write-once object read from the store, and
+    /// gives it to the object cache.
+    fn open_and_cache<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        kind: ObjectKind,
+        name: &str,
+        sealed: &[u8],
+    ) -> Result<T> {
+        let body = self
+            .key
+            .open(kind, name.as_bytes(), sealed)
+            .map_err(|e| RepoError::crypto(name, e))?;
+        let value = from_cbor(&body).map_err(|reason| RepoError::Format {
+            object: name.to_string(),
+            reason,
+        })?;
+        if let Some(c) = self.cache() {
+            c.put(name, &body, &history::sealed_hash(sealed));
+        }
+        Ok(value)
+    }
+
     /// Registers the chain of share+host (FORMAT.md §5b) unless it is.
     pub fn register_chain(&self, share: &str, host: &str) -> Result<()> {
         let name = history::chain_name(&self.key, share, host);
@@ -1046,23 +1057,13 @@ impl Repository {
         }
         for (name, got) in self.get_many(fetch) {
             let opened = got.map_err(RepoError::from).and_then(|sealed| {
-                let body = self
-                    .key
-                    .open(ObjectKind::ChainRegistration, name.as_bytes(), &sealed)
-                    .map_err(|e| RepoError::crypto(&name, e))?;
                 let reg: ChainRegistration =
-                    from_cbor(&body).map_err(|reason| RepoError::Format {
-                        object: name.clone(),
-                        reason,
-                    })?;
+                    self.open_and_cache(ObjectKind::ChainRegistration, &name, &sealed)?;
                 if history::chain_name(&self.key, &reg.share, &reg.host) != name {
                     return Err(RepoError::Format {
                         object: name.clone(),
                         reason: "a chain registration under another chain's name".into(),
                     });
-                }
-                if let Some(c) = self.cache() {
-                    c.put(&name, &body, &history::sealed_hash(&sealed));
                 }
                 Ok(reg)
             });
@@ -1103,18 +1104,11 @@ impl Repository {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let body = self
-            .key
-            .open(ObjectKind::Summary, name.as_bytes(), &sealed)
-            .map_err(|e| RepoError::crypto(name, e))?;
-        let summary: Summary = from_cbor(&body).map_err(|reason| RepoError::Format {
-            object: name.to_string(),
-            reason,
-        })?;
-        if let Some(c) = self.cache() {
-            c.put(name, &body, &history::sealed_hash(&sealed));
-        }
-        Ok(Some(summary))
+        Ok(Some(self.open_and_cache(
+            ObjectKind::Summary,
+            name,
+            &sealed,
+        )?))
     }
 
     /// Which of these objects exist (HEAD requests, up to 16 in flight).
