@@ -391,13 +391,17 @@ impl Stores {
     ) -> Result<Repository> {
         let key = Arc::new(btrship_crypto::read_key_file(key_file)?);
         let store = self.store(address, false, layers::RetryPolicy::default())?;
-        btrship::catalog::open_repository(
+        let repo = btrship::catalog::open_repository(
             store,
             key,
             self.rt.clone(),
             state_dir,
             Some((own.0, own.1, 0)),
-        )
+        )?;
+        // The daemon runs for months: it keeps the blob index, not the
+        // history it read to find it.
+        btrship_upload::walk::forget_walks(&repo);
+        Ok(repo)
     }
 }
 

@@ -211,3 +211,9 @@ pub fn take_walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> R
         None => walk(repo, share, host, at_least),
     }
 }
+
+/// Drops every memoised reading of this process (a long-lived process,
+/// the daemon, keeps no history in memory after opening).
+pub fn forget_walks(repo: &Repository) {
+    repo.walks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
