@@ -92,10 +92,6 @@ impl Catalog {
         })
     }
 
-    pub fn file(&self) -> &Path {
-        &self.path
-    }
-
     /// Number of objects cached.
     pub fn len(&self) -> Result<u64> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());

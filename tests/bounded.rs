@@ -43,9 +43,21 @@ fn setup() -> Setup {
     }
 }
 
+/// The shipping machine: the repository (created) with its catalogue,
+/// and its state database.
+fn writer(s: &Setup) -> (Repository, State) {
+    let (repo, _) =
+        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
+            .unwrap();
+    repo.set_cache(Arc::new(
+        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
+    ));
+    (repo, State::open(&s.state_dir.join("office.db")).unwrap())
+}
+
 /// Appends `n` version batches, each with one new blob (so each names
 /// one index), through `history::append` as the daemon does.
-fn ship_batches(s: &Setup, state: &State, repo: &Repository, from: u64, n: u64) {
+fn ship_batches(state: &State, repo: &Repository, from: u64, n: u64) {
     for i in from..from + n {
         let mut w = repo.writer();
         w.add(BlobKind::Data, format!("content of version {i}").as_bytes())
@@ -84,7 +96,6 @@ fn ship_batches(s: &Setup, state: &State, repo: &Repository, from: u64, n: u64) 
         )
         .unwrap();
     }
-    let _ = &s.key;
 }
 
 /// A repository as a machine that knows nothing opens it, counting its
@@ -112,16 +123,10 @@ fn read(repo: &Repository) -> history::ShareHistory {
 #[test]
 fn a_long_history_reads_in_a_bounded_number_of_requests() {
     let s = setup();
-    let (writer, _) =
-        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
-            .unwrap();
-    writer.set_cache(Arc::new(
-        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
-    ));
-    let state = State::open(&s.state_dir.join("office.db")).unwrap();
+    let (writer, state) = writer(&s);
     // 2 level-2 summaries, 3 level-1, 7 places on their own.
     let n = 2 * 256 + 3 * 16 + 7;
-    ship_batches(&s, &state, &writer, 1, n);
+    ship_batches(&state, &writer, 1, n);
 
     let (repo, counters) = fresh(&s);
     let hist = read(&repo);
@@ -210,11 +215,8 @@ fn a_long_history_reads_in_a_bounded_number_of_requests() {
 #[test]
 fn a_machine_that_read_a_history_reads_only_what_is_new() {
     let s = setup();
-    let (writer, _) =
-        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
-            .unwrap();
-    let state = State::open(&s.state_dir.join("office.db")).unwrap();
-    ship_batches(&s, &state, &writer, 1, 300);
+    let (writer, state) = writer(&s);
+    ship_batches(&state, &writer, 1, 300);
     let catalog = s.state_dir.join("reader-catalog.db");
     let open_cached = || {
         let (repo, counters) = fresh(&s);
@@ -224,7 +226,7 @@ fn a_machine_that_read_a_history_reads_only_what_is_new() {
     let (repo, counters) = open_cached();
     assert_eq!(read(&repo).batches.len(), 300);
     let first = counters.values();
-    ship_batches(&s, &state, &writer, 301, 5);
+    ship_batches(&state, &writer, 301, 5);
     let (repo, counters) = open_cached();
     assert_eq!(read(&repo).batches.len(), 305);
     let again = counters.values();
@@ -246,15 +248,9 @@ fn figures_for_a_long_history() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
     let s = setup();
-    let (writer, _) =
-        Repository::open_or_create(s.store.clone(), s.key.clone(), s.rt.handle().clone(), HOST)
-            .unwrap();
-    writer.set_cache(Arc::new(
-        Catalog::open(&s.state_dir.join("catalog.db")).unwrap(),
-    ));
-    let state = State::open(&s.state_dir.join("office.db")).unwrap();
+    let (writer, state) = writer(&s);
     let t = std::time::Instant::now();
-    ship_batches(&s, &state, &writer, 1, n);
+    ship_batches(&state, &writer, 1, n);
     eprintln!("{n} places shipped in {:.1} s", t.elapsed().as_secs_f64());
     let catalog = s.state_dir.join("reader-catalog.db");
     let repeat: usize = std::env::var("BTRSHIP_BOUNDED_REPEAT")

@@ -9,55 +9,16 @@
 mod common;
 
 use btrship_crypto::{read_key_file, ContentId};
-use btrship_upload::format::{BlobKind, NodeKind};
+use btrship_upload::format::BlobKind;
 use btrship_upload::local::LocalStore;
 use btrship_upload::Repository;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 
 const SHARE: &str = "share";
-
-/// Files (path → blob ids) and directories (path → tree id) of a tree.
-fn walk_repo(
-    repo: &Repository,
-    tree: &ContentId,
-    prefix: &str,
-    files: &mut BTreeMap<String, Vec<ContentId>>,
-    dirs: &mut BTreeMap<String, ContentId>,
-) {
-    for e in repo.read_tree(tree).unwrap().entries {
-        let path = format!("{prefix}{}", String::from_utf8(e.name.clone()).unwrap());
-        match e.kind {
-            NodeKind::Dir => {
-                let id = e.subtree.unwrap().0;
-                dirs.insert(path.clone(), id);
-                walk_repo(repo, &id, &format!("{path}/"), files, dirs);
-            }
-            NodeKind::File => {
-                files.insert(path, e.content.iter().map(|x| x.1 .0).collect());
-            }
-            _ => {}
-        }
-    }
-}
-
-fn flip(path: &Path, pos: u64) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, pos).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, pos).unwrap();
-    f.sync_all().unwrap();
-}
 
 #[test]
 fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
@@ -100,7 +61,7 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
         other => panic!("expected the one snapshot record, got {other:?}"),
     };
     let (mut files, mut dirs) = (BTreeMap::new(), BTreeMap::new());
-    walk_repo(&repo, &record.tree.0, "", &mut files, &mut dirs);
+    repo_tree_paths(&repo, &record.tree.0, "", &mut files, &mut dirs);
     let packs = repo.packs_in_index();
     let bad_tree_dir = "d3/sub";
     // Damage packs that hold neither the root tree nor the trees on the
@@ -123,12 +84,30 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
         candidates.len() >= 2,
         "want two packs to damage: {packs:#?}"
     );
-    let (missing, flipped) = (candidates[0].clone(), candidates[1].clone());
-    let bad_blob = packs[&flipped]
+    let missing = candidates[0].clone();
+    // The flipped blob must belong to a file whose directories stay
+    // readable: not below a directory whose tree is in the missing pack
+    // (pack contents depend on the order the sealing threads finish).
+    let lost_dirs: Vec<String> = dirs
         .iter()
-        .find(|(id, l)| l.kind == BlobKind::Data && used.contains(id))
-        .unwrap()
-        .0;
+        .filter(|(_, id)| packs[&missing].iter().any(|(b, _)| b == *id))
+        .map(|(p, _)| format!("{p}/"))
+        .collect();
+    let reachable: HashSet<ContentId> = files
+        .iter()
+        .filter(|(p, _)| !p.starts_with(&format!("{bad_tree_dir}/")))
+        .filter(|(p, _)| !lost_dirs.iter().any(|d| p.starts_with(d)))
+        .flat_map(|(_, ids)| ids.iter().copied())
+        .collect();
+    let (flipped, bad_blob) = candidates[1..]
+        .iter()
+        .find_map(|pack| {
+            packs[*pack]
+                .iter()
+                .find(|(id, l)| l.kind == BlobKind::Data && reachable.contains(id))
+                .map(|(id, _)| ((*pack).clone(), *id))
+        })
+        .expect("a second pack with a blob of a reachable file");
     let bad_blob_loc = repo.locate(&bad_blob).unwrap();
     let bad_tree_loc = repo.locate(&dirs[bad_tree_dir]).unwrap();
     // The model: which blobs are bad, in which pack.
@@ -177,13 +156,15 @@ fn damaged_packs_and_trees_affect_only_the_paths_that_need_them() {
     let objects: BTreeMap<String, std::path::PathBuf> =
         repo_objects(&b.repo()).into_iter().collect();
     fs::remove_file(&objects[&missing]).unwrap();
-    flip(
+    flip_byte(
         &objects[&flipped],
         bad_blob_loc.offset + bad_blob_loc.length / 2,
+        0x40,
     );
-    flip(
+    flip_byte(
         &objects[&bad_tree_loc.pack],
         bad_tree_loc.offset + bad_tree_loc.length / 2,
+        0x40,
     );
 
     let out = fs_.dir("restores");

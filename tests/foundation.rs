@@ -702,19 +702,6 @@ fn key_id_ranges(data: &[u8]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-fn flip(path: &Path, pos: u64) {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, pos).unwrap();
-    b[0] ^= 0x01;
-    f.write_all_at(&b, pos).unwrap();
-    f.sync_all().unwrap();
-}
-
 /// A partial restore (exit 9): every entry it restored equals the
 /// reference, and every entry it lacks is listed in its text output (or
 /// lies below a listed directory).
@@ -818,7 +805,7 @@ fn tamper_every_object() {
             rel == "config" || rel.starts_with("index/") || *rel == latest_record;
         for pos in positions {
             let what = format!("{rel} byte {pos} of {len}");
-            flip(path, pos);
+            flip_byte(path, pos, 0x01);
             let codes: &[i32] = if kid.iter().any(|r| r.contains(&(pos as usize))) {
                 &[4, 5]
             } else {
@@ -911,7 +898,7 @@ fn tamper_every_object() {
                 }
             }
             n += 1;
-            flip(path, pos);
+            flip_byte(path, pos, 0x01);
         }
     }
     eprintln!(

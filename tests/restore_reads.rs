@@ -8,37 +8,16 @@
 mod common;
 
 use btrship_crypto::{read_key_file, ContentId};
-use btrship_upload::format::NodeKind;
 use btrship_upload::local::LocalStore;
 use btrship_upload::Repository;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 const SHARE: &str = "share";
 const FILES: usize = 1500;
-
-/// Files (path → blob ids) below a tree.
-fn walk_repo(
-    repo: &Repository,
-    tree: &ContentId,
-    prefix: &str,
-    files: &mut BTreeMap<String, Vec<ContentId>>,
-) {
-    for e in repo.read_tree(tree).unwrap().entries {
-        let path = format!("{prefix}{}", String::from_utf8(e.name.clone()).unwrap());
-        match e.kind {
-            NodeKind::Dir => walk_repo(repo, &e.subtree.unwrap().0, &format!("{path}/"), files),
-            NodeKind::File => {
-                files.insert(path, e.content.iter().map(|x| x.1 .0).collect());
-            }
-            _ => {}
-        }
-    }
-}
 
 #[test]
 fn small_files_come_in_few_ranged_reads_and_one_bad_blob_costs_one_file() {
@@ -78,7 +57,7 @@ fn small_files_come_in_few_ranged_reads_and_one_bad_blob_costs_one_file() {
         other => panic!("expected the one snapshot record, got {other:?}"),
     };
     let mut files = BTreeMap::new();
-    walk_repo(&repo, &record.tree.0, "", &mut files);
+    repo_tree_paths(&repo, &record.tree.0, "", &mut files, &mut BTreeMap::new());
     assert_eq!(files.len(), FILES + 1);
     assert_eq!(files["d00/dup"], files["d00/f0000"]);
     let blobs = FILES;
@@ -123,16 +102,7 @@ fn small_files_come_in_few_ranged_reads_and_one_bad_blob_costs_one_file() {
     drop(rt);
     let objects: BTreeMap<String, std::path::PathBuf> =
         repo_objects(&b.repo()).into_iter().collect();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&objects[&pack])
-        .unwrap();
-    let mut byte = [0u8; 1];
-    f.read_exact_at(&mut byte, offset + length / 2).unwrap();
-    byte[0] ^= 0x10;
-    f.write_all_at(&byte, offset + length / 2).unwrap();
-    f.sync_all().unwrap();
+    flip_byte(&objects[&pack], offset + length / 2, 0x10);
 
     let to = out.join("damaged");
     let o = b.cmd(osargs![

@@ -1906,3 +1906,45 @@ impl Drop for DaemonProc {
         }
     }
 }
+
+/// XORs `mask` into the byte at `pos` of `path` and syncs it (damage for
+/// tamper tests).
+pub fn flip_byte(path: &Path, pos: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, pos).unwrap();
+    b[0] ^= mask;
+    f.write_all_at(&b, pos).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Files (path → blob ids) and directories (path → tree id) below a tree
+/// of a repository, read through the library.
+pub fn repo_tree_paths(
+    repo: &btrship_upload::Repository,
+    tree: &btrship_crypto::ContentId,
+    prefix: &str,
+    files: &mut BTreeMap<String, Vec<btrship_crypto::ContentId>>,
+    dirs: &mut BTreeMap<String, btrship_crypto::ContentId>,
+) {
+    use btrship_upload::format::NodeKind;
+    for e in repo.read_tree(tree).unwrap().entries {
+        let path = format!("{prefix}{}", String::from_utf8(e.name.clone()).unwrap());
+        match e.kind {
+            NodeKind::Dir => {
+                let id = e.subtree.unwrap().0;
+                dirs.insert(path.clone(), id);
+                repo_tree_paths(repo, &id, &format!("{path}/"), files, dirs);
+            }
+            NodeKind::File => {
+                files.insert(path, e.content.iter().map(|x| x.1 .0).collect());
+            }
+            _ => {}
+        }
+    }
+}

@@ -45,8 +45,6 @@ pub struct ChainWalk {
     /// An object predates named indexes (FORMAT.md §5b): readers must
     /// read every index object to find this chain's blobs.
     pub legacy: bool,
-    /// Summaries read.
-    pub summaries: u64,
 }
 
 fn fatal(e: &RepoError) -> bool {
@@ -116,7 +114,6 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
                                 }
                             }
                         }
-                        out.summaries += 1;
                         pos = s.last;
                         advanced = true;
                         break;
