@@ -13,19 +13,28 @@
 //! cannot be opened is removed and started again.
 
 use anyhow::{Context, Result};
-use btrship_crypto::MasterKey;
+use btrship_crypto::{ContentId, MasterKey};
+use btrship_upload::format::{
+    from_cbor, to_cbor, BlobKind, Index, Node, SnapshotRecord, VersionBatch,
+};
+use btrship_upload::history::{ChainHead, HistoryBody, HistoryKind, HistoryObject};
 use btrship_upload::repo::ObjectCache;
-use btrship_upload::{Repository, Store};
+use btrship_upload::{BlobLocation, Repository, Store};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 
-/// The object cache of one repository on this machine.
+/// The catalogue of one repository on this machine.
 pub struct Catalog {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Indexes known to be merged into `blobs` (saves a query per name).
+    merged: Mutex<HashSet<String>>,
+    /// Chains this process has brought up to date ([`crate::history`]).
+    pub(crate) synced: Mutex<HashMap<(String, String), Arc<crate::history::ChainState>>>,
 }
 
 const SCHEMA: &str = "
@@ -34,7 +43,111 @@ const SCHEMA: &str = "
         hash BLOB NOT NULL,      -- BLAKE3 of its sealed bytes
         body BLOB NOT NULL       -- its opened body (CBOR)
     ) WITHOUT ROWID;
+    -- The blob index: the blob lists of the named indexes merged so far.
+    CREATE TABLE IF NOT EXISTS packs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE IF NOT EXISTS blobs (
+        id BLOB NOT NULL,        -- content id
+        pack INTEGER NOT NULL,   -- packs.id
+        kind INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        length INTEGER NOT NULL,
+        raw_length INTEGER NOT NULL,
+        PRIMARY KEY (id, pack)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS merged_indexes (
+        name TEXT PRIMARY KEY
+    ) WITHOUT ROWID;
+    -- Each chain's checked prefix: places 1..=through are in `moments`,
+    -- checked as a chain, their indexes merged into `blobs`.
+    CREATE TABLE IF NOT EXISTS chain_sync (
+        share TEXT NOT NULL,
+        host TEXT NOT NULL,
+        through INTEGER NOT NULL,
+        head_name TEXT NOT NULL,
+        head_hash BLOB NOT NULL,
+        declared_lost TEXT NOT NULL,  -- JSON [[from, to], ...]
+        PRIMARY KEY (share, host)
+    ) WITHOUT ROWID;
+    -- Every history object read, by chain and place; times in ns since
+    -- the epoch (a snapshot's time, a batch's oldest and newest entry).
+    CREATE TABLE IF NOT EXISTS moments (
+        share TEXT NOT NULL,
+        host TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,   -- 0 snapshot record, 1 version batch
+        t_first INTEGER NOT NULL,
+        t_last INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        body BLOB NOT NULL,
+        UNIQUE (share, host, seq, name)
+    );
+    CREATE INDEX IF NOT EXISTS moments_by_time ON moments (share, host, kind, t_last);
+    -- What a path is in a directory tree (`versions`): the node's CBOR,
+    -- or NULL when the path is not there. Trees never change under an id.
+    CREATE TABLE IF NOT EXISTS resolved (
+        tree BLOB NOT NULL,
+        path BLOB NOT NULL,
+        node BLOB,
+        PRIMARY KEY (tree, path)
+    ) WITHOUT ROWID;
+    -- The paths each version batch holds entries for.
+    CREATE TABLE IF NOT EXISTS moment_paths (
+        share TEXT NOT NULL,
+        host TEXT NOT NULL,
+        path BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (share, host, path, seq)
+    ) WITHOUT ROWID;
 ";
+
+/// A chain's checked prefix, as the catalogue holds it.
+#[derive(Debug, Clone)]
+pub struct ChainSync {
+    pub through: u64,
+    pub head: ChainHead,
+    pub declared_lost: Vec<(u64, u64)>,
+}
+
+/// A time as ns since the epoch (None: not RFC 3339).
+pub fn time_ns(t: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()?
+        .timestamp_nanos_opt()
+}
+
+/// The (first, last) times a history object covers: a record's time, or
+/// its batch's oldest and newest entry. An unreadable time widens the
+/// range to everything, so every query finds the object and its reader
+/// reports the time.
+fn time_range(body: &HistoryBody) -> (i64, i64) {
+    match body {
+        HistoryBody::Snapshot(r) => {
+            let t = time_ns(&r.time).unwrap_or(i64::MIN);
+            (t, t)
+        }
+        HistoryBody::Versions(b) => {
+            let mut range: Option<(i64, i64)> = None;
+            for e in &b.entries {
+                let Some(t) = time_ns(&e.time) else {
+                    return (i64::MIN, i64::MAX);
+                };
+                range = Some(range.map_or((t, t), |(a, z)| (a.min(t), z.max(t))));
+            }
+            range.unwrap_or((i64::MIN, i64::MIN))
+        }
+    }
+}
+
+fn kind_code(k: HistoryKind) -> i64 {
+    match k {
+        HistoryKind::Snapshot => 0,
+        HistoryKind::Versions => 1,
+    }
+}
 
 impl Catalog {
     /// The catalogue file of the repository `repo_id` under `state_dir`.
@@ -86,10 +199,304 @@ impl Catalog {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Catalog {
+        Ok(Catalog::with(conn, path))
+    }
+
+    fn with(conn: Connection, path: &Path) -> Catalog {
+        Catalog {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
-        })
+            merged: Mutex::default(),
+            synced: Mutex::default(),
+        }
+    }
+
+    /// A catalogue in memory, for a process that cannot trust (or has no)
+    /// catalogue file: filled from the store alone, gone at exit.
+    pub fn in_memory() -> Result<Catalog> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Catalog::with(conn, Path::new(":memory:")))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The checked prefix of the chain of share+host, if any.
+    pub fn chain_sync(&self, share: &str, host: &str) -> Result<Option<ChainSync>> {
+        let conn = self.lock();
+        let row: Option<(i64, String, Vec<u8>, String)> = conn
+            .prepare_cached(
+                "SELECT through, head_name, head_hash, declared_lost FROM chain_sync WHERE share = ?1 AND host = ?2",
+            )?
+            .query_row(params![share, host], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        let Some((through, name, hash, lost)) = row else {
+            return Ok(None);
+        };
+        let (Ok(hash), Ok(lost)) = (
+            <[u8; 32]>::try_from(hash.as_slice()),
+            serde_json::from_str::<Vec<(u64, u64)>>(&lost),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(ChainSync {
+            through: through as u64,
+            head: ChainHead {
+                seq: through as u64,
+                name,
+                hash,
+            },
+            declared_lost: lost,
+        }))
+    }
+
+    /// The object names the catalogue holds at these places of a chain.
+    pub fn names_at(&self, share: &str, host: &str, seqs: &[u64]) -> Result<Vec<(u64, String)>> {
+        let conn = self.lock();
+        let mut st = conn.prepare_cached(
+            "SELECT name FROM moments WHERE share = ?1 AND host = ?2 AND seq = ?3",
+        )?;
+        let mut out = Vec::new();
+        for &seq in seqs {
+            let names = st
+                .query_map(params![share, host, seq as i64], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            out.extend(names.into_iter().map(|n| (seq, n)));
+        }
+        Ok(out)
+    }
+
+    /// The sealed hash of the object `name` at place `seq`, if held.
+    pub fn moment_hash(
+        &self,
+        share: &str,
+        host: &str,
+        seq: u64,
+        name: &str,
+    ) -> Result<Option<[u8; 32]>> {
+        let conn = self.lock();
+        let hash: Option<Vec<u8>> = conn
+            .prepare_cached(
+                "SELECT hash FROM moments WHERE share = ?1 AND host = ?2 AND seq = ?3 AND name = ?4",
+            )?
+            .query_row(params![share, host, seq as i64, name], |r| r.get(0))
+            .optional()?;
+        Ok(hash.and_then(|h| h.as_slice().try_into().ok()))
+    }
+
+    /// Records what a reader found after place `after` of a chain (the
+    /// rows it held past `after` are replaced: they were the store's
+    /// state at an earlier reading) and, when the whole chain checked
+    /// out, its new checked prefix. One transaction.
+    pub fn record_chain(
+        &self,
+        share: &str,
+        host: &str,
+        after: u64,
+        objects: &[HistoryObject],
+        sync: Option<&ChainSync>,
+    ) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM moments WHERE share = ?1 AND host = ?2 AND seq > ?3",
+            params![share, host, after as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM moment_paths WHERE share = ?1 AND host = ?2 AND seq > ?3",
+            params![share, host, after as i64],
+        )?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO moments (share, host, seq, name, kind, t_first, t_last, hash, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut path = tx.prepare_cached(
+                "INSERT OR IGNORE INTO moment_paths (share, host, path, seq) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for o in objects {
+                let Some(seq) = o.body.chain().map(|l| l.seq) else {
+                    continue; // unchained (older than chains): not cached
+                };
+                let (first, last) = time_range(&o.body);
+                put.execute(params![
+                    share,
+                    host,
+                    seq as i64,
+                    o.name,
+                    kind_code(o.body.kind()),
+                    first,
+                    last,
+                    o.hash.as_slice(),
+                    o.body.to_cbor()
+                ])?;
+                if let HistoryBody::Versions(b) = &o.body {
+                    for e in &b.entries {
+                        path.execute(params![share, host, e.path, seq as i64])?;
+                    }
+                }
+            }
+        }
+        if let Some(s) = sync {
+            tx.execute(
+                "INSERT OR REPLACE INTO chain_sync (share, host, through, head_name, head_hash, declared_lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    share,
+                    host,
+                    s.through as i64,
+                    s.head.name,
+                    s.head.hash.as_slice(),
+                    serde_json::to_string(&s.declared_lost)?
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a chain's rows and checked prefix (read again from the
+    /// store).
+    pub fn forget_chain(&self, share: &str, host: &str) -> Result<()> {
+        let conn = self.lock();
+        for table in ["moments", "moment_paths", "chain_sync"] {
+            conn.execute(
+                &format!("DELETE FROM {table} WHERE share = ?1 AND host = ?2"),
+                params![share, host],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn decode<T>(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+        pick: impl Fn(HistoryBody) -> Option<T>,
+    ) -> Result<Vec<(String, T)>> {
+        let conn = self.lock();
+        let mut st = conn.prepare_cached(sql)?;
+        let rows = st
+            .query_map(args, |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, kind, body) in rows {
+            let kind = if kind == 0 {
+                HistoryKind::Snapshot
+            } else {
+                HistoryKind::Versions
+            };
+            let body = HistoryBody::from_cbor(kind, &body)
+                .map_err(|e| anyhow::anyhow!("catalogue {}: {name}: {e}", self.path.display()))?;
+            if let Some(v) = pick(body) {
+                out.push((name, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot record of a chain, oldest first (then by name).
+    pub fn snapshots(&self, share: &str, host: &str) -> Result<Vec<(String, SnapshotRecord)>> {
+        self.decode(
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_first, name",
+            params![share, host],
+            record,
+        )
+    }
+
+    /// The newest snapshot record taken at or before `at` (ns), and the
+    /// oldest one of the chain.
+    pub fn snapshot_at(
+        &self,
+        share: &str,
+        host: &str,
+        at: i64,
+    ) -> Result<crate::history::SnapshotAt> {
+        let at_or_before = self.decode(
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND t_first <= ?3 ORDER BY t_first DESC, name DESC LIMIT 1",
+            params![share, host, at],
+            record,
+        )?;
+        let first = self.decode(
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_first, name LIMIT 1",
+            params![share, host],
+            record,
+        )?;
+        Ok((at_or_before.into_iter().next(), first.into_iter().next()))
+    }
+
+    /// The version batches with an entry in (`after`, `upto`] (ns), by
+    /// name.
+    pub fn batches_between(
+        &self,
+        share: &str,
+        host: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<(String, VersionBatch)>> {
+        self.decode(
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 1 AND t_last > ?3 AND t_first <= ?4 ORDER BY name",
+            params![share, host, after, upto],
+            batch,
+        )
+    }
+
+    /// What `path` is below the directory tree `tree`, if remembered:
+    /// Some(None) when it is not there.
+    pub fn resolved(&self, tree: &ContentId, path: &[u8]) -> Option<Option<Node>> {
+        let conn = self.lock();
+        let row: Option<Option<Vec<u8>>> = conn
+            .prepare_cached("SELECT node FROM resolved WHERE tree = ?1 AND path = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![tree.as_bytes().as_slice(), path], |r| r.get(0))
+                    .optional()
+            })
+            .ok()
+            .flatten();
+        match row? {
+            None => Some(None),
+            Some(bytes) => from_cbor::<Node>(&bytes).ok().map(Some),
+        }
+    }
+
+    /// Remembers what `path` is below `tree` (from authenticated trees).
+    pub fn remember_resolved(&self, tree: &ContentId, path: &[u8], node: Option<&Node>) {
+        let conn = self.lock();
+        let put = conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO resolved (tree, path, node) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![tree.as_bytes().as_slice(), path, node.map(to_cbor)])
+            });
+        if let Err(e) = put {
+            tracing::debug!(
+                "catalogue {}: cannot remember a path: {e}",
+                self.path.display()
+            );
+        }
+    }
+
+    /// The version batches with an entry for `path`, by name.
+    pub fn batches_with_path(
+        &self,
+        share: &str,
+        host: &str,
+        path: &[u8],
+    ) -> Result<Vec<(String, VersionBatch)>> {
+        self.decode(
+            "SELECT m.name, m.kind, m.body FROM moment_paths p JOIN moments m ON m.share = p.share AND m.host = p.host AND m.seq = p.seq WHERE p.share = ?1 AND p.host = ?2 AND p.path = ?3 AND m.kind = 1 ORDER BY m.name",
+            params![share, host, path],
+            batch,
+        )
     }
 
     /// Number of objects cached.
@@ -101,6 +508,20 @@ impl Catalog {
 
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
+    }
+}
+
+fn record(b: HistoryBody) -> Option<SnapshotRecord> {
+    match b {
+        HistoryBody::Snapshot(r) => Some(r),
+        HistoryBody::Versions(_) => None,
+    }
+}
+
+fn batch(b: HistoryBody) -> Option<VersionBatch> {
+    match b {
+        HistoryBody::Versions(v) => Some(v),
+        HistoryBody::Snapshot(_) => None,
     }
 }
 
@@ -140,6 +561,120 @@ impl ObjectCache for Catalog {
             .flatten();
         let (body, hash) = row?;
         Some((body, hash.as_slice().try_into().ok()?))
+    }
+
+    fn index_merged(&self, name: &str) -> bool {
+        if self
+            .merged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            return true;
+        }
+        let conn = self.lock();
+        let found = conn
+            .prepare_cached("SELECT 1 FROM merged_indexes WHERE name = ?1")
+            .and_then(|mut st| st.exists(params![name]))
+            .unwrap_or(false);
+        if found {
+            drop(conn);
+            self.merged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string());
+        }
+        found
+    }
+
+    fn merge_indexes(&self, indexes: &[(&str, &Index)]) -> bool {
+        let merged = (|| -> rusqlite::Result<()> {
+            let mut conn = self.lock();
+            let tx = conn.transaction()?;
+            {
+                let mut pack_id = tx.prepare_cached(
+                    "INSERT INTO packs (name) VALUES (?1) ON CONFLICT (name) DO UPDATE SET name = name RETURNING id",
+                )?;
+                let mut blob = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blobs (id, pack, kind, offset, length, raw_length) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                let mut done =
+                    tx.prepare_cached("INSERT OR IGNORE INTO merged_indexes (name) VALUES (?1)")?;
+                for (name, index) in indexes {
+                    for p in &index.packs {
+                        let id: i64 = pack_id.query_row(params![p.pack], |r| r.get(0))?;
+                        for b in &p.blobs {
+                            if BlobKind::from_u8(b.kind).is_none()
+                                || u32::try_from(b.length).is_err()
+                                || u32::try_from(b.raw_length).is_err()
+                            {
+                                continue; // damaged entry: the blob counts as missing
+                            }
+                            blob.execute(params![
+                                b.id.0.as_bytes().as_slice(),
+                                id,
+                                b.kind,
+                                b.offset as i64,
+                                b.length as i64,
+                                b.raw_length as i64
+                            ])?;
+                        }
+                    }
+                    done.execute(params![name])?;
+                }
+            }
+            tx.commit()
+        })();
+        match merged {
+            Ok(()) => {
+                let mut m = self.merged.lock().unwrap_or_else(|p| p.into_inner());
+                m.extend(indexes.iter().map(|(n, _)| n.to_string()));
+                true
+            }
+            Err(e) => {
+                tracing::info!(
+                    "catalogue {}: cannot merge indexes: {e}",
+                    self.path.display()
+                );
+                false
+            }
+        }
+    }
+
+    fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
+        let conn = self.lock();
+        let rows = conn
+            .prepare_cached(
+                "SELECT p.name, b.kind, b.offset, b.length, b.raw_length FROM blobs b JOIN packs p ON p.id = b.pack WHERE b.id = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![id.as_bytes().as_slice()], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u8>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap_or_default();
+        rows.into_iter()
+            .filter_map(|(pack, kind, offset, length, raw_length)| {
+                Some(BlobLocation {
+                    pack,
+                    kind: BlobKind::from_u8(kind)?,
+                    offset: offset as u64,
+                    length: length as u64,
+                    raw_length: raw_length as u64,
+                })
+            })
+            .collect()
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
     }
 
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]) {

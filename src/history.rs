@@ -19,18 +19,22 @@
 //! or another writer's (refused). Only then is the new object uploaded and
 //! the head recorded.
 
+use crate::catalog::{Catalog, ChainSync};
 use crate::exit::{UserError, DAMAGED, NOT_FOUND, USAGE};
 use crate::state::{HistoryHead, State};
 use anyhow::{Context, Result};
-use btrship_upload::format::{ChainLink, PrevLink, SnapshotRecord, VersionBatch};
+use btrship_upload::format::{ChainLink, Node, PrevLink, SnapshotRecord, VersionBatch};
 use btrship_upload::format::{Summary, SummaryIndex};
 use btrship_upload::history::{
-    history_name, span, summary_entry, summary_name, summary_objects, verify_chain, ChainCheck,
-    ChainHead, ChainProblem, HistoryBody, HistoryKind, HistoryObject,
+    history_name, span, summary_entry, summary_name, summary_objects, verify_chain,
+    verify_chain_after, ChainCheck, ChainHead, ChainProblem, HistoryBody, HistoryKind,
+    HistoryObject, FANOUT, MAX_LEVEL,
 };
-use btrship_upload::walk::{take_walk, walk_cached};
+use btrship_upload::walk::walk_from;
 use btrship_upload::{PutOutcome, Repository};
+use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// What a read command asks for.
 pub struct Select<'a> {
@@ -43,19 +47,18 @@ pub struct Select<'a> {
     pub local_head: Option<HistoryHead>,
 }
 
-/// The history of one share on one host.
+/// The history of one share on one host. Its moments stay in the
+/// catalogue (a file, or memory when the file cannot be trusted); a
+/// command decodes only the ones it asks for.
 pub struct ShareHistory {
     pub share: String,
     pub host: String,
-    /// Snapshot records, oldest first.
-    pub snapshots: Vec<(String, SnapshotRecord)>,
-    /// Version batches, by name.
-    pub batches: Vec<(String, VersionBatch)>,
     pub chain: ChainCheck,
     /// History objects (of any share) that could not be read or opened.
     pub unreadable: Vec<(String, String)>,
     /// Why the store is behind the shipping machine, when it is.
     pub behind: Option<String>,
+    catalog: Arc<Catalog>,
 }
 
 impl ShareHistory {
@@ -89,11 +92,279 @@ impl ShareHistory {
         )
         .into())
     }
+
+    /// Every snapshot record, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(String, SnapshotRecord)>> {
+        self.catalog.snapshots(&self.share, &self.host)
+    }
+
+    /// The newest snapshot record taken at or before `at`, and the oldest
+    /// one.
+    pub fn snapshot_at(&self, at: DateTime<Utc>) -> Result<SnapshotAt> {
+        let at = at.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        self.catalog.snapshot_at(&self.share, &self.host, at)
+    }
+
+    /// Every version batch (decodes them all: for tests and tools, not
+    /// for commands).
+    pub fn batches(&self) -> Result<Vec<(String, VersionBatch)>> {
+        self.catalog
+            .batches_between(&self.share, &self.host, i64::MIN, i64::MAX)
+    }
+
+    /// The version batches with an entry in (`after`, `upto`].
+    pub fn batches_between(
+        &self,
+        after: Option<DateTime<Utc>>,
+        upto: DateTime<Utc>,
+    ) -> Result<Vec<(String, VersionBatch)>> {
+        let ns = |t: DateTime<Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        self.catalog.batches_between(
+            &self.share,
+            &self.host,
+            after.map_or(i64::MIN, ns),
+            ns(upto),
+        )
+    }
+
+    /// What `path` is in the snapshot whose root is `root` (None: not
+    /// there), remembered in the catalogue: `versions` asks this of every
+    /// snapshot, and trees never change under an id.
+    pub fn node_at(&self, repo: &Repository, root: &Node, path: &[u8]) -> Result<Option<Node>> {
+        let tree = root.subtree.map(|t| t.0);
+        if let Some(known) = tree.and_then(|t| self.catalog.resolved(&t, path)) {
+            return Ok(known);
+        }
+        let node = match crate::restore::resolve(repo, root, path) {
+            Ok(chain) => chain.last().cloned(),
+            Err(e) if crate::exit::code_of(&e) == NOT_FOUND => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = tree {
+            self.catalog.remember_resolved(&t, path, node.as_ref());
+        }
+        Ok(node)
+    }
+
+    /// The version batches with an entry for `path`.
+    pub fn batches_with_path(&self, path: &[u8]) -> Result<Vec<(String, VersionBatch)>> {
+        self.catalog
+            .batches_with_path(&self.share, &self.host, path)
+    }
+}
+
+/// [`ShareHistory::snapshot_at`]: (newest at or before, oldest).
+pub type SnapshotAt = (
+    Option<(String, SnapshotRecord)>,
+    Option<(String, SnapshotRecord)>,
+);
+
+/// One chain as this process brought it up to date: its verdict, and the
+/// catalogue that holds its moments.
+pub struct ChainState {
+    pub chain: ChainCheck,
+    pub unreadable: Vec<(String, String)>,
+    /// Objects predate named indexes: every index was read.
+    pub legacy: bool,
+    catalog: Arc<Catalog>,
+}
+
+/// The catalogue a chain is read into: the repository's own while it is
+/// trusted, else one in memory for this process (filled from the store).
+fn catalog_of(repo: &Repository) -> Result<Arc<Catalog>> {
+    if let Some(c) = repo.object_cache() {
+        if let Ok(c) = c.as_any().downcast::<Catalog>() {
+            return Ok(c);
+        }
+    }
+    repo.extension(Catalog::in_memory)
+}
+
+/// The aligned pieces that cover places `1..=through` of a chain, largest
+/// first: `(level, first place)`, level 0 a single place. What a reader
+/// that holds the prefix checks the store still holds.
+fn covering(through: u64) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < through {
+        let level = (1..=MAX_LEVEL)
+            .rev()
+            .find(|&l| pos.is_multiple_of(span(l)) && pos + span(l) <= through)
+            .unwrap_or(0);
+        out.push((level, pos + 1));
+        pos += span(level);
+    }
+    out
+}
+
+/// Does the store still hold the checked prefix `1..=through` the
+/// catalogue has for this chain? HEAD requests for the summaries that
+/// cover it (one that is missing is replaced by the 16 below it, down to
+/// single places): about 15 per level, not one per place. A summary
+/// stands for its places, as it does for a reader that walks it.
+fn prefix_held(
+    repo: &Repository,
+    cat: &Catalog,
+    share: &str,
+    host: &str,
+    through: u64,
+) -> Result<bool> {
+    let key = repo.key();
+    let mut pieces = covering(through);
+    while !pieces.is_empty() {
+        let mut names = Vec::new();
+        let singles: Vec<u64> = pieces.iter().filter(|p| p.0 == 0).map(|p| p.1).collect();
+        let by_place = cat.names_at(share, host, &singles)?;
+        for &(level, first) in &pieces {
+            if level == 0 {
+                let held: Vec<&String> = by_place
+                    .iter()
+                    .filter(|(s, _)| *s == first)
+                    .map(|(_, n)| n)
+                    .collect();
+                if held.is_empty() {
+                    return Ok(false);
+                }
+                names.extend(held.into_iter().map(|n| ((0, first), n.clone())));
+            } else {
+                names.push(((level, first), summary_name(key, share, host, level, first)));
+            }
+        }
+        let there = repo.exist_many(names.iter().map(|(_, n)| n.clone()).collect())?;
+        let mut next = Vec::new();
+        for (((level, first), _), present) in names.into_iter().zip(there) {
+            if present {
+                continue;
+            }
+            if level == 0 {
+                return Ok(false);
+            }
+            let child = span(level - 1);
+            next.extend((0..FANOUT).map(|i| (level - 1, first + i * child)));
+        }
+        pieces = next;
+    }
+    Ok(true)
+}
+
+/// Brings this process's view of the chain of share+host up to date
+/// (FORMAT.md §5b): the catalogue's checked prefix when the store still
+/// holds it, then a walk of the places after it. The walk's indexes are
+/// merged into the blob index and its objects recorded before the prefix
+/// moves forward, so a prefix in the catalogue always comes with its
+/// moments and its blobs. Once per chain and process.
+pub fn sync_chain(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    at_least: u64,
+) -> Result<Arc<ChainState>> {
+    let mut cat = catalog_of(repo)?;
+    let memo_key = (share.to_string(), host.to_string());
+    if let Some(s) = cat
+        .synced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&memo_key)
+    {
+        return Ok(s.clone());
+    }
+    let mut resume = cat.chain_sync(share, host)?;
+    if let Some(r) = &resume {
+        if !prefix_held(repo, &cat, share, host, r.through)? {
+            repo.distrust_cache();
+            resume = None;
+        }
+    }
+    let from = resume.as_ref().map_or(0, |r| r.through);
+    let mut walk = walk_from(repo, share, host, from, at_least)?;
+    if !Arc::ptr_eq(&cat, &catalog_of(repo)?) {
+        // The store lacks what the catalogue holds: read all of the chain
+        // again, from the store alone, into memory.
+        cat = catalog_of(repo)?;
+        resume = None;
+        if from > 0 {
+            walk = walk_from(repo, share, host, 0, at_least)?;
+        }
+    }
+    let from = resume.as_ref().map_or(0, |r| r.through);
+    if from == 0 {
+        cat.forget_chain(share, host)?;
+    }
+    let base = resume.as_ref().map(|r| &r.head);
+    let mut chain = verify_chain_after(base, &walk.objects);
+    if let Some(r) = &resume {
+        chain.declared_lost.extend(r.declared_lost.iter().copied());
+        chain.declared_lost.sort();
+        chain.declared_lost.dedup();
+    }
+    // The blobs of the indexes the new part names.
+    if walk.legacy {
+        repo.load_index()?;
+    } else {
+        let mut embedded = Vec::new();
+        let mut names = Vec::new();
+        for (name, body) in &walk.indexes {
+            match body {
+                Some(index) => embedded.push((name.as_str(), index)),
+                None => names.push(name.clone()),
+            }
+        }
+        repo.merge_named_indexes(&embedded);
+        repo.load_named_indexes(&names)?;
+    }
+    let damaged: BTreeSet<String> = repo.damaged_indexes().into_iter().map(|(n, _)| n).collect();
+    let index_damaged = walk.indexes.iter().any(|(n, _)| damaged.contains(n));
+    let bad = walk.bad.clone();
+    // Unreadable objects at one of this chain's places (names are keyed
+    // hashes of share, host and place, so they can be recognised without
+    // opening them): a damaged part of this history, not someone else's.
+    if !bad.is_empty() {
+        let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
+        for seq in from + 1..=top {
+            for kind in HistoryKind::ALL {
+                let name = history_name(repo.key(), kind, share, host, seq);
+                if let Some((_, e)) = bad.iter().find(|(n, _)| *n == name) {
+                    chain.problems.push(ChainProblem::Damaged {
+                        seq,
+                        name,
+                        error: e.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let intact = chain.problems.is_empty()
+        && bad.is_empty()
+        && !walk.legacy
+        && chain.unchained == 0
+        && !index_damaged;
+    let sync = match (&chain.head, intact) {
+        (Some(head), true) => Some(ChainSync {
+            through: head.seq,
+            head: head.clone(),
+            declared_lost: chain.declared_lost.clone(),
+        }),
+        _ => None,
+    };
+    cat.record_chain(share, host, from, &walk.objects, sync.as_ref())?;
+    let state = Arc::new(ChainState {
+        chain,
+        unreadable: bad,
+        legacy: walk.legacy,
+        catalog: cat.clone(),
+    });
+    cat.synced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(memo_key, state.clone());
+    Ok(state)
 }
 
 /// Reads the history of `sel.share` on the chosen host: through chain
-/// registrations and summaries (FORMAT.md §5b) when the share has them,
-/// else by listing every history object (repositories written before §5b).
+/// registrations, summaries and the catalogue (FORMAT.md §5b) when the
+/// share has them, else by listing every history object (repositories
+/// written before §5b).
 pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
     let (regs, _) = repo.chain_registrations()?;
     let hosts: BTreeSet<String> = regs
@@ -111,8 +382,19 @@ pub fn load(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         .as_ref()
         .filter(|h| h.host == host)
         .map_or(0, |h| h.seq);
-    let walk = take_walk(repo, sel.share, &host, at_least)?;
-    Ok(assemble(repo, sel, host, walk.objects, walk.bad))
+    let state = sync_chain(repo, sel.share, &host, at_least)?;
+    let behind = match sel.local_head.as_ref().filter(|h| h.host == host) {
+        Some(h) => behind_in(&state.catalog, h, sel.share)?,
+        None => None,
+    };
+    Ok(ShareHistory {
+        share: sel.share.to_string(),
+        host,
+        chain: state.chain.clone(),
+        unreadable: state.unreadable.clone(),
+        behind,
+        catalog: state.catalog.clone(),
+    })
 }
 
 /// The host whose history a command reads (see [`load`]).
@@ -162,7 +444,7 @@ fn choose_host(repo: &Repository, sel: &Select<'_>, hosts: &BTreeSet<String>) ->
 }
 
 /// [`load`] for a share without chain registrations: every history object
-/// of the repository is listed and read.
+/// of the repository is listed and read (into a catalogue in memory).
 fn load_listing(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
     let (objects, bad) = repo.history_objects()?;
     for (name, e) in &bad {
@@ -178,23 +460,8 @@ fn load_listing(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         .into_iter()
         .filter(|o| o.body.share() == sel.share && o.body.host() == host)
         .collect();
-    let bad = bad.into_iter().map(|(n, e)| (n, e.to_string())).collect();
-    Ok(assemble(repo, sel, host, mine, bad))
-}
-
-/// Checks the chain of what was read and sorts it into records and
-/// batches.
-fn assemble(
-    repo: &Repository,
-    sel: &Select<'_>,
-    host: String,
-    mine: Vec<HistoryObject>,
-    bad: Vec<(String, String)>,
-) -> ShareHistory {
+    let bad: Vec<(String, String)> = bad.into_iter().map(|(n, e)| (n, e.to_string())).collect();
     let mut chain = verify_chain(&mine);
-    // Unreadable objects at one of this chain's places (names are keyed
-    // hashes of share, host and place, so they can be recognised without
-    // opening them): a damaged part of this history, not someone else's.
     if !bad.is_empty() {
         let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
         for seq in 1..=top {
@@ -214,57 +481,79 @@ fn assemble(
         .local_head
         .as_ref()
         .and_then(|h| behind_reason(&mine, h, sel.share));
-    let mut snapshots = Vec::new();
-    let mut batches = Vec::new();
-    for o in mine {
-        match o.body {
-            HistoryBody::Snapshot(r) => snapshots.push((o.name, r)),
-            HistoryBody::Versions(b) => batches.push((o.name, b)),
-        }
-    }
-    snapshots.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-    batches.sort_by(|a, b| a.0.cmp(&b.0));
-    ShareHistory {
+    // Objects without a chain link (older than chains) get places of
+    // their own past any real one, so the catalogue can hold them.
+    let catalog = Arc::new(Catalog::in_memory()?);
+    let mut extra = 1u64 << 62;
+    let placed: Vec<HistoryObject> = mine
+        .into_iter()
+        .map(|mut o| {
+            if o.body.chain().is_none() {
+                extra += 1;
+                let link = ChainLink {
+                    seq: extra,
+                    prev: None,
+                    lost_from: None,
+                };
+                match &mut o.body {
+                    HistoryBody::Snapshot(r) => r.chain = Some(link),
+                    HistoryBody::Versions(b) => b.chain = Some(link),
+                }
+            }
+            o
+        })
+        .collect();
+    catalog.record_chain(sel.share, &host, 0, &placed, None)?;
+    Ok(ShareHistory {
         share: sel.share.to_string(),
         host,
-        snapshots,
-        batches,
         chain,
         unreadable: bad,
         behind,
-    }
+        catalog,
+    })
 }
 
 /// Loads the blob index a repository opened with
 /// [`Repository::open_lazy`] needs: the indexes every chain's history
-/// names (embedded in its summaries, or read, FORMAT.md §5b). A
-/// repository without chain registrations, or with a chain older than
-/// named indexes, has every index read instead. `own`: this machine's
-/// share, host and head place (its chain is read at least that far).
+/// names (FORMAT.md §5b), through [`sync_chain`] — on a machine with a
+/// catalogue, only those named since its last reading. A repository
+/// without chain registrations has every index read instead. `own`: this
+/// machine's share, host and head place (its chain is read at least that
+/// far).
 pub fn load_indexes(repo: &Repository, own: Option<(&str, &str, u64)>) -> Result<()> {
     let (regs, _) = repo.chain_registrations()?;
     if regs.is_empty() {
         return Ok(repo.load_index()?);
     }
-    let mut names = Vec::new();
-    let mut legacy = false;
     for r in &regs {
         let at_least = own
             .filter(|(s, h, _)| *s == r.share && *h == r.host)
             .map_or(0, |o| o.2);
-        let walk = walk_cached(repo, &r.share, &r.host, at_least)?;
-        legacy |= walk.legacy;
-        for (name, body) in &walk.indexes {
-            match body {
-                Some(index) => repo.merge_named_index(name, index),
-                None => names.push(name.clone()),
-            }
-        }
+        sync_chain(repo, &r.share, &r.host, at_least)?;
     }
-    if legacy {
-        return Ok(repo.load_index()?);
+    Ok(())
+}
+
+/// Why the store does not hold this machine's head, if it does not, from
+/// the moments a reading recorded.
+fn behind_in(cat: &Catalog, head: &HistoryHead, share: &str) -> Result<Option<String>> {
+    if head.name.is_empty() {
+        return Ok(None);
     }
-    Ok(repo.load_named_indexes(&names)?)
+    Ok(
+        match cat.moment_hash(share, &head.host, head.seq, &head.name)? {
+            Some(h) if h == head.hash => None,
+            Some(_) => Some(format!(
+                "the store's {} is not the history object this machine shipped there (share {share}, place {}): it was replaced",
+                head.name, head.seq
+            )),
+            None => Some(format!(
+                "the store lacks {} (share {share}, place {} of this machine's history, shipped {}): it was withheld, deleted or rolled back",
+                head.name, head.seq, head.time
+            )),
+        },
+    )
 }
 
 /// Why the store does not hold this machine's head, if it does not

@@ -398,9 +398,6 @@ impl Stores {
             state_dir,
             Some((own.0, own.1, 0)),
         )?;
-        // The daemon runs for months: it keeps the blob index, not the
-        // history it read to find it.
-        btrship_upload::walk::forget_walks(&repo);
         Ok(repo)
     }
 }
@@ -1272,7 +1269,7 @@ impl App {
     fn snapshots(&self, name: &str, json: bool, args: &RepoArgs) -> Result<u8> {
         let (repo, _) = self.open_repo(name, args, false)?;
         let hist = self.history(&repo, name, args)?;
-        let records = &hist.snapshots;
+        let records = &hist.snapshots()?;
         if json {
             let list: Vec<_> = records
                 .iter()

@@ -60,7 +60,7 @@ fn entries_between(
     upto: DateTime<Utc>,
 ) -> Result<Vec<(DateTime<Utc>, VersionEntry)>> {
     let mut out = Vec::new();
-    for (name, batch) in &hist.batches {
+    for (name, batch) in &hist.batches_between(after, upto)? {
         for (i, e) in batch.entries.iter().enumerate() {
             let t = parse_time(&e.time, name)?;
             if after.is_some_and(|a| t <= a) || t > upto {
@@ -429,12 +429,8 @@ pub fn versions_of(
     let path = path.strip_prefix(b"/").unwrap_or(path);
     let mut out = Vec::new();
     let mut prev: Option<Option<Node>> = None;
-    for (name, rec) in &hist.snapshots {
-        let node = match restore::resolve(repo, &rec.root, path) {
-            Ok(chain) => chain.last().cloned(),
-            Err(e) if crate::exit::code_of(&e) == crate::exit::NOT_FOUND => None,
-            Err(e) => return Err(e),
-        };
+    for (name, rec) in &hist.snapshots()? {
+        let node = hist.node_at(repo, &rec.root, path)?;
         let key = node.clone().map(|mut n| {
             n.ctime_ns = 0;
             n.ino = 0;
@@ -459,8 +455,16 @@ pub fn versions_of(
         }
         prev = Some(key);
     }
-    let all = entries_between(hist, None, DateTime::<Utc>::MAX_UTC)?;
-    for (_, e) in all.into_iter().filter(|(_, e)| e.path == path) {
+    let mut all = Vec::new();
+    for (name, batch) in hist.batches_with_path(path)? {
+        for e in batch.entries {
+            if e.path == path {
+                parse_time(&e.time, &name)?;
+                all.push(e);
+            }
+        }
+    }
+    for e in all {
         let kind = match e.kind {
             VersionKind::Close => "close",
             VersionKind::Mkdir => "mkdir",

@@ -91,14 +91,12 @@ pub fn record_time(r: &SnapshotRecord) -> Result<DateTime<Utc>> {
 /// The newest snapshot of the history taken at or before `at`.
 pub fn find_snapshot(hist: &ShareHistory, at: DateTime<Utc>) -> Result<(String, SnapshotRecord)> {
     let share = &hist.share;
-    let mut best = None;
-    for (name, rec) in &hist.snapshots {
-        if record_time(rec)? <= at {
-            best = Some((name.clone(), rec.clone()));
-        }
+    let (best, first) = hist.snapshot_at(at)?;
+    if let Some((_, rec)) = &best {
+        record_time(rec)?;
     }
     best.ok_or_else(|| {
-        let msg = match hist.snapshots.first() {
+        let msg = match &first {
             None => format!("share {share:?} on host {} has no snapshots", hist.host),
             Some((_, first)) => format!(
                 "no snapshot of share {share:?} at or before {}; the first is at {}",

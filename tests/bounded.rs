@@ -130,7 +130,7 @@ fn a_long_history_reads_in_a_bounded_number_of_requests() {
 
     let (repo, counters) = fresh(&s);
     let hist = read(&repo);
-    assert_eq!(hist.batches.len() as u64, n);
+    assert_eq!(hist.batches().unwrap().len() as u64, n);
     assert!(hist.chain.problems.is_empty(), "{:?}", hist.chain.problems);
     assert_eq!(hist.chain.head.as_ref().map(|h| h.seq), Some(n));
     let requests = counters.values().requests();
@@ -145,7 +145,12 @@ fn a_long_history_reads_in_a_bounded_number_of_requests() {
     let (all, bad) = repo.history_objects().unwrap();
     assert!(bad.is_empty());
     let mut listed: Vec<String> = all.iter().map(|o| o.name.clone()).collect();
-    let mut walked: Vec<String> = hist.batches.iter().map(|b| b.0.clone()).collect();
+    let mut walked: Vec<String> = hist
+        .batches()
+        .unwrap()
+        .iter()
+        .map(|b| b.0.clone())
+        .collect();
     listed.sort();
     walked.sort();
     assert_eq!(listed, walked);
@@ -172,7 +177,7 @@ fn a_long_history_reads_in_a_bounded_number_of_requests() {
     s.rt.block_on(s.store.delete(&l2)).unwrap();
     let (repo, counters) = fresh(&s);
     let hist = read(&repo);
-    assert_eq!(hist.batches.len() as u64, n);
+    assert_eq!(hist.batches().unwrap().len() as u64, n);
     assert!(hist.chain.problems.is_empty());
     let more = counters.values().requests();
     assert!(
@@ -224,17 +229,52 @@ fn a_machine_that_read_a_history_reads_only_what_is_new() {
         (repo, counters)
     };
     let (repo, counters) = open_cached();
-    assert_eq!(read(&repo).batches.len(), 300);
+    assert_eq!(read(&repo).batches().unwrap().len(), 300);
     let first = counters.values();
     ship_batches(&state, &writer, 301, 5);
     let (repo, counters) = open_cached();
-    assert_eq!(read(&repo).batches.len(), 305);
+    assert_eq!(read(&repo).batches().unwrap().len(), 305);
     let again = counters.values();
     eprintln!("first read: {first:?}; after 5 more places: {again:?}");
     // Everything it read before comes from its catalogue (checked with
     // HEADs); only the new places and probes are fetched.
-    assert!(again.gets < 20, "{again:?}");
+    // Per new place: its two names and its index; then the end (2) and
+    // config and key: 19 or so.
+    assert!(again.gets <= 24, "{again:?}");
     assert!(again.gets < first.gets, "{again:?} vs {first:?}");
+
+    // The store loses the summaries over place 20 and the place itself,
+    // all in the part this reader's catalogue holds as checked: the
+    // reader notices (a missing summary is checked by the ones below it,
+    // down to places) and reads the chain from the store alone, so the
+    // loss is a named gap.
+    let victim = 20;
+    for (level, first) in [(2, 1), (1, 17)] {
+        s.rt.block_on(
+            s.store
+                .delete(&summary_name(&s.key, SHARE, HOST, level, first)),
+        )
+        .unwrap();
+    }
+    s.rt.block_on(s.store.delete(&history_name(
+        &s.key,
+        HistoryKind::Versions,
+        SHARE,
+        HOST,
+        victim,
+    )))
+    .unwrap();
+    let (repo, _) = open_cached();
+    let hist = read(&repo);
+    assert!(
+        hist.chain
+            .problems
+            .iter()
+            .any(|p| matches!(p, ChainProblem::Missing { seq, .. } if *seq == victim)),
+        "{:?}",
+        hist.chain.problems
+    );
+    assert_eq!(hist.batches().unwrap().len(), 304);
 }
 
 /// Figures, not a test of a bound: `BTRSHIP_BOUNDED_PLACES=20000 cargo
@@ -264,7 +304,7 @@ fn figures_for_a_long_history() {
         repo.set_cache(Arc::new(Catalog::open(&catalog).unwrap()));
         history::load_indexes(&repo, None).unwrap();
         let hist = read(&repo);
-        assert_eq!(hist.batches.len() as u64, n);
+        assert_eq!(hist.batches().unwrap().len() as u64, n);
         eprintln!(
             "{round}: {n} places read in {:.3} s, {} requests",
             t.elapsed().as_secs_f64(),

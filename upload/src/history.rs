@@ -382,6 +382,17 @@ pub struct ChainCheck {
 
 /// Checks the chain formed by `objects` (all of one share and host).
 pub fn verify_chain<'a>(objects: impl IntoIterator<Item = &'a HistoryObject>) -> ChainCheck {
+    verify_chain_after(None, objects)
+}
+
+/// [`verify_chain`] of the part of a chain after `base`, a place already
+/// checked (the newest of an intact prefix a reader holds): the first
+/// object after it must name it. The verdict's head is `base` when no
+/// object follows it.
+pub fn verify_chain_after<'a>(
+    base: Option<&ChainHead>,
+    objects: impl IntoIterator<Item = &'a HistoryObject>,
+) -> ChainCheck {
     let mut by_seq: BTreeMap<u64, Vec<&HistoryObject>> = BTreeMap::new();
     let mut out = ChainCheck::default();
     for o in objects {
@@ -416,6 +427,26 @@ pub fn verify_chain<'a>(objects: impl IntoIterator<Item = &'a HistoryObject>) ->
                 }
                 continue;
             };
+            if let Some(b) = base.filter(|b| b.seq == expected) {
+                if b.name != prev.name || b.hash.as_slice() != prev.hash.as_slice() {
+                    out.problems.push(ChainProblem::Mismatch {
+                        seq: expected,
+                        name: prev.name.clone(),
+                        named_by: o.name.clone(),
+                    });
+                }
+                continue;
+            }
+            if base.is_some_and(|b| expected < b.seq) {
+                // Places the reader checked before: an object after the
+                // base that names one is a fork of the checked part.
+                out.problems.push(ChainProblem::Mismatch {
+                    seq: expected,
+                    name: prev.name.clone(),
+                    named_by: o.name.clone(),
+                });
+                continue;
+            }
             let candidates = by_seq.get(&expected).map(Vec::as_slice).unwrap_or(&[]);
             match candidates.iter().find(|c| c.name == prev.name) {
                 None => out.problems.push(ChainProblem::Missing {
@@ -436,14 +467,18 @@ pub fn verify_chain<'a>(objects: impl IntoIterator<Item = &'a HistoryObject>) ->
     }
     out.declared_lost.sort();
     out.declared_lost.dedup();
-    out.head = by_seq.iter().next_back().and_then(|(&seq, objs)| {
-        let o = objs.iter().min_by(|a, b| a.name.cmp(&b.name))?;
-        Some(ChainHead {
-            seq,
-            name: o.name.clone(),
-            hash: o.hash,
+    out.head = by_seq
+        .iter()
+        .next_back()
+        .and_then(|(&seq, objs)| {
+            let o = objs.iter().min_by(|a, b| a.name.cmp(&b.name))?;
+            Some(ChainHead {
+                seq,
+                name: o.name.clone(),
+                hash: o.hash,
+            })
         })
-    });
+        .or_else(|| base.cloned());
     out
 }
 
@@ -562,6 +597,36 @@ mod tests {
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         assert_eq!(v.declared_lost, vec![(3, 5)]);
         assert_eq!(v.head.map(|h| h.seq), Some(6));
+    }
+
+    #[test]
+    fn the_part_after_a_checked_prefix_must_follow_it() {
+        let c = chain(6);
+        let base = ChainHead {
+            seq: 3,
+            name: c[2].name.clone(),
+            hash: c[2].hash,
+        };
+        let v = verify_chain_after(Some(&base), &c[3..]);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!(v.head.as_ref().map(|h| h.seq), Some(6));
+        let none = verify_chain_after(Some(&base), &[]);
+        assert_eq!(none.head, Some(base.clone()));
+        let other = ChainHead {
+            hash: [1; 32],
+            ..base.clone()
+        };
+        let v = verify_chain_after(Some(&other), &c[3..]);
+        assert!(matches!(
+            v.problems.as_slice(),
+            [ChainProblem::Mismatch { seq: 3, .. }]
+        ));
+        // The object at 4 is missing: 5 names it.
+        let v = verify_chain_after(Some(&base), &c[4..]);
+        assert!(matches!(
+            v.problems.as_slice(),
+            [ChainProblem::Missing { seq: 4, .. }]
+        ));
     }
 
     #[test]

@@ -125,9 +125,12 @@ pub struct Repository {
     /// when a blob was not found otherwise): readable, but writers do not
     /// deduplicate against them (FORMAT.md §5b, dedup scope).
     unnamed_packs: RwLock<HashSet<String>>,
-    /// Chains read by [`crate::walk::walk_cached`] in this process.
-    pub(crate) walks: Mutex<HashMap<(String, String), Arc<crate::walk::ChainWalk>>>,
     cache_off: AtomicBool,
+    /// State other crates keep per repository (one value per type).
+    extensions: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
+    /// The in-memory index holds named blobs the catalogue lacks (a merge
+    /// into it failed): it is never emptied.
+    memory_only: AtomicBool,
     recording: AtomicBool,
     cache_hits: Mutex<Vec<String>>,
 }
@@ -142,6 +145,23 @@ pub trait ObjectCache: Send + Sync {
     fn get(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])>;
     /// Remembers an authenticated object.
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]);
+    /// Has the blob list of this named index been merged into the
+    /// catalogue's blob index ([`ObjectCache::merge_indexes`])?
+    fn index_merged(&self, _name: &str) -> bool {
+        false
+    }
+    /// Merges the blob lists of named indexes (FORMAT.md §5b) into a
+    /// persistent blob index, all or nothing; false when it could not (the
+    /// repository then keeps them in memory).
+    fn merge_indexes(&self, _indexes: &[(&str, &Index)]) -> bool {
+        false
+    }
+    /// Every location the persistent blob index lists for `id`.
+    fn blob_locations(&self, _id: &ContentId) -> Vec<BlobLocation> {
+        Vec::new()
+    }
+    /// The cache as `Any`, for its owner to get its own type back.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 impl std::fmt::Debug for Repository {
@@ -245,6 +265,34 @@ impl Repository {
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Some(cache);
     }
 
+    /// The object cache, unless absent or distrusted
+    /// ([`Repository::distrust_cache`]).
+    pub fn object_cache(&self) -> Option<Arc<dyn ObjectCache>> {
+        self.cache()
+    }
+
+    /// The value of type `T` this repository keeps for another crate,
+    /// made by `make` the first time it is asked for.
+    pub fn extension<T: std::any::Any + Send + Sync, E>(
+        &self,
+        make: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<Arc<T>, E> {
+        let mut all = self.extensions.lock().unwrap_or_else(|p| p.into_inner());
+        for e in all.iter() {
+            if let Ok(t) = e.clone().downcast::<T>() {
+                return Ok(t);
+            }
+        }
+        let t = Arc::new(make()?);
+        all.push(t.clone());
+        Ok(t)
+    }
+
+    /// Is the object cache in use (set, and not distrusted)?
+    pub fn cache_trusted(&self) -> bool {
+        self.cache().is_some()
+    }
+
     fn cache(&self) -> Option<Arc<dyn ObjectCache>> {
         if self.cache_off.load(Ordering::Relaxed) {
             return None;
@@ -335,8 +383,9 @@ impl Repository {
             written_indexes: Mutex::default(),
             fully_indexed: Mutex::new(false),
             unnamed_packs: RwLock::default(),
-            walks: Mutex::default(),
             cache_off: AtomicBool::new(false),
+            extensions: Mutex::default(),
+            memory_only: AtomicBool::new(false),
             recording: AtomicBool::new(false),
             cache_hits: Mutex::default(),
         };
@@ -451,14 +500,34 @@ impl Repository {
     /// Merges an index a history object names (FORMAT.md §5b), read by
     /// the caller or embedded in a summary.
     pub fn merge_named_index(&self, name: &str, index: &Index) {
-        if self.lock_loaded().insert(name.to_string()) {
-            self.merge_index(index);
+        self.merge_named_indexes(&[(name, index)]);
+    }
+
+    /// [`Repository::merge_named_index`] for many: into the catalogue's
+    /// persistent blob index when there is one (one transaction), else
+    /// into memory.
+    pub fn merge_named_indexes(&self, indexes: &[(&str, &Index)]) {
+        let fresh: Vec<(&str, &Index)> = indexes
+            .iter()
+            .filter(|(n, _)| !self.index_loaded(n))
+            .copied()
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        if self.cache().is_some_and(|c| c.merge_indexes(&fresh)) {
+            return;
+        }
+        for (name, index) in fresh {
+            if self.lock_loaded().insert(name.to_string()) {
+                self.merge_index(index);
+            }
         }
     }
 
-    /// Has this index been merged?
+    /// Has this index been merged (in memory, or in the catalogue)?
     pub fn index_loaded(&self, name: &str) -> bool {
-        self.lock_loaded().contains(name)
+        self.lock_loaded().contains(name) || self.cache().is_some_and(|c| c.index_merged(name))
     }
 
     /// Reads and merges the named indexes not merged yet, up to 16 at a
@@ -486,20 +555,31 @@ impl Repository {
         // Cached copies count only while the store still holds them (see
         // `walk`): one that is gone is fetched, and found damaged.
         let present = self.exist_many(from_cache.iter().map(|(n, _)| n.clone()).collect())?;
+        let mut good = Vec::new();
         for ((name, index), present) in from_cache.into_iter().zip(present) {
             if present {
-                self.merge_named_index(&name, &index);
+                good.push((name, index));
             } else {
                 self.distrust_cache();
                 fetch.push(name);
             }
         }
+        let merge = |good: &[(String, Index)]| {
+            let refs: Vec<(&str, &Index)> = good.iter().map(|(n, i)| (n.as_str(), i)).collect();
+            self.merge_named_indexes(&refs);
+        };
         for (name, got) in self.get_many(fetch) {
             let opened = got
                 .map_err(RepoError::from)
                 .and_then(|sealed| self.open_and_cache::<Index>(ObjectKind::Index, &name, &sealed));
             match opened {
-                Ok(index) => self.merge_named_index(&name, &index),
+                Ok(index) => {
+                    good.push((name, index));
+                    if good.len() >= 256 {
+                        merge(&good);
+                        good.clear();
+                    }
+                }
                 Err(e) if e.is_wrong_key() => return Err(e),
                 Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
                 Err(e) => {
@@ -511,6 +591,7 @@ impl Repository {
                 }
             }
         }
+        merge(&good);
         Ok(())
     }
 
@@ -555,11 +636,47 @@ impl Repository {
     }
 
     /// A history object naming `names` is durable: they are named now.
+    /// With a catalogue, their blob lists move into its persistent blob
+    /// index; once nothing in memory is left that the catalogue lacks,
+    /// the in-memory index is emptied (a long-running daemon keeps no
+    /// per-blob memory, FORMAT.md §5b).
     pub fn indexes_named(&self, names: &[String]) {
-        self.written_indexes
-            .lock()
+        let left = {
+            let mut written = self
+                .written_indexes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            written.retain(|n| !names.contains(n));
+            written.len()
+        };
+        let Some(cache) = self.cache() else { return };
+        let bodies: Vec<(String, Index)> = names
+            .iter()
+            .filter_map(|n| Some((n.clone(), self.cached_index(n)?)))
+            .collect();
+        if bodies.len() != names.len() {
+            self.memory_only.store(true, Ordering::Relaxed);
+            return;
+        }
+        let refs: Vec<(&str, &Index)> = bodies.iter().map(|(n, i)| (n.as_str(), i)).collect();
+        if !cache.merge_indexes(&refs) {
+            self.memory_only.store(true, Ordering::Relaxed);
+            return;
+        }
+        let unnamed = !self
+            .unnamed_packs
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|n| !names.contains(n));
+            .is_empty();
+        if left == 0 && !unnamed && !self.memory_only.load(Ordering::Relaxed) {
+            *self.index.write().unwrap_or_else(|p| p.into_inner()) = MemIndex::default();
+            // What memory held is in the catalogue now; only damaged
+            // indexes stay "loaded" by name (should the catalogue be
+            // distrusted, the rest is read again).
+            let damaged: HashSet<String> =
+                self.damaged_indexes().into_iter().map(|(n, _)| n).collect();
+            self.lock_loaded().retain(|n| damaged.contains(n));
+        }
     }
 
     /// Index objects skipped by [`Repository::load_index`], with why.
@@ -603,13 +720,19 @@ impl Repository {
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
         let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
         let unnamed = self.unnamed_packs.read().unwrap_or_else(|p| p.into_inner());
-        if missing.is_empty() && unnamed.is_empty() {
+        let in_memory = if missing.is_empty() && unnamed.is_empty() {
             map.contains(id)
         } else {
             map.contains_where(id, |pack| {
                 !missing.contains(pack) && !unnamed.contains(pack)
             })
-        }
+        };
+        in_memory
+            || self.cache().is_some_and(|c| {
+                c.blob_locations(id)
+                    .iter()
+                    .any(|l| !missing.contains(&l.pack) && !unnamed.contains(&l.pack))
+            })
     }
 
     /// Tells the repository that these packs are missing from the store:
@@ -637,17 +760,27 @@ impl Repository {
     /// A blob in no index read so far makes the repository read every
     /// index once (see [`Repository::open_lazy`]).
     pub fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
-        let found = self
+        let found = self.known_locations(id);
+        if found.is_empty() && matches!(self.load_unnamed_indexes(), Ok(true)) {
+            return self.known_locations(id);
+        }
+        found
+    }
+
+    /// The locations the in-memory index and the catalogue list for `id`
+    /// (memory first, each pack once).
+    fn known_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
+        let mut found = self
             .index
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get_all(id);
-        if found.is_empty() && matches!(self.load_unnamed_indexes(), Ok(true)) {
-            return self
-                .index
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_all(id);
+        if let Some(c) = self.cache() {
+            for l in c.blob_locations(id) {
+                if !found.iter().any(|f| f.pack == l.pack) {
+                    found.push(l);
+                }
+            }
         }
         found
     }
@@ -828,8 +961,16 @@ impl Repository {
     /// Every index entry that points into `pack` must agree with its header.
     fn check_header_against_index(&self, pack: &str, blobs: &[PackedBlob]) -> Result<()> {
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let cache = self.cache();
         for b in blobs {
-            if map.disagrees(&b.id.0, pack, b.offset, b.length) {
+            let in_catalogue = || {
+                cache.as_ref().is_some_and(|c| {
+                    c.blob_locations(&b.id.0)
+                        .iter()
+                        .any(|l| l.pack == pack && (l.offset != b.offset || l.length != b.length))
+                })
+            };
+            if map.disagrees(&b.id.0, pack, b.offset, b.length) || in_catalogue() {
                 return Err(RepoError::Format {
                     object: pack.to_string(),
                     reason: format!("pack header and index disagree on blob {:?}", b.id),

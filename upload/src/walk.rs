@@ -25,7 +25,6 @@ use crate::history::{
 };
 use crate::repo::{RepoError, Repository, Result};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// How far past an empty place a reader looks for more of the chain.
 pub const LOOKAHEAD: u64 = 8;
@@ -60,21 +59,39 @@ fn fatal(e: &RepoError) -> bool {
 /// that lost or withholds objects as it is, also on a machine that read
 /// them before.
 pub fn walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
+    walk_from(repo, share, host, 0, at_least)
+}
+
+/// [`walk`] of the places after `from` only (a reader that holds places
+/// `1..=from` already, checked, in its catalogue).
+pub fn walk_from(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    from: u64,
+    at_least: u64,
+) -> Result<ChainWalk> {
     repo.record_cache_hits(true);
-    let walked = walk_once(repo, share, host, at_least);
+    let walked = walk_once(repo, share, host, from, at_least);
     let hits = repo.record_cache_hits(false);
     let walked = walked?;
     if !hits.is_empty() && repo.exist_many(hits)?.contains(&false) {
         repo.distrust_cache();
-        return walk_once(repo, share, host, at_least);
+        return walk_once(repo, share, host, from, at_least);
     }
     Ok(walked)
 }
 
-fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
+fn walk_once(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    from: u64,
+    at_least: u64,
+) -> Result<ChainWalk> {
     let key = repo.key();
     let mut out = ChainWalk::default();
-    let mut pos = 0u64;
+    let mut pos = from;
     // Where each index name sits in `out.indexes`.
     let mut slots: HashMap<String, usize> = HashMap::new();
     let add = |out: &mut ChainWalk, slots: &mut HashMap<String, usize>, o: HistoryObject| {
@@ -167,50 +184,4 @@ fn walk_once(repo: &Repository, share: &str, host: &str, at_least: u64) -> Resul
         }
     }
     Ok(out)
-}
-
-/// [`walk`], once per chain and process: the second caller (e.g. the
-/// history of a command after its index) gets the same reading.
-pub fn walk_cached(
-    repo: &Repository,
-    share: &str,
-    host: &str,
-    at_least: u64,
-) -> Result<Arc<ChainWalk>> {
-    let key = (share.to_string(), host.to_string());
-    if let Some(w) = repo
-        .walks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-    {
-        return Ok(w.clone());
-    }
-    let w = Arc::new(walk(repo, share, host, at_least)?);
-    repo.walks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, w.clone());
-    Ok(w)
-}
-
-/// [`walk_cached`]'s reading of a chain, taken out of the memo (the last
-/// user of it, e.g. a command's history): no copy of the objects.
-pub fn take_walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
-    let key = (share.to_string(), host.to_string());
-    let memo = repo
-        .walks
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&key);
-    match memo {
-        Some(w) => Ok(Arc::try_unwrap(w).unwrap_or_else(|shared| (*shared).clone())),
-        None => walk(repo, share, host, at_least),
-    }
-}
-
-/// Drops every memoised reading of this process (a long-lived process,
-/// the daemon, keeps no history in memory after opening).
-pub fn forget_walks(repo: &Repository) {
-    repo.walks.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
