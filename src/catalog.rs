@@ -291,7 +291,10 @@ impl Catalog {
     /// Records what a reader found after place `after` of a chain (the
     /// rows it held past `after` are replaced: they were the store's
     /// state at an earlier reading) and, when the whole chain checked
-    /// out, its new checked prefix. One transaction.
+    /// out, its new checked prefix. One transaction, and only while the
+    /// recorded prefix is still the one the reader started from: when
+    /// another process moved it meanwhile, its reading stands (returns
+    /// false) and the rows it recorded are the ones queries see.
     pub fn record_chain(
         &self,
         share: &str,
@@ -299,9 +302,20 @@ impl Catalog {
         after: u64,
         objects: &[HistoryObject],
         sync: Option<&ChainSync>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: i64 = tx
+            .query_row(
+                "SELECT through FROM chain_sync WHERE share = ?1 AND host = ?2",
+                params![share, host],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        if current as u64 != after {
+            return Ok(false);
+        }
         tx.execute(
             "DELETE FROM moments WHERE share = ?1 AND host = ?2 AND seq > ?3",
             params![share, host, after as i64],
@@ -354,7 +368,7 @@ impl Catalog {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Forgets a chain's rows and checked prefix (read again from the
@@ -715,5 +729,130 @@ mod tests {
         .unwrap();
         let fresh = Catalog::open(&path).unwrap();
         assert!(fresh.is_empty().unwrap());
+    }
+    fn batch_at(seq: u64, time: &str, path: &str) -> HistoryObject {
+        use btrship_upload::format::{ChainLink, VersionEntry, VersionKind};
+        HistoryObject {
+            name: format!("versions/{seq}"),
+            hash: [seq as u8; 32],
+            body: HistoryBody::Versions(VersionBatch {
+                share: "s".into(),
+                host: "h".into(),
+                entries: vec![VersionEntry {
+                    time: time.into(),
+                    path: path.as_bytes().to_vec(),
+                    kind: VersionKind::Delete,
+                    node: None,
+                }],
+                chain: Some(ChainLink {
+                    seq,
+                    prev: None,
+                    lost_from: None,
+                }),
+                indexes: Some(vec![]),
+            }),
+        }
+    }
+
+    #[test]
+    fn moments_are_found_by_time_and_path_and_a_prefix_moves_only_from_where_it_was() {
+        let c = Catalog::in_memory().unwrap();
+        let objs = [
+            batch_at(1, "2026-01-01T00:00:01Z", "a"),
+            batch_at(2, "2026-01-01T00:00:02Z", "b"),
+            batch_at(3, "not a time", "a"),
+        ];
+        let head = |seq: u64| ChainSync {
+            through: seq,
+            head: ChainHead {
+                seq,
+                name: format!("versions/{seq}"),
+                hash: [seq as u8; 32],
+            },
+            declared_lost: vec![(7, 9)],
+        };
+        assert!(c
+            .record_chain("s", "h", 0, &objs[..2], Some(&head(2)))
+            .unwrap());
+        let t = |s: &str| time_ns(s).unwrap();
+        let names = |v: Vec<(String, VersionBatch)>| -> Vec<String> {
+            v.into_iter().map(|(n, _)| n).collect()
+        };
+        let between = c
+            .batches_between("s", "h", t("2026-01-01T00:00:01Z"), i64::MAX)
+            .unwrap();
+        assert_eq!(names(between), vec!["versions/2"]);
+        assert_eq!(
+            names(c.batches_with_path("s", "h", b"a").unwrap()),
+            vec!["versions/1"]
+        );
+        let sync = c.chain_sync("s", "h").unwrap().unwrap();
+        assert_eq!((sync.through, sync.declared_lost), (2, vec![(7, 9)]));
+        // A reader that started from place 0 may not move a prefix another
+        // process recorded meanwhile.
+        assert!(!c
+            .record_chain("s", "h", 0, &objs[..1], Some(&head(1)))
+            .unwrap());
+        assert_eq!(c.chain_sync("s", "h").unwrap().unwrap().through, 2);
+        // An unreadable time is found by every query (its reader reports it).
+        assert!(c.record_chain("s", "h", 2, &objs[2..], None).unwrap());
+        let early = c
+            .batches_between("s", "h", i64::MIN, t("2026-01-01T00:00:00Z"))
+            .unwrap();
+        assert_eq!(names(early), vec!["versions/3"]);
+        assert_eq!(c.batches_with_path("s", "h", b"a").unwrap().len(), 2);
+        assert_eq!(
+            c.moment_hash("s", "h", 2, "versions/2").unwrap(),
+            Some([2; 32])
+        );
+        assert_eq!(
+            c.names_at("s", "h", &[1, 5]).unwrap(),
+            vec![(1, "versions/1".to_string())]
+        );
+        c.forget_chain("s", "h").unwrap();
+        assert!(c.chain_sync("s", "h").unwrap().is_none());
+        assert!(c.batches_with_path("s", "h", b"a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_blob_index_keeps_every_copy_and_remembers_what_it_merged() {
+        use btrship_upload::format::{BlobId, IndexPack, PackedBlob};
+        let c = Arc::new(Catalog::in_memory().unwrap());
+        let blob = |id: u8, offset| PackedBlob {
+            id: BlobId(ContentId([id; 32])),
+            kind: BlobKind::Data.to_u8(),
+            offset,
+            length: 10,
+            raw_length: 12,
+        };
+        let index = |pack: &str, blobs| Index {
+            packs: vec![IndexPack {
+                pack: pack.into(),
+                blobs,
+            }],
+        };
+        let (a, b) = (
+            index("packs/a", vec![blob(1, 0), blob(2, 10)]),
+            index("packs/b", vec![blob(1, 0)]),
+        );
+        assert!(!c.index_merged("index/a"));
+        assert!(c.merge_indexes(&[("index/a", &a), ("index/b", &b)]));
+        assert!(c.index_merged("index/a") && c.index_merged("index/b"));
+        let mut packs: Vec<String> = c
+            .blob_locations(&ContentId([1; 32]))
+            .into_iter()
+            .map(|l| l.pack)
+            .collect();
+        packs.sort();
+        assert_eq!(packs, vec!["packs/a", "packs/b"]);
+        let two = c.blob_locations(&ContentId([2; 32]));
+        assert_eq!(
+            (two[0].offset, two[0].length, two[0].raw_length),
+            (10, 10, 12)
+        );
+        assert!(c.blob_locations(&ContentId([3; 32])).is_empty());
+        // Merging again changes nothing.
+        assert!(c.merge_indexes(&[("index/a", &a)]));
+        assert_eq!(c.blob_locations(&ContentId([2; 32])).len(), 1);
     }
 }

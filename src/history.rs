@@ -272,6 +272,9 @@ pub fn sync_chain(
     let mut resume = cat.chain_sync(share, host)?;
     if let Some(r) = &resume {
         if !prefix_held(repo, &cat, share, host, r.through)? {
+            // Not a prefix of the store's chain any more: the next
+            // reading records a new one (this one reads the store alone).
+            cat.forget_chain(share, host)?;
             repo.distrust_cache();
             resume = None;
         }
