@@ -194,8 +194,11 @@ def report(a):
         return "  ".join(cells).rstrip()
 
     print()
-    print(f"btrship {meta.get('btrship_rev')} ({meta.get('bin')}), restic {meta.get('restic_version')}: "
-          f"the share-size points (issue 11)")
+    if meta.get("bin_given") == "yes":
+        what = f"btrship {meta.get('bin')} (sha256 {meta.get('bin_sha256')}; tree at {meta.get('btrship_rev')})"
+    else:
+        what = f"btrship {meta.get('btrship_rev')} (release build)"
+    print(f"{what}, restic {meta.get('restic_version')}: the share-size points (issue 11)")
     print("share: small files of 1-16 KiB (half random, half text) in min(1000, N) directories; "
           "caches dropped before each measured command; local repositories")
     if largest != 1_000_000 and ns:

@@ -687,6 +687,24 @@ impl ObjectCache for Catalog {
             .collect()
     }
 
+    fn remove(&self, names: &[String]) {
+        let conn = self.lock();
+        let gone = conn
+            .prepare_cached("DELETE FROM objects WHERE name = ?1")
+            .and_then(|mut st| {
+                for n in names {
+                    st.execute(params![n])?;
+                }
+                Ok(())
+            });
+        if let Err(e) = gone {
+            tracing::debug!(
+                "catalogue {}: cannot drop objects: {e}",
+                self.path.display()
+            );
+        }
+    }
+
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }

@@ -24,7 +24,7 @@ use crate::exit::{UserError, DAMAGED, NOT_FOUND, USAGE};
 use crate::state::{HistoryHead, State};
 use anyhow::{Context, Result};
 use btrship_upload::format::{ChainLink, Node, PrevLink, SnapshotRecord, VersionBatch};
-use btrship_upload::format::{Summary, SummaryIndex};
+use btrship_upload::format::{Index, Summary, SummaryIndex};
 use btrship_upload::history::{
     history_name, span, summary_entry, summary_name, summary_objects, verify_chain,
     verify_chain_after, ChainCheck, ChainHead, ChainProblem, HistoryBody, HistoryKind,
@@ -101,8 +101,8 @@ impl ShareHistory {
     /// The newest snapshot record taken at or before `at`, and the oldest
     /// one.
     pub fn snapshot_at(&self, at: DateTime<Utc>) -> Result<SnapshotAt> {
-        let at = at.timestamp_nanos_opt().unwrap_or(i64::MAX);
-        self.catalog.snapshot_at(&self.share, &self.host, at)
+        self.catalog
+            .snapshot_at(&self.share, &self.host, clamp_ns(at))
     }
 
     /// Every version batch (decodes them all: for tests and tools, not
@@ -118,12 +118,11 @@ impl ShareHistory {
         after: Option<DateTime<Utc>>,
         upto: DateTime<Utc>,
     ) -> Result<Vec<(String, VersionBatch)>> {
-        let ns = |t: DateTime<Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
         self.catalog.batches_between(
             &self.share,
             &self.host,
-            after.map_or(i64::MIN, ns),
-            ns(upto),
+            after.map_or(i64::MIN, clamp_ns),
+            clamp_ns(upto),
         )
     }
 
@@ -151,6 +150,16 @@ impl ShareHistory {
         self.catalog
             .batches_with_path(&self.share, &self.host, path)
     }
+}
+
+/// A time as ns since the epoch, as the catalogue keeps times; times
+/// outside what 64 bits hold (before 1677, after 2262) become the ends.
+fn clamp_ns(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(if t.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 /// [`ShareHistory::snapshot_at`]: (newest at or before, oldest).
@@ -806,6 +815,25 @@ fn try_write_due_summaries(
             Some(summary) => {
                 repo.put_summary(&name, &summary)?;
                 tracing::debug!("wrote {name}: level {level}, places {first}..={}", summary.last);
+                // What it was built from is not needed again: the 16
+                // summaries below it, or (level 1) its objects — except
+                // the newest place, which the next append reads — and
+                // their indexes (merged into the blob index already).
+                let below: Vec<String> = if level >= 2 {
+                    (0..FANOUT)
+                        .map(|i| {
+                            let f = first + i * span(level - 1);
+                            summary_name(repo.key(), share, host, level - 1, f)
+                        })
+                        .collect()
+                } else {
+                    let objects = summary.objects.iter().filter(|o| o.seq < head.seq);
+                    objects
+                        .map(|o| o.name.clone())
+                        .chain(summary.indexes.iter().map(|i| i.name.clone()))
+                        .collect()
+                };
+                repo.uncache(&below);
             }
             None => tracing::info!(
                 "summary of places {first}..={} of {share} is larger than {} MiB: not written (readers use the ones below it)",
@@ -831,7 +859,7 @@ fn build_summary(
 ) -> Result<Option<Summary>> {
     let last = first + span(level) - 1;
     let mut objects = Vec::new();
-    let mut index_names: Vec<String> = Vec::new();
+    let mut index_names: Vec<(String, Option<Index>)> = Vec::new();
     let mut size = 0usize;
     let mut pos = first - 1;
     while pos < last {
@@ -851,7 +879,7 @@ fn build_summary(
         if let Some(s) = lower {
             size += s.objects.iter().map(|o| o.body.len() + 200).sum::<usize>();
             objects.extend(s.objects);
-            index_names.extend(s.indexes.into_iter().map(|i| i.name));
+            index_names.extend(s.indexes.into_iter().map(|i| (i.name, i.index)));
             pos = s.last;
             continue;
         }
@@ -859,7 +887,7 @@ fn build_summary(
             let name = history_name(repo.key(), kind, share, host, pos + 1);
             if let Some(o) = repo.read_history_opt(&name)? {
                 if let Some(names) = o.body.indexes() {
-                    index_names.extend(names.iter().cloned());
+                    index_names.extend(names.iter().map(|n| (n.clone(), None)));
                 }
                 if let Some(entry) = summary_entry(&o) {
                     size += entry.body.len() + 200;
@@ -870,8 +898,8 @@ fn build_summary(
         pos += 1;
     }
     let mut indexes = Vec::new();
-    for name in index_names {
-        let index = repo.cached_index(&name);
+    for (name, embedded) in index_names {
+        let index = embedded.or_else(|| repo.cached_index(&name));
         let embedded = index
             .as_ref()
             .map_or(0, |i| i.packs.iter().map(|p| 64 + 90 * p.blobs.len()).sum());

@@ -145,6 +145,8 @@ pub trait ObjectCache: Send + Sync {
     fn get(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])>;
     /// Remembers an authenticated object.
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]);
+    /// Forgets cached objects (a cache may keep less than it was given).
+    fn remove(&self, _names: &[String]) {}
     /// Has the blob list of this named index been merged into the
     /// catalogue's blob index ([`ObjectCache::merge_indexes`])?
     fn index_merged(&self, _name: &str) -> bool {
@@ -451,7 +453,7 @@ impl Repository {
     fn load_all_indexes(&self, dedup: bool) -> Result<()> {
         *self.fully_indexed.lock().unwrap_or_else(|p| p.into_inner()) = true;
         for meta in self.list("index/")? {
-            if self.lock_loaded().contains(&meta.key) {
+            if self.index_loaded(&meta.key) {
                 continue;
             }
             let index: Index = match self.get_cbor(ObjectKind::Index, &meta.key) {
@@ -488,11 +490,11 @@ impl Repository {
     /// Reads a blob location the named indexes lack from every index
     /// (once per process): an index no history object names (written by
     /// older btrship, or by a process that crashed) may still list it.
-    fn load_unnamed_indexes(&self) -> Result<bool> {
+    fn load_unnamed_indexes(&self, id: &ContentId) -> Result<bool> {
         if *self.fully_indexed.lock().unwrap_or_else(|p| p.into_inner()) {
             return Ok(false);
         }
-        tracing::debug!("a blob is in no named index: reading every index");
+        tracing::debug!("blob {id} is in no named index: reading every index");
         self.load_all_indexes(false)?;
         Ok(true)
     }
@@ -761,7 +763,12 @@ impl Repository {
     /// index once (see [`Repository::open_lazy`]).
     pub fn blob_locations(&self, id: &ContentId) -> Vec<BlobLocation> {
         let found = self.known_locations(id);
-        if found.is_empty() && matches!(self.load_unnamed_indexes(), Ok(true)) {
+        if found.is_empty() && self.is_staged(id) {
+            // A tree built in memory (a moment between snapshots): in no
+            // index, and no reason to read every index for it.
+            return found;
+        }
+        if found.is_empty() && matches!(self.load_unnamed_indexes(id), Ok(true)) {
             return self.known_locations(id);
         }
         found
@@ -831,7 +838,7 @@ impl Repository {
         }
         // Every listed copy failed: an index no history object names (a
         // healed copy written by `repair`) may list another.
-        if matches!(self.load_unnamed_indexes(), Ok(true)) {
+        if matches!(self.load_unnamed_indexes(id), Ok(true)) {
             for loc in self.blob_locations(id) {
                 if let Ok(plain) = self.read_blob_at(id, kind, loc) {
                     return Ok(plain);
@@ -960,17 +967,12 @@ impl Repository {
 
     /// Every index entry that points into `pack` must agree with its header.
     fn check_header_against_index(&self, pack: &str, blobs: &[PackedBlob]) -> Result<()> {
+        // Entries in the catalogue's blob index are not compared (a query
+        // per blob of every pack a restore touches): a wrong offset there
+        // fails the blob's authentication when it is read instead.
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let cache = self.cache();
         for b in blobs {
-            let in_catalogue = || {
-                cache.as_ref().is_some_and(|c| {
-                    c.blob_locations(&b.id.0)
-                        .iter()
-                        .any(|l| l.pack == pack && (l.offset != b.offset || l.length != b.length))
-                })
-            };
-            if map.disagrees(&b.id.0, pack, b.offset, b.length) || in_catalogue() {
+            if map.disagrees(&b.id.0, pack, b.offset, b.length) {
                 return Err(RepoError::Format {
                     object: pack.to_string(),
                     reason: format!("pack header and index disagree on blob {:?}", b.id),
@@ -1049,6 +1051,14 @@ impl Repository {
     /// is uploaded.
     ///
     /// [`read_tree`]: Repository::read_tree
+    /// Is `id` a tree built in memory ([`Repository::stage_tree`])?
+    pub fn is_staged(&self, id: &ContentId) -> bool {
+        self.staged_trees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
     pub fn stage_tree(&self, tree: Tree) -> ContentId {
         let id = self.key.content_id(&to_cbor(&tree));
         self.staged_trees
@@ -1245,11 +1255,27 @@ impl Repository {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(Some(self.open_and_cache(
-            ObjectKind::Summary,
-            name,
-            &sealed,
-        )?))
+        // Not cached: a reader needs a summary once (its catalogue then
+        // holds the places as a checked prefix), and summaries repeat
+        // every place once per level.
+        let body = self
+            .key
+            .open(ObjectKind::Summary, name.as_bytes(), &sealed)
+            .map_err(|e| RepoError::crypto(name, e))?;
+        Ok(Some(from_cbor(&body).map_err(|reason| {
+            RepoError::Format {
+                object: name.to_string(),
+                reason,
+            }
+        })?))
+    }
+
+    /// Drops objects from the object cache (their writer needs them no
+    /// more: a summary above them holds them).
+    pub fn uncache(&self, names: &[String]) {
+        if let Some(c) = self.cache() {
+            c.remove(names);
+        }
     }
 
     /// Which of these objects exist (HEAD requests, up to 16 in flight).
