@@ -1,10 +1,14 @@
 //! The local catalogue (FORMAT.md §5b): a SQLite cache, per repository,
-//! of the write-once objects this machine has authenticated — history
-//! objects, summaries, chain registrations and indexes — by name. A cache,
-//! never the truth: every entry was opened with the key before it was
-//! stored, object names never change meaning (write-once), and deleting
-//! the file costs requests, never correctness. With it, commands on a
-//! machine that has read a history before read only what is new.
+//! of what this machine has authenticated: write-once objects by name
+//! (history objects, the newest summaries, chain registrations, indexes),
+//! the blob index of the named indexes, and per chain the checked prefix
+//! with its moments (by time) and paths, so a command decodes only the
+//! moments it needs. A cache, never the truth: every entry was opened
+//! with the key before it was stored, object names never change meaning
+//! (write-once), and deleting the file costs requests, never correctness.
+//! With it, commands on a machine that has read a history before read
+//! only what is new ([`crate::history::sync_chain`] says how a prefix is
+//! trusted).
 //!
 //! `<state dir>/catalog-<repository id>.db`, mode 0600 in the root-only
 //! state directory (it holds decrypted metadata: names, sizes, times).
@@ -38,11 +42,14 @@ pub struct Catalog {
 }
 
 const SCHEMA: &str = "
-    CREATE TABLE IF NOT EXISTS objects (
+    -- (A rowid table: in a WITHOUT ROWID table a lookup can read the
+    -- whole of a large body it passes, e.g. a million-blob index.)
+    DROP TABLE IF EXISTS objects;
+    CREATE TABLE IF NOT EXISTS object_cache (
         name TEXT PRIMARY KEY,   -- object name in the store
         hash BLOB NOT NULL,      -- BLAKE3 of its sealed bytes
         body BLOB NOT NULL       -- its opened body (CBOR)
-    ) WITHOUT ROWID;
+    );
     -- The blob index: the blob lists of the named indexes merged so far.
     CREATE TABLE IF NOT EXISTS packs (
         id INTEGER PRIMARY KEY,
@@ -516,7 +523,7 @@ impl Catalog {
     /// Number of objects cached.
     pub fn len(&self) -> Result<u64> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let n: i64 = conn.query_row("SELECT count(*) FROM objects", [], |r| r.get(0))?;
+        let n: i64 = conn.query_row("SELECT count(*) FROM object_cache", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -566,7 +573,7 @@ impl ObjectCache for Catalog {
     fn get(&self, name: &str) -> Option<(Vec<u8>, [u8; 32])> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let row: Option<(Vec<u8>, Vec<u8>)> = conn
-            .prepare_cached("SELECT body, hash FROM objects WHERE name = ?1")
+            .prepare_cached("SELECT body, hash FROM object_cache WHERE name = ?1")
             .and_then(|mut st| {
                 st.query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
@@ -690,7 +697,7 @@ impl ObjectCache for Catalog {
     fn remove(&self, names: &[String]) {
         let conn = self.lock();
         let gone = conn
-            .prepare_cached("DELETE FROM objects WHERE name = ?1")
+            .prepare_cached("DELETE FROM object_cache WHERE name = ?1")
             .and_then(|mut st| {
                 for n in names {
                     st.execute(params![n])?;
@@ -712,7 +719,9 @@ impl ObjectCache for Catalog {
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]) {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let put = conn
-            .prepare_cached("INSERT OR REPLACE INTO objects (name, hash, body) VALUES (?1, ?2, ?3)")
+            .prepare_cached(
+                "INSERT OR REPLACE INTO object_cache (name, hash, body) VALUES (?1, ?2, ?3)",
+            )
             .and_then(|mut st| st.execute(params![name, hash.as_slice(), body]));
         if let Err(e) = put {
             // A cache that cannot take an entry costs a request later.

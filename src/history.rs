@@ -270,13 +270,17 @@ pub fn sync_chain(
 ) -> Result<Arc<ChainState>> {
     let mut cat = catalog_of(repo)?;
     let memo_key = (share.to_string(), host.to_string());
-    if let Some(s) = cat
-        .synced
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&memo_key)
     {
-        return Ok(s.clone());
+        let mut memo = cat.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = memo.get(&memo_key) {
+            // A head this machine shipped since (the daemon runs beside
+            // the command) is read: its absence would look like a store
+            // that withholds it.
+            if s.chain.head.as_ref().map_or(0, |h| h.seq) >= at_least {
+                return Ok(s.clone());
+            }
+            memo.remove(&memo_key);
+        }
     }
     let mut resume = cat.chain_sync(share, host)?;
     if let Some(r) = &resume {

@@ -119,6 +119,9 @@ pub struct Repository {
     /// Index objects this process uploaded that no history object names
     /// yet (FORMAT.md §5b: the next one appended names them).
     written_indexes: Mutex<Vec<String>>,
+    /// Their bodies, until named (then they go to the catalogue's blob
+    /// index).
+    written_bodies: Mutex<HashMap<String, Index>>,
     /// Every `index/` object has been listed and read.
     fully_indexed: Mutex<bool>,
     /// Packs known only from indexes that no history object names (read
@@ -175,6 +178,11 @@ impl std::fmt::Debug for Repository {
 }
 
 const CONFIG: &str = "config";
+
+/// Index bodies up to this size are kept in the object cache (to embed in
+/// summaries); larger ones (a first ship of a million files) only in the
+/// catalogue's blob index.
+const CACHED_INDEX_MAX: usize = 4 << 20;
 
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
@@ -383,6 +391,7 @@ impl Repository {
             missing_packs: RwLock::default(),
             cache: RwLock::default(),
             written_indexes: Mutex::default(),
+            written_bodies: Mutex::default(),
             fully_indexed: Mutex::new(false),
             unnamed_packs: RwLock::default(),
             cache_off: AtomicBool::new(false),
@@ -651,11 +660,25 @@ impl Repository {
             written.retain(|n| !names.contains(n));
             written.len()
         };
+        let mut written: Vec<(String, Index)> = {
+            let mut all = self
+                .written_bodies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            names
+                .iter()
+                .filter_map(|n| Some((n.clone(), all.remove(n)?)))
+                .collect()
+        };
         let Some(cache) = self.cache() else { return };
-        let bodies: Vec<(String, Index)> = names
-            .iter()
-            .filter_map(|n| Some((n.clone(), self.cached_index(n)?)))
-            .collect();
+        for n in names {
+            if !written.iter().any(|(w, _)| w == n) {
+                if let Some(index) = self.cached_index(n) {
+                    written.push((n.clone(), index));
+                }
+            }
+        }
+        let bodies = written;
         if bodies.len() != names.len() {
             self.memory_only.store(true, Ordering::Relaxed);
             return;
@@ -1585,9 +1608,15 @@ impl PackWriter<'_> {
                 .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
             self.stats.objects_written += 1;
             self.repo.merge_index(&index);
-            if let Some(c) = self.repo.cache() {
-                c.put(&name, &to_cbor(&index), &hash);
+            let body = to_cbor(&index);
+            if let Some(c) = self.repo.cache().filter(|_| body.len() <= CACHED_INDEX_MAX) {
+                c.put(&name, &body, &hash);
             }
+            self.repo
+                .written_bodies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), index);
             self.repo.lock_loaded().insert(name.clone());
             self.repo
                 .written_indexes

@@ -16,8 +16,9 @@
 //! At `n` places this reads at most about `15 · MAX_LEVEL` summaries plus
 //! `15` single places, and probes one missing summary per level change:
 //! about 60 requests for 100,000 places, against 100,000 before summaries.
-//! Summaries and objects come through the repository's object cache, so a
-//! machine that read them once reads only what is new.
+//! Objects come through the repository's object cache, and a reader that
+//! holds a checked prefix of the chain (the root crate's catalogue) walks
+//! only the places after it ([`walk_from`]).
 
 use crate::format::Index;
 use crate::history::{
