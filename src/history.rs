@@ -846,8 +846,24 @@ fn try_write_due_summaries(
             ),
         }
         state.summary_done(host, level, first)?;
+        if level >= 2 {
+            release_freed_memory();
+        }
     }
     Ok(())
+}
+
+/// Gives memory the allocator holds free back to the system. A summary
+/// of level 2 and up is built from several MiB of bodies; without this a
+/// long-running daemon keeps the high-water mark of those builds in its
+/// allocator's arenas.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it is
+    // safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The summary of places `first ..= first + 16^level - 1`, from the

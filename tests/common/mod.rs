@@ -465,6 +465,37 @@ impl Btrship {
         )
     }
 
+    /// Runs with `BTRSHIP_STATS=1`, asserts success, and returns the store
+    /// counters btrship printed (`{"btrship_stats":{"store":{...}}}`).
+    pub fn stats<I, S>(&self, args: I) -> serde_json::Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let full = self.full_args(args);
+        let out = run_with_timeout(
+            Command::new(env!("CARGO_BIN_EXE_btrship"))
+                .args(&full)
+                .env_remove("BTRSHIP_LOG")
+                .env("BTRSHIP_STATS", "1")
+                .env("BTRSHIP_SYSTEMD_DIR", self.systemd_dir())
+                .stdin(Stdio::null()),
+            &describe(&full),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "`btrship {}` failed:\n{stderr}",
+            describe(&full)
+        );
+        let line = stderr
+            .lines()
+            .rev()
+            .find(|l| l.contains("btrship_stats"))
+            .unwrap_or_else(|| panic!("no stats line in:\n{stderr}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["btrship_stats"]["store"].clone()
+    }
+
     /// Runs and asserts success; returns stdout. Shows stderr on failure.
     pub fn ok<I, S>(&self, args: I) -> String
     where
