@@ -44,7 +44,6 @@ pub struct Catalog {
 const SCHEMA: &str = "
     -- (A rowid table: in a WITHOUT ROWID table a lookup can read the
     -- whole of a large body it passes, e.g. a million-blob index.)
-    DROP TABLE IF EXISTS objects;
     CREATE TABLE IF NOT EXISTS object_cache (
         name TEXT PRIMARY KEY,   -- object name in the store
         hash BLOB NOT NULL,      -- BLAKE3 of its sealed bytes
@@ -79,7 +78,8 @@ const SCHEMA: &str = "
         PRIMARY KEY (share, host)
     ) WITHOUT ROWID;
     -- Every history object read, by chain and place; times in ns since
-    -- the epoch (a snapshot's time, a batch's oldest and newest entry).
+    -- the epoch (a snapshot's time in both, a batch's oldest and newest
+    -- entry).
     CREATE TABLE IF NOT EXISTS moments (
         share TEXT NOT NULL,
         host TEXT NOT NULL,
@@ -101,15 +101,20 @@ const SCHEMA: &str = "
         node BLOB,
         PRIMARY KEY (tree, path)
     ) WITHOUT ROWID;
-    -- The paths each version batch holds entries for.
+    -- The paths each version batch holds entries for (by place, so the
+    -- rows past a prefix go in one range; by path for `versions`).
     CREATE TABLE IF NOT EXISTS moment_paths (
         share TEXT NOT NULL,
         host TEXT NOT NULL,
-        path BLOB NOT NULL,
         seq INTEGER NOT NULL,
-        PRIMARY KEY (share, host, path, seq)
+        path BLOB NOT NULL,
+        PRIMARY KEY (share, host, seq, path)
     ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS moment_paths_by_path ON moment_paths (share, host, path);
 ";
+
+/// The layout above; a file with another (older) one is emptied first.
+const SCHEMA_VERSION: i64 = 2;
 
 /// A chain's checked prefix, as the catalogue holds it.
 #[derive(Debug, Clone)]
@@ -205,7 +210,18 @@ impl Catalog {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION && tables > 0 {
+            // Another layout: start again (dropping its tables would leave
+            // a file of free pages and a WAL as large).
+            anyhow::bail!("catalogue layout {version}, this btrship uses {SCHEMA_VERSION}");
+        }
+        // Checkpointed WAL beyond 64 MiB is cut back (a first reading of a
+        // long history writes hundreds of MiB in one transaction).
+        conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Catalog::with(conn, path))
     }
 
@@ -336,7 +352,7 @@ impl Catalog {
                 "INSERT OR REPLACE INTO moments (share, host, seq, name, kind, t_first, t_last, hash, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             let mut path = tx.prepare_cached(
-                "INSERT OR IGNORE INTO moment_paths (share, host, path, seq) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO moment_paths (share, host, seq, path) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for o in objects {
                 let Some(seq) = o.body.chain().map(|l| l.seq) else {
@@ -356,7 +372,7 @@ impl Catalog {
                 ])?;
                 if let HistoryBody::Versions(b) = &o.body {
                     for e in &b.entries {
-                        path.execute(params![share, host, e.path, seq as i64])?;
+                        path.execute(params![share, host, seq as i64, e.path])?;
                     }
                 }
             }
@@ -427,7 +443,7 @@ impl Catalog {
     /// Every snapshot record of a chain, oldest first (then by name).
     pub fn snapshots(&self, share: &str, host: &str) -> Result<Vec<(String, SnapshotRecord)>> {
         self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_first, name",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_last, name",
             params![share, host],
             record,
         )
@@ -442,12 +458,12 @@ impl Catalog {
         at: i64,
     ) -> Result<crate::history::SnapshotAt> {
         let at_or_before = self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND t_first <= ?3 ORDER BY t_first DESC, name DESC LIMIT 1",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND t_last <= ?3 ORDER BY t_last DESC, name DESC LIMIT 1",
             params![share, host, at],
             record,
         )?;
         let first = self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_first, name LIMIT 1",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_last, name LIMIT 1",
             params![share, host],
             record,
         )?;
@@ -506,7 +522,9 @@ impl Catalog {
         }
     }
 
-    /// The version batches with an entry for `path`, by name.
+    /// The version batches with an entry for `path`, by name. (CROSS JOIN
+    /// and `+m.kind` keep SQLite on the path's few rows and the place
+    /// index, not a scan of every batch.)
     pub fn batches_with_path(
         &self,
         share: &str,
@@ -514,7 +532,7 @@ impl Catalog {
         path: &[u8],
     ) -> Result<Vec<(String, VersionBatch)>> {
         self.decode(
-            "SELECT m.name, m.kind, m.body FROM moment_paths p JOIN moments m ON m.share = p.share AND m.host = p.host AND m.seq = p.seq WHERE p.share = ?1 AND p.host = ?2 AND p.path = ?3 AND m.kind = 1 ORDER BY m.name",
+            "SELECT m.name, m.kind, m.body FROM moment_paths p CROSS JOIN moments m ON m.share = p.share AND m.host = p.host AND m.seq = p.seq WHERE p.share = ?1 AND p.host = ?2 AND p.path = ?3 AND +m.kind = 1 ORDER BY m.name",
             params![share, host, path],
             batch,
         )
