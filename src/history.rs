@@ -173,8 +173,6 @@ pub type SnapshotAt = (
 pub struct ChainState {
     pub chain: ChainCheck,
     pub unreadable: Vec<(String, String)>,
-    /// Objects predate named indexes: every index was read.
-    pub legacy: bool,
     catalog: Arc<Catalog>,
 }
 
@@ -332,24 +330,7 @@ pub fn sync_chain(
     let damaged: BTreeSet<String> = repo.damaged_indexes().into_iter().map(|(n, _)| n).collect();
     let index_damaged = walk.indexes.iter().any(|(n, _)| damaged.contains(n));
     let bad = walk.bad.clone();
-    // Unreadable objects at one of this chain's places (names are keyed
-    // hashes of share, host and place, so they can be recognised without
-    // opening them): a damaged part of this history, not someone else's.
-    if !bad.is_empty() {
-        let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
-        for seq in from + 1..=top {
-            for kind in HistoryKind::ALL {
-                let name = history_name(repo.key(), kind, share, host, seq);
-                if let Some((_, e)) = bad.iter().find(|(n, _)| *n == name) {
-                    chain.problems.push(ChainProblem::Damaged {
-                        seq,
-                        name,
-                        error: e.clone(),
-                    });
-                }
-            }
-        }
-    }
+    damaged_places(repo, share, host, from, &bad, &mut chain);
     let intact = chain.problems.is_empty()
         && bad.is_empty()
         && !walk.legacy
@@ -367,7 +348,6 @@ pub fn sync_chain(
     let state = Arc::new(ChainState {
         chain,
         unreadable: bad,
-        legacy: walk.legacy,
         catalog: cat.clone(),
     });
     cat.synced
@@ -375,6 +355,36 @@ pub fn sync_chain(
         .unwrap_or_else(|p| p.into_inner())
         .insert(memo_key, state.clone());
     Ok(state)
+}
+
+/// Names the unreadable objects (`bad`) that sit at places after `from`
+/// of this chain as damaged places: names are keyed hashes of share, host
+/// and place, so they are recognised without opening them — a damaged
+/// part of this history, not someone else's.
+fn damaged_places(
+    repo: &Repository,
+    share: &str,
+    host: &str,
+    from: u64,
+    bad: &[(String, String)],
+    chain: &mut ChainCheck,
+) {
+    if bad.is_empty() {
+        return;
+    }
+    let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
+    for seq in from + 1..=top {
+        for kind in HistoryKind::ALL {
+            let name = history_name(repo.key(), kind, share, host, seq);
+            if let Some((_, e)) = bad.iter().find(|(n, _)| *n == name) {
+                chain.problems.push(ChainProblem::Damaged {
+                    seq,
+                    name,
+                    error: e.clone(),
+                });
+            }
+        }
+    }
 }
 
 /// Reads the history of `sel.share` on the chosen host: through chain
@@ -478,21 +488,7 @@ fn load_listing(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
         .collect();
     let bad: Vec<(String, String)> = bad.into_iter().map(|(n, e)| (n, e.to_string())).collect();
     let mut chain = verify_chain(&mine);
-    if !bad.is_empty() {
-        let top = chain.head.as_ref().map_or(0, |h| h.seq) + bad.len() as u64;
-        for seq in 1..=top {
-            for kind in HistoryKind::ALL {
-                let name = history_name(repo.key(), kind, sel.share, &host, seq);
-                if let Some((_, e)) = bad.iter().find(|(n, _)| *n == name) {
-                    chain.problems.push(ChainProblem::Damaged {
-                        seq,
-                        name,
-                        error: e.clone(),
-                    });
-                }
-            }
-        }
-    }
+    damaged_places(repo, sel.share, &host, 0, &bad, &mut chain);
     let behind = sel
         .local_head
         .as_ref()
@@ -557,19 +553,8 @@ fn behind_in(cat: &Catalog, head: &HistoryHead, share: &str) -> Result<Option<St
     if head.name.is_empty() {
         return Ok(None);
     }
-    Ok(
-        match cat.moment_hash(share, &head.host, head.seq, &head.name)? {
-            Some(h) if h == head.hash => None,
-            Some(_) => Some(format!(
-                "the store's {} is not the history object this machine shipped there (share {share}, place {}): it was replaced",
-                head.name, head.seq
-            )),
-            None => Some(format!(
-                "the store lacks {} (share {share}, place {} of this machine's history, shipped {}): it was withheld, deleted or rolled back",
-                head.name, head.seq, head.time
-            )),
-        },
-    )
+    let found = cat.moment_hash(share, &head.host, head.seq, &head.name)?;
+    Ok(behind_message(head, share, found))
 }
 
 /// Why the store does not hold this machine's head, if it does not
@@ -578,8 +563,15 @@ pub fn behind_reason(objects: &[HistoryObject], head: &HistoryHead, share: &str)
     if head.name.is_empty() {
         return None; // repair found nothing surviving: nothing to hold
     }
-    match objects.iter().find(|o| o.name == head.name) {
-        Some(o) if o.hash == head.hash => None,
+    let found = objects.iter().find(|o| o.name == head.name).map(|o| o.hash);
+    behind_message(head, share, found)
+}
+
+/// `found`: the sealed hash of the object the store holds under the
+/// head's name, if any.
+fn behind_message(head: &HistoryHead, share: &str, found: Option<[u8; 32]>) -> Option<String> {
+    match found {
+        Some(h) if h == head.hash => None,
         Some(_) => Some(format!(
             "the store's {} is not the history object this machine shipped there (share {share}, place {}): it was replaced",
             head.name, head.seq

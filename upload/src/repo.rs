@@ -298,11 +298,6 @@ impl Repository {
         Ok(t)
     }
 
-    /// Is the object cache in use (set, and not distrusted)?
-    pub fn cache_trusted(&self) -> bool {
-        self.cache().is_some()
-    }
-
     fn cache(&self) -> Option<Arc<dyn ObjectCache>> {
         if self.cache_off.load(Ordering::Relaxed) {
             return None;
