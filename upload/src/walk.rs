@@ -59,12 +59,9 @@ fn fatal(e: &RepoError) -> bool {
 /// chain is read again from the store alone, so a reader sees a store
 /// that lost or withholds objects as it is, also on a machine that read
 /// them before.
-pub fn walk(repo: &Repository, share: &str, host: &str, at_least: u64) -> Result<ChainWalk> {
-    walk_from(repo, share, host, 0, at_least)
-}
-
-/// [`walk`] of the places after `from` only (a reader that holds places
-/// `1..=from` already, checked, in its catalogue).
+///
+/// `from`: the places `1..=from` are not read (a reader that holds them
+/// already, checked, in its catalogue; 0 reads the whole chain).
 pub fn walk_from(
     repo: &Repository,
     share: &str,
