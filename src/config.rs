@@ -41,7 +41,18 @@ pub struct ShareConfig {
     /// name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Requests to the store in flight at most (`--max-connections`
+    /// overrides; absent: `DEFAULT_MAX_CONNECTIONS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Bandwidth limit for store transfers, e.g. `"10M"` (bytes per
+    /// second; K, M, G; `--bwlimit` overrides; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<String>,
 }
+
+/// Requests to the store in flight at most, unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
 
 /// Office lock and temp files, Windows and macOS folder litter.
 pub const DEFAULT_EXCLUDES: &[&str] = &["~$*", "*.tmp", "Thumbs.db", ".DS_Store"];
@@ -105,6 +116,31 @@ pub fn config_path(config_dir: &Path, name: &str) -> PathBuf {
 }
 
 impl ShareConfig {
+    /// A config with every optional setting at its default and the
+    /// required ones empty (`init` fills them).
+    pub fn defaults() -> ShareConfig {
+        ShareConfig {
+            name: String::new(),
+            path: PathBuf::new(),
+            repo: String::new(),
+            key_file: PathBuf::new(),
+            keep_local_snapshots: DEFAULT_KEEP_LOCAL,
+            max_queued_snapshots: DEFAULT_MAX_QUEUED,
+            settle_ms: default_settle_ms(),
+            exclude: default_excludes(),
+            host: None,
+            max_connections: None,
+            bwlimit: None,
+        }
+    }
+
+    /// `bwlimit` in bytes per second (validated by `load`).
+    pub fn bwlimit_bytes(&self) -> Option<u64> {
+        self.bwlimit
+            .as_deref()
+            .and_then(btrship_upload::layers::parse_bwlimit)
+    }
+
     pub fn load(config_dir: &Path, name: &str) -> Result<ShareConfig> {
         validate_name(name)?;
         let path = config_path(config_dir, name);
@@ -125,6 +161,28 @@ impl ShareConfig {
         };
         let cfg: ShareConfig =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        if let Some(b) = &cfg.bwlimit {
+            if btrship_upload::layers::parse_bwlimit(b).is_none() {
+                return Err(crate::exit::UserError::new(
+                    crate::exit::USAGE,
+                    format!(
+                        "invalid config {}: bwlimit = {b:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\"",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        if cfg.max_connections == Some(0) {
+            return Err(crate::exit::UserError::new(
+                crate::exit::USAGE,
+                format!(
+                    "invalid config {}: max_connections must be at least 1",
+                    path.display()
+                ),
+            )
+            .into());
+        }
         if cfg.name != name {
             bail!(
                 "{} names share {:?}, expected {name:?}",
@@ -269,6 +327,8 @@ mod tests {
             settle_ms: 1,
             exclude: default_excludes(),
             host: None,
+            max_connections: None,
+            bwlimit: None,
         };
         assert!(cfg.excluded(b"docs/~$report.docx"));
         assert!(cfg.excluded(b"Thumbs.db"));
@@ -291,9 +351,21 @@ mod tests {
             settle_ms: 500,
             exclude: vec!["*.bak".into()],
             host: Some("files1".into()),
+            max_connections: Some(4),
+            bwlimit: Some("2M".into()),
         };
         cfg.save(dir.path()).unwrap();
-        assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);
+        let back = ShareConfig::load(dir.path(), "share").unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(back.bwlimit_bytes(), Some(2 << 20));
         assert!(ShareConfig::load(dir.path(), "other").is_err());
+        // A bandwidth that does not parse is refused when loaded, naming it.
+        let bad = ShareConfig {
+            bwlimit: Some("fast".into()),
+            ..cfg
+        };
+        bad.save(dir.path()).unwrap();
+        let e = ShareConfig::load(dir.path(), "share").unwrap_err();
+        assert!(format!("{e:#}").contains("bwlimit"), "{e:#}");
     }
 }

@@ -149,14 +149,20 @@ impl Daemon {
             wake: wake_rx,
         };
         let open_repo = self.open_repo;
+        let ship_stop = self.stop.clone();
         let ship_thread = std::thread::Builder::new()
             .name("ship".into())
-            .spawn(move || shipper.run(open_repo))
+            .spawn(move || {
+                let result = shipper.run(open_repo);
+                // Capture stops with the shipper (a permanent error).
+                ship_stop.store(true, SeqCst);
+                result
+            })
             .context("cannot start the shipping thread")?;
 
         let msg = format!("daemon started: watching {}", self.cfg.path.display());
         tracing::info!("{msg}");
-        state.log_event("info", "daemon", &msg)?;
+        state.log_event("info", crate::status::DAEMON_STARTED, &msg)?;
         sd_notify(&format!(
             "READY=1\nSTATUS=watching {}",
             self.cfg.path.display()
@@ -173,6 +179,12 @@ impl Daemon {
             root_dir,
             root_dev,
             staging,
+            heartbeat: Heartbeat {
+                path: daemon_lock_path(&self.state_dir, &self.cfg.name),
+                last: Instant::now(),
+                requests: self.counters.values().requests(),
+                counters: self.counters.clone(),
+            },
             counter: 0,
             // Busy captures left by an earlier run: look at them again.
             busy: state.busy_paths()?.into_iter().collect(),
@@ -193,9 +205,18 @@ impl Daemon {
         let shipped = ship_thread
             .join()
             .map_err(|_| anyhow::anyhow!("the shipping thread panicked"))?;
-        result?;
-        shipped?;
-        state.log_event("info", "daemon", "daemon stopped")?;
+        if let Err(e) = result.and(shipped) {
+            // A permanent error is remembered as the reason the daemon
+            // stopped (`status` says "failed"); any other leaves the run
+            // unfinished ("dead" until systemd restarts it).
+            if crate::exit::is_permanent(&e) {
+                let msg = format!("{e:#}");
+                sd_notify(&format!("STATUS=failed: {msg}"));
+                state.log_event("error", crate::status::DAEMON_FAILED, &msg)?;
+            }
+            return Err(e);
+        }
+        state.log_event("info", crate::status::DAEMON_STOPPED, "daemon stopped")?;
         Ok(())
     }
 }
@@ -249,6 +270,7 @@ struct Capturer<'a> {
     /// Its device: entries on another (nested subvolumes) are not captured.
     root_dev: u64,
     staging: PathBuf,
+    heartbeat: Heartbeat,
     counter: u64,
     /// Paths last captured as busy (a writer had them open).
     busy: std::collections::BTreeSet<Vec<u8>>,
@@ -339,6 +361,7 @@ impl Capturer<'_> {
     ) -> Result<()> {
         let settle = Duration::from_millis(self.cfg.settle_ms);
         while !stop.load(SeqCst) {
+            self.heartbeat.tick();
             let open_sync = if reconciled.load(SeqCst) {
                 state.open_sync_request()?
             } else {
@@ -667,6 +690,52 @@ struct Shipper {
     wake: mpsc::Receiver<()>,
 }
 
+/// The daemon's sign of life: the capture thread touches the lock file's
+/// mtime (what `status` reads) and pings the systemd watchdog every
+/// `status::HEARTBEAT_EVERY`, as long as the shipping side moved within
+/// `SHIP_QUIET_LIMIT` (a loop turned, a file was read, or a store request
+/// was answered). A capture thread that hangs beats no more either.
+struct Heartbeat {
+    path: PathBuf,
+    last: Instant,
+    requests: u64,
+    counters: Arc<Counters>,
+}
+
+/// The shipping side may be quiet this long (one large pack on a slow
+/// link) before the daemon stops beating: `status` then says stalled after
+/// `status::STALLED_AFTER` more, and systemd's `WatchdogSec=` restarts it.
+const SHIP_QUIET_LIMIT: Duration = Duration::from_secs(240);
+
+impl Heartbeat {
+    fn tick(&mut self) {
+        if self.last.elapsed() < crate::status::HEARTBEAT_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let requests = self.counters.values().requests();
+        if requests != self.requests {
+            self.requests = requests;
+            crate::progress::beat();
+        }
+        if crate::progress::since_beat() > SHIP_QUIET_LIMIT {
+            tracing::warn!(
+                "the shipping thread made no progress for {} s",
+                crate::progress::since_beat().as_secs()
+            );
+            return;
+        }
+        let touched = File::options()
+            .write(true)
+            .open(&self.path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Err(e) = touched {
+            tracing::debug!("heartbeat {}: {e}", self.path.display());
+        }
+        sd_notify("WATCHDOG=1");
+    }
+}
+
 /// Waits between attempts while the store fails: 1 s doubling to 30 s.
 struct Backoff {
     next: Duration,
@@ -695,11 +764,20 @@ impl Shipper {
             if self.stop.load(SeqCst) {
                 return Ok(());
             }
+            crate::progress::beat();
             match open_repo() {
                 Ok(r) => {
                     // Packs the store lost: their blobs count as absent.
                     crate::repair::prepare_ship(&r, &self.state)?;
                     break r;
+                }
+                // Wrong key, no repository or bucket, a format this
+                // version cannot write, access denied: stop, loudly.
+                Err(e) if crate::exit::is_permanent(&e) => {
+                    return Err(e.context(format!(
+                        "cannot open the repository {} (permanent: fix it, then restart the daemon)",
+                        self.cfg.repo
+                    )));
                 }
                 Err(e) => {
                     self.failed(&format!("cannot open the repository: {e:#}"))?;
@@ -719,8 +797,12 @@ impl Shipper {
         let min_interval = Duration::from_millis(self.cfg.settle_ms / 2);
         let mut last_flush = Instant::now() - min_interval;
         while !self.stop.load(SeqCst) {
+            crate::progress::beat();
             if self.reconcile.swap(false, SeqCst) {
                 if let Err(e) = self.take_snapshot(&repo) {
+                    if crate::exit::is_permanent_store(&e) {
+                        return Err(e.context("reconciling snapshot failed (permanent: fix it, then restart the daemon)"));
+                    }
                     self.reconcile.store(true, SeqCst);
                     self.failed(&format!("reconciling snapshot failed: {e:#}"))?;
                     self.sleep(backoff.fail());
@@ -746,6 +828,12 @@ impl Shipper {
             last_flush = Instant::now();
             match self.ship_batch(&repo, sizes, &ready) {
                 Ok(()) => backoff.ok(),
+                Err(e) if crate::exit::is_permanent_store(&e) => {
+                    return Err(e.context(format!(
+                        "shipping {} captures failed (they stay queued; permanent: fix it, then restart the daemon)",
+                        ready.len()
+                    )));
+                }
                 Err(e) => {
                     self.failed(&format!(
                         "shipping {} captures failed (they stay queued): {e:#}",
@@ -761,6 +849,7 @@ impl Shipper {
     fn sleep(&self, d: Duration) {
         let until = Instant::now() + d;
         while !self.stop.load(SeqCst) && Instant::now() < until {
+            crate::progress::beat();
             std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
         }
     }
@@ -944,6 +1033,13 @@ pub fn daemon_running(state_dir: &Path, name: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// How long ago the running daemon last showed it makes progress (the
+/// mtime of its lock file, see `status`); None when it never beat.
+pub fn heartbeat_age(state_dir: &Path, name: &str) -> Option<Duration> {
+    let m = std::fs::metadata(daemon_lock_path(state_dir, name)).ok()?;
+    Some(m.modified().ok()?.elapsed().unwrap_or_default())
 }
 
 pub fn daemon_lock_path(state_dir: &Path, name: &str) -> PathBuf {

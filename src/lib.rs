@@ -2,7 +2,7 @@
 //! snapshots, compressed and encrypted locally — and restore any path as it
 //! was at any time. This crate is the orchestration: configuration, the
 //! state database, shipping a snapshot, restoring, checking. The binary
-//! (`src/main.rs`) is the only place that builds a tokio runtime, prints, or
+//! (`src/main.rs`, `src/cli/`) is the only place that builds a tokio runtime, prints, or
 //! reads the environment; the library is also what the tests drive directly.
 
 pub mod catalog;
@@ -12,11 +12,13 @@ pub mod daemon;
 pub mod exit;
 pub mod history;
 pub mod moment;
+pub mod open;
 pub mod progress;
 pub mod queue;
 pub mod repair;
 pub mod restore;
 pub mod ship;
 pub mod state;
+pub mod status;
 pub mod systemd;
 pub mod timespec;

@@ -437,6 +437,30 @@ impl State {
         })
     }
 
+    /// The newest event of any of these kinds.
+    pub fn last_event_of(&self, kinds: &[&str]) -> Result<Option<Event>> {
+        let mut newest: Option<(i64, Event)> = None;
+        for kind in kinds {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, time, level, kind, message FROM events WHERE kind = ?1 ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut rows = stmt.query(params![kind])?;
+            if let Some(r) = rows.next()? {
+                let id: i64 = r.get(0)?;
+                if newest.as_ref().is_none_or(|(n, _)| id > *n) {
+                    let e = Event {
+                        time: r.get(1)?,
+                        level: r.get(2)?,
+                        kind: r.get(3)?,
+                        message: r.get(4)?,
+                    };
+                    newest = Some((id, e));
+                }
+            }
+        }
+        Ok(newest.map(|(_, e)| e))
+    }
+
     /// How many events of a kind were logged in all.
     pub fn count_events(&self, kind: &str) -> Result<u64> {
         let n: i64 = self.conn.query_row(

@@ -63,6 +63,11 @@ impl Units {
              ExecStart={} --config-dir {} --state-dir {} --no-progress daemon %i\n\
              Restart=on-failure\n\
              RestartSec=5s\n\
+             # Permanent errors (usage, not found, key, not btrfs, unsupported\n\
+             # format, access denied) are not retried: the unit shows failed.\n\
+             RestartPreventExitStatus={}\n\
+             # The daemon pings every 5 s while it makes progress.\n\
+             WatchdogSec=5min\n\
              KillSignal=SIGTERM\n\
              TimeoutStopSec=120s\n\
              Environment=BTRSHIP_LOG=info\n\
@@ -71,7 +76,12 @@ impl Units {
              WantedBy=multi-user.target\n",
             quote(&self.exe),
             quote(&self.config_dir),
-            quote(&self.state_dir)
+            quote(&self.state_dir),
+            crate::exit::PERMANENT
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
         )
     }
 

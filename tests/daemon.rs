@@ -45,7 +45,7 @@ fn restore_at(fresh: &Btrship, bs: &Btrship, at: &str, to: &Path, extra: &[&str]
 }
 
 fn status(bs: &Btrship) -> serde_json::Value {
-    serde_json::from_str(&bs.ok(["status", "share", "--json"])).unwrap()
+    bs.status_json("share").1
 }
 
 #[test]

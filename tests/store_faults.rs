@@ -31,7 +31,7 @@ fn fault_seed() -> u64 {
 }
 
 fn status(bs: &Btrship) -> serde_json::Value {
-    serde_json::from_str(&bs.ok(["status", "share", "--json"])).expect("status --json is JSON")
+    bs.status_json("share").1
 }
 
 /// The time of the newest snapshot (as `snapshots --json` prints it).
@@ -102,19 +102,21 @@ fn outage_queues_locally_and_the_backlog_ships_when_the_store_returns() {
         );
         assert!(st["queue"]["oldest_age_seconds"].as_i64().is_some());
         assert_eq!(st["last_error"]["current"], true, "{st:#}");
+        // Unhealthy (exit 10) either way; a full spool is the worse news.
         let expected = if round >= 3 {
             "spool_full"
         } else {
-            "store_failing"
+            "store_unreachable"
         };
         assert_eq!(st["health"], expected, "{st:#}");
+        assert_eq!(st["healthy"], false, "{st:#}");
         assert_eq!(
             st["coalesced_total"].as_u64().unwrap(),
             u64::from(round == 4)
         );
     }
     // Human-readable status says the same.
-    let text = bs.ok(["status", "share"]);
+    let (_, _, text) = bs.fails_with(["status", "share"], &[10]);
     assert!(text.contains("NOT reachable"), "{text}");
     assert!(text.contains("3 snapshots waiting"), "{text}");
     let oldest_age = status(&bs)["queue"]["oldest_age_seconds"].as_i64().unwrap();

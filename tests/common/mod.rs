@@ -450,10 +450,20 @@ impl Btrship {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.cmd_env(args, &[])
+    }
+
+    /// `cmd` with these environment variables set.
+    pub fn cmd_env<I, S>(&self, args: I, env: &[(&str, &str)]) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let full = self.full_args(args);
         run_with_timeout(
             Command::new(env!("CARGO_BIN_EXE_btrship"))
                 .args(&full)
+                .envs(env.iter().copied())
                 .env_remove("RUST_LOG")
                 .env_remove("RUST_BACKTRACE")
                 .env_remove("BTRSHIP_LOG")
@@ -1883,6 +1893,31 @@ impl Btrship {
             .collect();
         lines.push(format!("{key} = {value}"));
         fs::write(&path, lines.join("\n") + "\n").expect("write share config");
+    }
+
+    /// `status NAME --json`: (exit code, report). A healthy share exits 0,
+    /// an unhealthy one 10 with the one-line error contract; the report's
+    /// `healthy` agrees with the exit code.
+    pub fn status_json(&self, name: &str) -> (i32, serde_json::Value) {
+        self.status_json_env(name, &[])
+    }
+
+    /// `status_json` with these environment variables set.
+    pub fn status_json_env(&self, name: &str, env: &[(&str, &str)]) -> (i32, serde_json::Value) {
+        let out = self.cmd_env(["status", name, "--json"], env);
+        let code = out.status.code().unwrap_or(-1);
+        if code != 0 {
+            check_error_contract(&out, "btrship status --json");
+        }
+        assert!(
+            code == 0 || code == 10,
+            "status exited {code}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+        assert_eq!(report["healthy"], code == 0, "{report:#}");
+        (code, report)
     }
 
     /// `sync NAME`, asserting success.

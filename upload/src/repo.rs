@@ -55,6 +55,8 @@ pub enum RepoError {
     MissingBlob { id: ContentId },
     #[error("blob {id} in {object}: its content does not match its id")]
     BlobMismatch { id: ContentId, object: String },
+    #[error("repository format version {version} is not supported by this btrship ({supported}); upgrade btrship")]
+    UnsupportedVersion { version: u32, supported: u32 },
     #[error("upload task failed: {0}")]
     Task(String),
 }
@@ -365,12 +367,9 @@ impl Repository {
             reason,
         })?;
         if config.version != 1 {
-            return Err(RepoError::Format {
-                object: CONFIG.into(),
-                reason: format!(
-                    "repository format version {} is not supported; upgrade btrship",
-                    config.version
-                ),
+            return Err(RepoError::UnsupportedVersion {
+                version: config.version,
+                supported: 1,
             });
         }
         let repo = Repository {

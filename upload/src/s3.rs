@@ -630,10 +630,29 @@ impl S3Store {
             }
             _ => (format!("{op} {target}: {}", f.detail), f.retryable),
         };
-        StoreError::Other {
-            key: key.to_owned(),
-            message,
-            retryable,
+        let denied = matches!(
+            code,
+            "AccessDenied"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "InvalidToken"
+                | "AllAccessDisabled"
+                | "AccountProblem"
+                | "ExpiredToken"
+        ) || f.status == Some(403);
+        if code == "NoSuchBucket" {
+            StoreError::NoContainer { message }
+        } else if denied {
+            StoreError::Denied {
+                key: key.to_owned(),
+                message,
+            }
+        } else {
+            StoreError::Other {
+                key: key.to_owned(),
+                message,
+                retryable,
+            }
         }
     }
 }

@@ -74,6 +74,22 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The store refused the credentials or the operation (HTTP 403, bad
+    /// or expired credentials, a local permission denied). Not retryable:
+    /// an operator must fix credentials or permissions.
+    #[error("{message}")]
+    Denied {
+        /// The object involved, or empty.
+        key: String,
+        /// What was refused and what to check.
+        message: String,
+    },
+    /// The container (bucket) the repository lives in does not exist.
+    #[error("{message}")]
+    NoContainer {
+        /// Which container, where, and what to do.
+        message: String,
+    },
     /// Anything else a backend reports (HTTP status, protocol error, ...).
     #[error("store: {message}")]
     Other {
@@ -104,6 +120,16 @@ impl StoreError {
         }
     }
 
+    /// Whether only an operator can fix it (credentials, permissions, a
+    /// missing container): retrying, now or later, cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Denied { .. } | StoreError::NoContainer { .. } => true,
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            _ => false,
+        }
+    }
+
     /// Whether the error means "no object with this key".
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
@@ -116,7 +142,9 @@ impl StoreError {
             | StoreError::InvalidKey { key, .. }
             | StoreError::OutOfRange { key, .. }
             | StoreError::Io { key, .. }
+            | StoreError::Denied { key, .. }
             | StoreError::Other { key, .. } => key,
+            StoreError::NoContainer { .. } => "",
         }
     }
 }

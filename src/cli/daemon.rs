@@ -1,0 +1,80 @@
+//! `btrship daemon NAME`: watch the share and ship every closed file
+//! version (foreground, for systemd `Type=notify`).
+
+use super::App;
+use anyhow::Result;
+use btrship::exit;
+use btrship::open::share_host;
+use btrship_snapshot::{PrivateArea, Share};
+use std::sync::Arc;
+
+/// Watch the share and ship every closed file version continuously
+/// (foreground; systemd Type=notify).
+#[derive(clap::Args)]
+#[command(
+    long_about = "Watch the share with fanotify and capture every closed file as an instant \
+reflink clone in a private area, then ship each settled version (one batch per burst) to the \
+repository. Runs in the foreground; systemd runs it as btrship@NAME.service (Type=notify, \
+watchdog). A temporary store failure is retried with backoff and shown by `btrship status`; a \
+permanent one (wrong key, no repository, unsupported format, permission denied) stops the \
+daemon with one error line and a non-zero exit, so systemd shows the unit failed.",
+    after_help = "Examples:
+  systemctl enable --now btrship@office.service
+  btrship daemon office            # in the foreground, for a look
+  BTRSHIP_LOG=debug btrship daemon office"
+)]
+pub struct Args {
+    /// The share.
+    name: String,
+}
+
+pub fn run(app: &App, args: Args) -> Result<u8> {
+    let name = args.name;
+    let cfg = app.load_config(&name)?;
+    let _lock = btrship::daemon::lock_daemon(&app.state_dir, &name)?;
+    let share = Share::open(&cfg.path)?;
+    let area = Arc::new(PrivateArea::open(&share, &name)?);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        app.rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let host = share_host(&cfg);
+    let stores = app.stores(Some(&cfg));
+    let daemon = btrship::daemon::Daemon {
+        cfg: cfg.clone(),
+        share,
+        area,
+        state_path: app.state_path(&name),
+        state_dir: app.state_dir.clone(),
+        host: host.clone(),
+        open_repo: {
+            let (state_dir, cfg) = (app.state_dir.clone(), cfg.clone());
+            Box::new(move || {
+                stores.open_repository(
+                    &cfg.repo,
+                    &cfg.key_file,
+                    &state_dir,
+                    Some((&cfg.name, &host, 0)),
+                )
+            })
+        },
+        counters: app.counters.clone(),
+        stop,
+    };
+    daemon.run()?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,149 @@
+//! The one way to reach a store and open a repository: every backend gets
+//! the same layers (retries, connection and bandwidth limits, request
+//! counters), a key file's absence is a key error with its own exit code,
+//! and a shipping machine opens through its catalogue
+//! (`catalog::open_repository`) with what it knows of its own history.
+
+use crate::config::RepoAddress;
+use crate::exit::{self, UserError};
+use anyhow::Result;
+use btrship_crypto::MasterKey;
+use btrship_upload::layers;
+use btrship_upload::local::LocalStore;
+use btrship_upload::s3::{S3Config, S3Store};
+use btrship_upload::{Repository, Store};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Builds stores: every backend gets the same retries, limits and
+/// counters. Cloneable into the daemon's shipping thread.
+#[derive(Clone)]
+pub struct Stores {
+    pub max_connections: usize,
+    pub bwlimit: Option<u64>,
+    pub counters: Arc<layers::Counters>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Stores {
+    /// The store at `address`, layered. `create` makes a local directory
+    /// that does not exist yet; otherwise its absence is "not found".
+    pub fn store(
+        &self,
+        address: &str,
+        create: bool,
+        retry: layers::RetryPolicy,
+    ) -> Result<Arc<dyn Store>> {
+        let backend: Arc<dyn Store> = match RepoAddress::parse(address)? {
+            RepoAddress::Local(path) => {
+                if !create && !path.is_dir() {
+                    return Err(UserError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "no btrship repository at {} (directory does not exist); check --repo",
+                            path.display()
+                        ),
+                    )
+                    .into());
+                }
+                if create {
+                    Arc::new(LocalStore::create(&path)?)
+                } else {
+                    Arc::new(LocalStore::open(&path)?)
+                }
+            }
+            RepoAddress::S3(url) => {
+                let cfg = S3Config::parse_url(&url)?;
+                Arc::new(self.rt.block_on(S3Store::connect(cfg))?)
+            }
+        };
+        Ok(layers::layered(
+            backend,
+            layers::LayerOptions {
+                retry,
+                max_connections: Some(self.max_connections),
+                bwlimit_bytes_per_sec: self.bwlimit,
+            },
+            self.counters.clone(),
+        ))
+    }
+
+    /// Opens an existing repository through the catalogue in `state_dir`.
+    /// `own`: the share, host and newest history place this machine
+    /// shipped (the catalogue then knows what the store must hold).
+    pub fn open_repository(
+        &self,
+        address: &str,
+        key_file: &Path,
+        state_dir: &Path,
+        own: Option<(&str, &str, u64)>,
+    ) -> Result<Repository> {
+        let key = read_key(key_file)?;
+        let store = self.store(address, false, layers::RetryPolicy::default())?;
+        crate::catalog::open_repository(store, key, self.rt.clone(), state_dir, own)
+    }
+
+    /// Can the store be reached now? One request (the config object's
+    /// metadata), no retries, at most 10 s. Returns its latency in ms.
+    pub fn probe(&self, address: &str) -> Result<u64> {
+        let store = self.store(address, false, once())?;
+        let started = std::time::Instant::now();
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), store.head("config")).await
+            })
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
+        Ok(started.elapsed().as_millis() as u64)
+    }
+
+    /// Does a repository (its config object) exist at this address? Any
+    /// failure to tell counts as no: `init` then reports the real error.
+    pub fn repository_exists(&self, address: &str) -> bool {
+        match self.store(address, false, once()) {
+            Ok(store) => self.rt.block_on(store.head("config")).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// One attempt, no retries: for probes.
+fn once() -> layers::RetryPolicy {
+    layers::RetryPolicy {
+        attempts: 1,
+        ..Default::default()
+    }
+}
+
+/// Reads a key file; a missing one is a key error (exit 4) naming it.
+pub fn read_key(path: &Path) -> Result<Arc<MasterKey>> {
+    let key = btrship_crypto::read_key_file(path).map_err(|e| {
+        let missing = matches!(&e, btrship_crypto::KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+        if missing {
+            anyhow::Error::new(UserError::new(
+                exit::KEY,
+                format!("key file {} does not exist; pass --key-file", path.display()),
+            ))
+        } else {
+            anyhow::Error::new(e)
+        }
+    })?;
+    Ok(Arc::new(key))
+}
+
+/// This machine's host name ("localhost" when it has none).
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok && end > 0 {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// The host name a share's history is shipped under.
+pub fn share_host(cfg: &crate::config::ShareConfig) -> String {
+    cfg.host.clone().unwrap_or_else(host_name)
+}
