@@ -49,6 +49,15 @@ pub struct ShareConfig {
     /// second; K, M, G; `--bwlimit` overrides; absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bwlimit: Option<String>,
+    /// Daemon: serve Prometheus metrics on this address (`GET /metrics`),
+    /// e.g. `"127.0.0.1:9898"`. Absent: no listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    /// `snapshot` and `check`: write the metrics to this file (atomically,
+    /// node_exporter's textfile format), e.g.
+    /// `"/var/lib/prometheus/node-exporter/btrship-office.prom"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 /// Requests to the store in flight at most, unless configured.
@@ -131,6 +140,8 @@ impl ShareConfig {
             host: None,
             max_connections: None,
             bwlimit: None,
+            metrics_listen: None,
+            metrics_textfile: None,
         }
     }
 
@@ -167,6 +178,18 @@ impl ShareConfig {
                     crate::exit::USAGE,
                     format!(
                         "invalid config {}: bwlimit = {b:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\"",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+        }
+        if let Some(a) = &cfg.metrics_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(crate::exit::UserError::new(
+                    crate::exit::USAGE,
+                    format!(
+                        "invalid config {}: metrics_listen = {a:?} is not an address like \"127.0.0.1:9898\"",
                         path.display()
                     ),
                 )
@@ -329,6 +352,8 @@ mod tests {
             host: None,
             max_connections: None,
             bwlimit: None,
+            metrics_listen: None,
+            metrics_textfile: None,
         };
         assert!(cfg.excluded(b"docs/~$report.docx"));
         assert!(cfg.excluded(b"Thumbs.db"));
@@ -353,6 +378,8 @@ mod tests {
             host: Some("files1".into()),
             max_connections: Some(4),
             bwlimit: Some("2M".into()),
+            metrics_listen: Some("127.0.0.1:9898".into()),
+            metrics_textfile: Some("/var/lib/prometheus/node-exporter/btrship-share.prom".into()),
         };
         cfg.save(dir.path()).unwrap();
         let back = ShareConfig::load(dir.path(), "share").unwrap();

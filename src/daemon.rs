@@ -124,6 +124,9 @@ impl Daemon {
     /// Runs until `stop` is set. Returns after in-flight work finished;
     /// what is not shipped stays queued for the next start.
     pub fn run(self) -> Result<()> {
+        // Every record of this daemon carries its share (journald: SHARE=).
+        let span = tracing::info_span!("daemon", share = %self.cfg.name);
+        let _entered = span.enter();
         let staging = self.area.staging_dir()?;
         let mut state = State::open(&self.state_path)?;
         remove_orphan_clones(&state, &staging)?;
@@ -150,9 +153,11 @@ impl Daemon {
         };
         let open_repo = self.open_repo;
         let ship_stop = self.stop.clone();
+        let ship_span = span.clone();
         let ship_thread = std::thread::Builder::new()
             .name("ship".into())
             .spawn(move || {
+                let _entered = ship_span.enter();
                 let result = shipper.run(open_repo);
                 // Capture stops with the shipper (a permanent error).
                 ship_stop.store(true, SeqCst);
@@ -211,6 +216,7 @@ impl Daemon {
             // unfinished ("dead" until systemd restarts it).
             if crate::exit::is_permanent(&e) {
                 let msg = format!("{e:#}");
+                tracing::error!(error_kind = "permanent", "{msg}");
                 sd_notify(&format!("STATUS=failed: {msg}"));
                 state.log_event("error", crate::status::DAEMON_FAILED, &msg)?;
             }
@@ -855,7 +861,7 @@ impl Shipper {
     }
 
     fn failed(&self, msg: &str) -> Result<()> {
-        tracing::error!("{msg}");
+        tracing::error!(error_kind = "temporary", "{msg}");
         sd_notify(&format!("STATUS=store failing: {msg}"));
         self.state.log_event("error", "ship_failed", msg)
     }
@@ -1006,7 +1012,7 @@ impl Shipper {
             caps.len(),
             bytes
         );
-        tracing::info!("{msg}");
+        tracing::info!(object = %name, "{msg}");
         self.state.log_event("info", "versions", &msg)?;
         let (pending, _, _) = self.state.capture_backlog()?;
         sd_notify(&format!("STATUS=watching; {pending} changes queued"));

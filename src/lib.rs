@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod history;
+pub mod metrics;
 pub mod moment;
 pub mod open;
 pub mod progress;

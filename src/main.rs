@@ -7,16 +7,6 @@ mod cli;
 use std::io::Write;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BTRSHIP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .without_time()
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = match cli::parse() {
         Ok(cli) => cli,
         Err((code, line)) => {
@@ -26,6 +16,7 @@ fn main() {
             std::process::exit(i32::from(code));
         }
     };
+    init_logging(cli.log_format());
     let result = cli::run(cli);
     let warnings = std::mem::take(&mut *cli::WARNINGS.lock().unwrap_or_else(|p| p.into_inner()));
     let code = match result {
@@ -47,6 +38,55 @@ fn main() {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(i32::from(code));
+}
+
+/// Log records go to journald (under systemd, or when asked), as JSON
+/// lines, or as plain text on stderr; the level is BTRSHIP_LOG's (default
+/// warn). A journald that cannot be reached falls back to text.
+fn init_logging(format: cli::LogFormat) {
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("BTRSHIP_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+    };
+    let journald = match format {
+        cli::LogFormat::Journald => true,
+        cli::LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+        _ => false,
+    };
+    if journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                // Fields as journalctl queries them: SHARE=office.
+                let layer = layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("btrship".into());
+                tracing_subscriber::registry()
+                    .with(layer.with_filter(filter()))
+                    .init();
+                return;
+            }
+            Err(e) => {
+                eprintln!("btrship: warning: journald not reachable ({e}); logging to stderr")
+            }
+        }
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if format == cli::LogFormat::Json {
+        tracing_subscriber::registry()
+            .with(fmt.json().with_filter(filter()))
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(
+                fmt.without_time()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(filter()),
+            )
+            .init();
+    }
 }
 
 /// The error chain on one line, skipping causes whose text the line

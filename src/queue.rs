@@ -49,7 +49,7 @@ pub fn take(state: &mut State, share: &Share, area: &PrivateArea) -> Result<Stri
                  (later snapshots carry its changes)",
                 k.name
             );
-            tracing::error!("{msg}");
+            tracing::error!(snapshot = %k.name, error_kind = "vanished", "{msg}");
             state.forget(&k.name, "error", "vanished", &msg)?;
         }
     }
@@ -138,7 +138,7 @@ pub fn ship_queued(
             "shipped {}: {} files, {} new bytes; store: {}",
             info.name, report.files, report.new_bytes, report.store
         );
-        tracing::info!("{message}");
+        tracing::info!(snapshot = %info.name, object = %report.record, "{message}");
         state.mark_shipped(
             &info.name,
             &report.record,

@@ -9,7 +9,7 @@
 use crate::ship::Totals;
 use anyhow::{Context, Result};
 use btrship_crypto::ContentId;
-use rusqlite::{params, Connection, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 
 /// Migrations; entry `i` takes the schema from version `i` to `i + 1`.
@@ -629,6 +629,19 @@ impl State {
     }
 
     /// (pending captures, their bytes, the oldest one's time).
+    /// The time of the newest capture that shipped (the newest durable
+    /// file version).
+    pub fn last_shipped_capture_time(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT time FROM captures WHERE state = 'shipped' ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     pub fn capture_backlog(&self) -> Result<(u64, u64, Option<String>)> {
         Ok(self.conn.query_row(
             "SELECT count(*), coalesce(sum(size), 0), min(time) FROM captures WHERE state = 'pending'",

@@ -458,7 +458,7 @@ impl PrivateArea {
                     Ok(()) => {
                         let info = self.info(&name, time)?;
                         tracing::info!(
-                            share = %share.path.display(),
+                            share_path = %share.path.display(),
                             snapshot = %name,
                             subvol_id = info.subvol_id,
                             "created read-only snapshot"

@@ -591,7 +591,7 @@ impl Watcher {
         };
         watcher.share_prefix = watcher.locate_share()?;
         tracing::debug!(
-            share = %share.path.display(),
+            share_path = %share.path.display(),
             subvol_id = share.subvol_id,
             within_top_level = %watcher.share_prefix.display(),
             "watching share"
@@ -687,7 +687,7 @@ impl Watcher {
                         if rel.is_err() {
                             tracing::warn!(
                                 path = %p.display(),
-                                share = %self.share_prefix.display(),
+                                share_path = %self.share_prefix.display(),
                                 "event directory is outside the share"
                             );
                         }
@@ -746,7 +746,7 @@ impl Watcher {
                 continue;
             }
             if ev.mask & libc::FAN_Q_OVERFLOW != 0 {
-                tracing::warn!(share = %self.share_path.display(), "fanotify queue overflow: events were lost");
+                tracing::warn!(share_path = %self.share_path.display(), "fanotify queue overflow: events were lost");
                 out.push(WatchEvent::overflow(ev.mask, ev.pid));
                 continue;
             }

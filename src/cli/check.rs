@@ -39,8 +39,8 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
         json,
         repo: args,
     } = a;
+    let _span = tracing::info_span!("check", share = %name).entered();
     let (repo, cfg) = app.open_repo(&name, &args, true)?;
-    let _ = cfg;
     // What this machine shipped into this repository (rollback and
     // withholding detection).
     let local = match app.local_view(&name, &args)? {
@@ -58,8 +58,20 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
     };
     let report = check::check(&repo, read_data, local.as_ref());
     // Remember lost packs: the next ship uploads their blobs again.
-    if cfg.is_some() && !report.missing_packs.is_empty() && app.state_path(&name).exists() {
-        state::State::open(&app.state_path(&name))?.add_missing_packs(&report.missing_packs)?;
+    if let Some(cfg) = cfg.as_ref().filter(|_| app.state_path(&name).exists()) {
+        let mut st = state::State::open(&app.state_path(&name))?;
+        if !report.missing_packs.is_empty() {
+            st.add_missing_packs(&report.missing_packs)?;
+        }
+        if report.problems.is_empty() {
+            let what = if read_data {
+                "check --read-data"
+            } else {
+                "check"
+            };
+            st.log_event("info", "checked", &format!("{what}: no problems"))?;
+        }
+        app.write_metrics(cfg);
     }
     if json {
         print_json(

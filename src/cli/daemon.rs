@@ -3,7 +3,7 @@
 
 use super::App;
 use anyhow::Result;
-use btrship::exit;
+use btrship::exit::{self, UserError};
 use btrship::open::share_host;
 use btrship_snapshot::{PrivateArea, Share};
 use std::sync::Arc;
@@ -51,6 +51,28 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
             }
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         });
+    }
+    if let Some(addr) = &cfg.metrics_listen {
+        let listener = app
+            .rt
+            .block_on(tokio::net::TcpListener::bind(addr.as_str()))
+            .map_err(|e| {
+                UserError::new(
+                    exit::USAGE,
+                    format!(
+                        "cannot serve metrics on {addr} (metrics_listen in the share config): {e}"
+                    ),
+                )
+            })?;
+        let source = btrship::metrics::Source {
+            share: name.clone(),
+            backend: btrship::metrics::backend_of(&cfg.repo),
+            state: std::sync::Mutex::new(btrship::state::State::open(&app.state_path(&name))?),
+            counters: app.counters.clone(),
+        };
+        app.rt
+            .spawn(btrship::metrics::serve(listener, Arc::new(source)));
+        tracing::info!("serving metrics on http://{addr}/metrics");
     }
     let host = share_host(&cfg);
     let stores = app.stores(Some(&cfg));

@@ -77,8 +77,28 @@ pub struct Cli {
     /// M, G) [default: the share's `bwlimit`, else none].
     #[arg(long, global = true, value_parser = parse_bwlimit, value_name = "RATE")]
     bwlimit: Option<u64>,
+    /// Log records: `journald` (structured fields: SHARE, SNAPSHOT,
+    /// OBJECT, ERROR_KIND), `json` (one object per line on stderr), `text`
+    /// (stderr); `auto` is journald under systemd (JOURNAL_STREAM set),
+    /// text otherwise. The level comes from BTRSHIP_LOG (default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+    Journald,
+}
+
+impl Cli {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 #[derive(Subcommand)]
@@ -97,6 +117,7 @@ enum Command {
     Completions(docs::CompletionArgs),
     #[command(hide = true)]
     Manpages(docs::ManArgs),
+    #[command(hide = true)]
 }
 
 /// Where to read a repository from, when not from the share's config.
@@ -271,6 +292,27 @@ impl App {
 
     fn load_config(&self, name: &str) -> Result<ShareConfig> {
         ShareConfig::load(&self.config_dir, name)
+    }
+
+    /// One-shot commands: the share's metrics to `metrics_textfile`, when
+    /// set (a failure to write them is a warning, not the command's error).
+    fn write_metrics(&self, cfg: &ShareConfig) {
+        let Some(path) = &cfg.metrics_textfile else {
+            return;
+        };
+        let written = state::State::open(&self.state_path(&cfg.name)).and_then(|st| {
+            let text = btrship::metrics::render(
+                &cfg.name,
+                btrship::metrics::backend_of(&cfg.repo),
+                &st,
+                &self.counters.values(),
+                false,
+            )?;
+            btrship::metrics::write_textfile(path, &text)
+        });
+        if let Err(e) = written {
+            warn(format!("metrics not written: {e:#}"));
+        }
     }
 
     fn at(&self, at: &str) -> Result<chrono::DateTime<chrono::Utc>> {

@@ -33,6 +33,7 @@ pub struct Args {
 
 pub fn run(app: &App, args: Args) -> Result<u8> {
     let Args { name, json } = args;
+    let _span = tracing::info_span!("snapshot", share = %name).entered();
     let cfg = app.load_config(&name)?;
     let _lock = state::lock_share(&app.state_dir, &name)?;
     let share = Share::open(&cfg.path)?;
@@ -55,6 +56,7 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
         }
     }
     let queued = state.queued()?;
+    app.write_metrics(&cfg);
     if json {
         print_json(&serde_json::json!({
             "version": 1,

@@ -262,7 +262,12 @@ pub struct Counters {
     pub retries: AtomicU64,
     pub uploaded_bytes: AtomicU64,
     pub downloaded_bytes: AtomicU64,
+    /// `errors` by operation, in the order of [`OPS`].
+    pub op_errors: [AtomicU64; 5],
 }
+
+/// The operations counted, as metrics label them.
+pub const OPS: [&str; 5] = ["put", "get", "list", "head", "delete"];
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -276,9 +281,17 @@ pub struct CounterValues {
     pub retries: u64,
     pub uploaded_bytes: u64,
     pub downloaded_bytes: u64,
+    /// Failed requests by operation, in the order of [`OPS`].
+    pub op_errors: [u64; 5],
 }
 
 impl CounterValues {
+    /// Requests of each operation (retries not included), in the order of
+    /// [`OPS`].
+    pub fn by_op(&self) -> [u64; 5] {
+        [self.puts, self.gets, self.lists, self.heads, self.deletes]
+    }
+
     /// What happened between `earlier` and `self`.
     pub fn since(&self, earlier: &CounterValues) -> CounterValues {
         CounterValues {
@@ -293,6 +306,9 @@ impl CounterValues {
             downloaded_bytes: self
                 .downloaded_bytes
                 .saturating_sub(earlier.downloaded_bytes),
+            op_errors: std::array::from_fn(|i| {
+                self.op_errors[i].saturating_sub(earlier.op_errors[i])
+            }),
         }
     }
 
@@ -333,6 +349,7 @@ impl Counters {
             retries: self.retries.load(Relaxed),
             uploaded_bytes: self.uploaded_bytes.load(Relaxed),
             downloaded_bytes: self.downloaded_bytes.load(Relaxed),
+            op_errors: std::array::from_fn(|i| self.op_errors[i].load(Relaxed)),
         }
     }
 }
@@ -350,9 +367,10 @@ impl Counting {
 
     /// Counts failures. "Not found" is an answer, not a failure: readers
     /// probe for objects that may not exist (the next place of a history).
-    fn note<T>(&self, r: &Result<T, StoreError>) {
+    fn note<T>(&self, op: usize, r: &Result<T, StoreError>) {
         if r.as_ref().is_err_and(|e| !e.is_not_found()) {
             self.counters.errors.fetch_add(1, Relaxed);
+            self.counters.op_errors[op].fetch_add(1, Relaxed);
         }
     }
 }
@@ -369,7 +387,7 @@ impl Store for Counting {
         if r.is_ok() {
             self.counters.uploaded_bytes.fetch_add(len, Relaxed);
         }
-        self.note(&r);
+        self.note(0, &r);
         r
     }
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -380,7 +398,7 @@ impl Store for Counting {
                 .downloaded_bytes
                 .fetch_add(b.len() as u64, Relaxed);
         }
-        self.note(&r);
+        self.note(1, &r);
         r
     }
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Bytes, StoreError> {
@@ -391,25 +409,25 @@ impl Store for Counting {
                 .downloaded_bytes
                 .fetch_add(b.len() as u64, Relaxed);
         }
-        self.note(&r);
+        self.note(1, &r);
         r
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         self.counters.lists.fetch_add(1, Relaxed);
         let r = self.inner.list(prefix).await;
-        self.note(&r);
+        self.note(2, &r);
         r
     }
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
         self.counters.heads.fetch_add(1, Relaxed);
         let r = self.inner.head(key).await;
-        self.note(&r);
+        self.note(3, &r);
         r
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.counters.deletes.fetch_add(1, Relaxed);
         let r = self.inner.delete(key).await;
-        self.note(&r);
+        self.note(4, &r);
         r
     }
 }
