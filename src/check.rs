@@ -45,7 +45,12 @@ pub struct LocalHistory {
     pub head: Option<HistoryHead>,
 }
 
-pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -> CheckReport {
+pub fn check(
+    repo: &Repository,
+    read_data: bool,
+    local: Option<&LocalHistory>,
+    progress: &mut crate::progress::Progress,
+) -> CheckReport {
     let mut r = CheckReport::default();
     let objects = match repo.list("") {
         Ok(o) => o,
@@ -191,18 +196,21 @@ pub fn check(repo: &Repository, read_data: bool, local: Option<&LocalHistory>) -
         }
     }
     if read_data {
-        let mut packs: Vec<&str> = objects
+        let mut packs: Vec<(&str, u64)> = objects
             .iter()
             .filter(|o| o.key.starts_with("packs/"))
-            .map(|o| o.key.as_str())
+            .map(|o| (o.key.as_str(), o.size))
             .collect();
         packs.sort();
-        for pack in packs {
+        progress.set_total(packs.len() as u64, packs.iter().map(|p| p.1).sum());
+        for (pack, size) in packs {
             r.packs_read += 1;
             if let Err(e) = repo.verify_pack(pack) {
                 r.problems.push(format!("{e}"));
             }
+            progress.file(size);
         }
+        progress.finish();
     }
     r
 }

@@ -884,7 +884,7 @@ impl Shipper {
             &self.cfg,
             &self.host,
             &self.counters,
-            false,
+            crate::progress::Show::Nothing,
             |_| {},
         );
         queue::enforce_spool_limit(&mut self.state, &self.area, &self.cfg)?;

@@ -102,7 +102,7 @@ pub fn ship_queued(
     cfg: &ShareConfig,
     host: &str,
     counters: &Counters,
-    show_progress: bool,
+    show_progress: crate::progress::Show,
     mut on_shipped: impl FnMut(&ShipReport),
 ) -> Result<Vec<ShipReport>> {
     let mut reports = Vec::new();

@@ -258,7 +258,7 @@ fn recover(
                     path: None,
                 }),
             };
-            let mut progress = Progress::new("repairing", false);
+            let mut progress = Progress::new("repairing", crate::progress::Show::Nothing);
             let (report, _) = ship::ship_with(
                 repo,
                 local.state,

@@ -911,6 +911,10 @@ impl Restorer<'_, '_, '_> {
             }
         }
         let made = started.elapsed();
+        self.progress.set_total(
+            self.files.len() as u64,
+            self.files.iter().map(|j| j.node.size).sum(),
+        );
         let filled = self.fill_files()?;
         let filled_at = started.elapsed();
         tracing::debug!(

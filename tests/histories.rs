@@ -170,7 +170,7 @@ fn ship_once(
     round: usize,
     parent: Option<Parent>,
 ) -> (ship::ShipReport, ContentId) {
-    let mut progress = Progress::new("test", false);
+    let mut progress = Progress::new("test", btrship::progress::Show::Nothing);
     let input = ShipInput {
         share,
         host: "test",
@@ -240,7 +240,7 @@ fn one_history(
         let to = fs_
             .dir(&format!("restored{seed}"))
             .join(format!("r{round}"));
-        let mut progress = Progress::new("test", false);
+        let mut progress = Progress::new("test", btrship::progress::Show::Nothing);
         btrship::restore::restore(repo, &rec, &[], &to, RESTORE_ALL, &mut progress)
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: restore: {e:#}"));
         assert_same_tree(&s.snapshot, &to);

@@ -160,3 +160,54 @@ fn records_carry_their_share_in_journald_and_json() {
         assert_eq!(field(r, "SHARE"), ["share"], "{r:?}");
     }
 }
+
+/// `--progress-json`: JSON lines on stderr, the last one `done` with the
+/// totals reached (restore knows its total before it writes; check
+/// --read-data counts packs).
+#[test]
+fn progress_json_reports_totals_and_the_end() {
+    let fs_ = LoopBtrfs::new(256);
+    let share = fs_.subvolume("share");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    for i in 0..20 {
+        std::fs::write(share.join(format!("f{i}")), vec![i as u8; 10_000 + i]).unwrap();
+    }
+    bs.ok(["snapshot", "share"]);
+    let last_event = |args: &[&std::ffi::OsStr]| -> serde_json::Value {
+        let out = bs.cmd(
+            args.iter()
+                .copied()
+                .chain([std::ffi::OsStr::new("--progress-json")]),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let events: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let last = events
+            .last()
+            .unwrap_or_else(|| panic!("no events:\n{stderr}"));
+        assert_eq!(last["progress"]["done"], true, "{stderr}");
+        last["progress"].clone()
+    };
+    let to = fs_.dir("restored").join("r");
+    let ev = last_event(&[
+        "restore".as_ref(),
+        "share".as_ref(),
+        "--at".as_ref(),
+        "now".as_ref(),
+        "--to".as_ref(),
+        to.as_os_str(),
+    ]);
+    assert_eq!(ev["label"], "restoring", "{ev:#}");
+    assert_eq!(ev["total_files"], 20, "{ev:#}");
+    assert_eq!(ev["files"], 20, "{ev:#}");
+    let bytes: u64 = (0..20).map(|i| 10_000 + i).sum();
+    assert_eq!(ev["total_bytes"], bytes, "{ev:#}");
+    assert_eq!(ev["bytes"], bytes, "{ev:#}");
+    let ev = last_event(&["check".as_ref(), "share".as_ref(), "--read-data".as_ref()]);
+    assert!(ev["total_files"].as_u64().unwrap() >= 1, "{ev:#}");
+    assert_eq!(ev["files"], ev["total_files"], "{ev:#}");
+}

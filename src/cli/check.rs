@@ -56,7 +56,8 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
         }),
         None => None,
     };
-    let report = check::check(&repo, read_data, local.as_ref());
+    let mut progress = btrship::progress::Progress::new("checking packs", app.show_progress(json));
+    let report = check::check(&repo, read_data, local.as_ref(), &mut progress);
     // Remember lost packs: the next ship uploads their blobs again.
     if let Some(cfg) = cfg.as_ref().filter(|_| app.state_path(&name).exists()) {
         let mut st = state::State::open(&app.state_path(&name))?;

@@ -66,9 +66,15 @@ pub struct Cli {
         value_name = "DIR"
     )]
     state_dir: PathBuf,
-    /// Never draw progress lines (they are drawn only on a terminal anyway).
+    /// Never draw progress bars (they are drawn only on a terminal anyway).
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Progress of long commands as JSON lines on stderr, one a second and
+    /// one at the end: {"progress": {"label", "files", "bytes",
+    /// "total_files", "total_bytes", "seconds", "bytes_per_second",
+    /// "eta_seconds", "done"}}. An error is still the last line.
+    #[arg(long, global = true)]
+    progress_json: bool,
     /// Requests to the store in flight at most [default: the share's
     /// `max_connections`, else 8].
     #[arg(long, global = true, value_name = "N")]
@@ -147,6 +153,7 @@ pub struct App {
     config_dir: PathBuf,
     state_dir: PathBuf,
     progress: bool,
+    progress_json: bool,
     max_connections: Option<usize>,
     bwlimit: Option<u64>,
     counters: Arc<layers::Counters>,
@@ -189,6 +196,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         config_dir: cli.config_dir,
         state_dir: cli.state_dir,
         progress: !cli.no_progress,
+        progress_json: cli.progress_json,
         max_connections: cli.max_connections,
         bwlimit: cli.bwlimit,
         counters: Arc::new(layers::Counters::default()),
@@ -279,6 +287,19 @@ impl App {
             bwlimit: self.bwlimit.or(cfg.and_then(|c| c.bwlimit_bytes())),
             counters: self.counters.clone(),
             rt: self.rt.handle().clone(),
+        }
+    }
+
+    /// How a long command shows progress: JSON lines when asked, else a
+    /// bar unless `--no-progress` or `--json`.
+    fn show_progress(&self, json: bool) -> btrship::progress::Show {
+        use btrship::progress::Show;
+        if self.progress_json {
+            Show::Json
+        } else if self.progress && !json {
+            Show::Terminal
+        } else {
+            Show::Nothing
         }
     }
 

@@ -51,7 +51,7 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     let hist = app.history(&repo, &args.name, &args.repo)?;
     let moment = btrship::moment::at(&repo, &hist, at)?;
     let rec = moment.record;
-    let mut progress = Progress::new("restoring", app.progress && !args.json);
+    let mut progress = Progress::new("restoring", app.show_progress(args.json));
     let paths: Vec<Vec<u8>> = args.paths.iter().map(|p| path_bytes(p)).collect();
     let opts = restore::RestoreOptions {
         special_files: args.special_files,

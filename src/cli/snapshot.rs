@@ -115,7 +115,7 @@ fn ship_queue(
         cfg,
         &host,
         &app.counters,
-        app.progress && !json,
+        app.show_progress(json),
         |report| {
             if !json {
                 print_ship(report)
