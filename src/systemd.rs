@@ -1,22 +1,45 @@
-//! The systemd units `btrship init` writes: `btrship@.service` (the
-//! daemon, `Type=notify`, restarted on failure), `btrship-snapshot@.service`
-//! (one `btrship snapshot NAME` run) and `btrship-snapshot@.timer` (runs it
-//! every `--snapshot-every`). Template units: the instance is the share
-//! name. The timer is also what makes a snapshot backlog ship by itself
-//! once the store is back.
+//! The systemd units of btrship: `btrship@.service` (the daemon,
+//! `Type=notify`, restarted on failure), `btrship-snapshot@.service` (one
+//! `btrship snapshot NAME` run) and `btrship-snapshot@.timer` (runs it every
+//! hour). Template units: the instance is the share name. The timer is also
+//! what makes a snapshot backlog ship by itself once the store is back.
+//!
+//! One renderer for both ways they reach a machine: the Debian package
+//! ships them in `/lib/systemd/system` (rendered at build time by the hidden
+//! `btrship units --out DIR`, for `/usr/bin/btrship` and the default
+//! directories), and `btrship init` writes them into the systemd directory
+//! when the installed ones do not run this binary with these directories
+//! (built from source, other directories). What is per share, the snapshot
+//! interval, is always a drop-in:
+//! `<systemd-dir>/btrship-snapshot@NAME.timer.d/btrship.conf`.
 
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// What the units run and how often.
+/// Where the Debian package installs the template units (`init` looks
+/// there, env `BTRSHIP_SYSTEM_UNIT_DIR`).
+pub const PACKAGE_UNIT_DIR: &str = "/lib/systemd/system";
+
+/// The timer's interval in the template (and `init`'s default), seconds.
+pub const DEFAULT_EVERY_SECS: u64 = 3600;
+
+/// The template units' file names.
+pub const TEMPLATES: [&str; 3] = [
+    "btrship@.service",
+    "btrship-snapshot@.service",
+    "btrship-snapshot@.timer",
+];
+
+/// The per-share drop-in's file name (in `btrship-snapshot@NAME.timer.d/`).
+pub const DROPIN_FILE: &str = "btrship.conf";
+
+/// What the units run.
 pub struct Units {
     /// The btrship binary.
     pub exe: PathBuf,
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
-    /// Seconds between snapshots.
-    pub every_secs: u64,
 }
 
 /// Parses an interval such as `1h`, `30m`, `15min`, `90s`, `1d` (at least
@@ -48,10 +71,60 @@ fn quote(p: &Path) -> String {
     }
 }
 
+/// Writes `text` to `dir/name` atomically: temp file, fsync, rename, fsync
+/// of the directory.
+fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))?;
+    Ok(path)
+}
+
+/// The drop-in that sets share `name`'s snapshot interval (`init` always
+/// writes it, also for the default: the interval is visible per share and
+/// running `init` again replaces it).
+pub fn timer_dropin(name: &str, every_secs: u64) -> String {
+    format!(
+        "# Written by `btrship init`: how often share {name} is snapshotted.\n\
+         [Unit]\n\
+         Description=btrship: snapshot share %i every {every_secs}s\n\
+         \n\
+         [Timer]\n\
+         # An empty value clears every timer of the template: set both again.\n\
+         OnUnitActiveSec=\n\
+         OnActiveSec=1min\n\
+         OnUnitActiveSec={every_secs}s\n"
+    )
+}
+
+/// The drop-in directory of share `name`'s timer in `systemd_dir`.
+pub fn dropin_dir(systemd_dir: &Path, name: &str) -> PathBuf {
+    systemd_dir.join(format!("btrship-snapshot@{name}.timer.d"))
+}
+
+/// Writes share `name`'s timer drop-in into `systemd_dir` (atomically).
+pub fn write_timer_dropin(systemd_dir: &Path, name: &str, every_secs: u64) -> Result<PathBuf> {
+    let dir = dropin_dir(systemd_dir, name);
+    let path = write_atomic(&dir, DROPIN_FILE, &timer_dropin(name, every_secs))?;
+    std::fs::File::open(systemd_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", systemd_dir.display()))?;
+    Ok(path)
+}
+
 impl Units {
     pub fn daemon_service(&self) -> String {
         format!(
-            "# Written by `btrship init`. Enable per share: systemctl enable --now btrship@NAME.service\n\
+            "# btrship's daemon, one per share. Enable: systemctl enable --now btrship@NAME.service\n\
              [Unit]\n\
              Description=btrship: capture and ship every closed file of share %i\n\
              After=network-online.target local-fs.target smbd.service\n\
@@ -87,7 +160,7 @@ impl Units {
 
     pub fn snapshot_service(&self) -> String {
         format!(
-            "# Written by `btrship init`. One snapshot of share %i, shipped with any backlog.\n\
+            "# btrship: one snapshot of share %i, shipped with any backlog (started by btrship-snapshot@NAME.timer).\n\
              [Unit]\n\
              Description=btrship: snapshot share %i and ship it\n\
              After=network-online.target local-fs.target\n\
@@ -105,45 +178,49 @@ impl Units {
         )
     }
 
+    /// The timer template: every hour; a share's own interval is its
+    /// drop-in (`timer_dropin`).
     pub fn snapshot_timer(&self) -> String {
         format!(
-            "# Written by `btrship init`. Enable per share: systemctl enable --now btrship-snapshot@NAME.timer\n\
+            "# btrship: snapshot share %i every hour (btrship init writes the share's own interval\n\
+             # into btrship-snapshot@NAME.timer.d/). Enable: systemctl enable --now btrship-snapshot@NAME.timer\n\
              [Unit]\n\
-             Description=btrship: snapshot share %i every {}s\n\
+             Description=btrship: snapshot share %i every {DEFAULT_EVERY_SECS}s\n\
              \n\
              [Timer]\n\
              OnActiveSec=1min\n\
-             OnUnitActiveSec={}s\n\
+             OnUnitActiveSec={DEFAULT_EVERY_SECS}s\n\
              AccuracySec=1s\n\
              \n\
              [Install]\n\
-             WantedBy=timers.target\n",
-            self.every_secs, self.every_secs
+             WantedBy=timers.target\n"
         )
     }
 
-    /// Writes the units into `dir` (each atomically: temp file, fsync,
-    /// rename). Returns the paths written.
+    fn templates(&self) -> [(&'static str, String); 3] {
+        [
+            (TEMPLATES[0], self.daemon_service()),
+            (TEMPLATES[1], self.snapshot_service()),
+            (TEMPLATES[2], self.snapshot_timer()),
+        ]
+    }
+
+    /// Are the template units in `dir` exactly these (so they run this
+    /// binary with these directories)? Then `init` uses them and writes
+    /// only the per-share drop-in.
+    pub fn installed_in(&self, dir: &Path) -> bool {
+        self.templates()
+            .iter()
+            .all(|(name, text)| std::fs::read(dir.join(name)).is_ok_and(|t| t == text.as_bytes()))
+    }
+
+    /// Writes the template units into `dir` (each atomically: temp file,
+    /// fsync, rename). Returns the paths written.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut written = Vec::new();
-        for (name, text) in [
-            ("btrship@.service", self.daemon_service()),
-            ("btrship-snapshot@.service", self.snapshot_service()),
-            ("btrship-snapshot@.timer", self.snapshot_timer()),
-        ] {
-            let path = dir.join(name);
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            written.push(path);
-        }
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(written)
+        self.templates()
+            .iter()
+            .map(|(name, text)| write_atomic(dir, name, text))
+            .collect()
     }
 }
 
@@ -167,5 +244,29 @@ mod tests {
     fn paths_with_spaces_are_quoted() {
         assert_eq!(quote(Path::new("/usr/bin/btrship")), "/usr/bin/btrship");
         assert_eq!(quote(Path::new("/a b/c")), "\"/a b/c\"");
+    }
+
+    #[test]
+    fn installed_units_are_recognised_only_when_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let units = Units {
+            exe: "/usr/bin/btrship".into(),
+            config_dir: "/etc/btrship".into(),
+            state_dir: "/var/lib/btrship".into(),
+        };
+        assert!(!units.installed_in(dir.path()));
+        units.write(dir.path()).unwrap();
+        assert!(units.installed_in(dir.path()));
+        let other = Units {
+            exe: "/usr/local/bin/btrship".into(),
+            ..units
+        };
+        assert!(!other.installed_in(dir.path()));
+        std::fs::remove_file(dir.path().join(TEMPLATES[2])).unwrap();
+        let units = Units {
+            exe: "/usr/bin/btrship".into(),
+            ..other
+        };
+        assert!(!units.installed_in(dir.path()));
     }
 }

@@ -1,9 +1,11 @@
 //! `btrship completions SHELL` and the hidden `btrship manpages --out DIR`:
 //! shell completions (clap_complete) and man pages (clap_mangen) generated
 //! from the same definitions as the parser, so they cannot drift from it.
-//! `scripts/package` puts both into the Debian package.
+//! The hidden `btrship units --out DIR` writes the systemd template units
+//! (src/systemd.rs, the renderer `init` uses). `scripts/package` puts all
+//! three into the Debian package.
 
-use super::Cli;
+use super::{App, Cli};
 use anyhow::{Context, Result};
 use btrship::exit;
 use clap::CommandFactory;
@@ -27,6 +29,19 @@ pub struct ManArgs {
     out: PathBuf,
 }
 
+/// Write the systemd template units (what the Debian package installs in
+/// /lib/systemd/system), running `--exe` with the global `--config-dir`
+/// and `--state-dir`.
+#[derive(clap::Args)]
+pub struct UnitArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The binary the units run [default: this one].
+    #[arg(long, value_name = "PATH")]
+    exe: Option<PathBuf>,
+}
+
 pub fn completions(args: CompletionArgs) -> Result<u8> {
     let mut cmd = Cli::command();
     clap_complete::generate(args.shell, &mut cmd, "btrship", &mut std::io::stdout());
@@ -48,5 +63,21 @@ pub fn manpages(args: ManArgs) -> Result<u8> {
         write(&name, sub.clone().name(name.clone()))?;
     }
     write("btrship", cmd)?;
+    Ok(exit::OK)
+}
+
+pub fn units(app: &App, args: UnitArgs) -> Result<u8> {
+    let exe = match args.exe {
+        Some(e) => e,
+        None => std::env::current_exe().context("cannot find the btrship binary")?,
+    };
+    let units = btrship::systemd::Units {
+        exe: std::path::absolute(exe)?,
+        config_dir: std::path::absolute(&app.config_dir)?,
+        state_dir: std::path::absolute(&app.state_dir)?,
+    };
+    for p in units.write(&args.out)? {
+        println!("{}", p.display());
+    }
     Ok(exit::OK)
 }

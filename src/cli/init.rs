@@ -1,5 +1,7 @@
 //! `btrship init PATH`: set up a share (config, key, repository, state,
-//! systemd units).
+//! systemd units). When the template units installed by the Debian package
+//! run this binary with these directories, `init` uses them and writes only
+//! the share's timer drop-in; otherwise it writes the templates too.
 
 use super::App;
 use anyhow::{Context, Result};
@@ -20,7 +22,10 @@ use std::path::PathBuf;
 init writes <config-dir>/NAME.toml, creates the key file unless it exists (copy it off the \
 machine: without it nothing can be restored), creates the repository unless it exists, the \
 private snapshot area inside the share's filesystem and the state database, and writes the \
-systemd units. Running it again with the same settings changes nothing.",
+systemd units: the share's snapshot interval as a drop-in \
+(btrship-snapshot@NAME.timer.d/btrship.conf), and the template units unless the ones installed \
+by the btrship package (/lib/systemd/system) run this binary with these directories. Running it \
+again with the same settings changes nothing.",
     after_help = "Examples:
   btrship init /srv/samba/office
   btrship init /srv/samba/office --repo s3://backups/office --snapshot-every 30m
@@ -51,7 +56,7 @@ pub struct Args {
     /// Do not write systemd units.
     #[arg(long)]
     no_systemd: bool,
-    /// Where systemd units go.
+    /// Where systemd units and the share's drop-in go.
     #[arg(
         long,
         env = "BTRSHIP_SYSTEMD_DIR",
@@ -59,6 +64,15 @@ pub struct Args {
         value_name = "DIR"
     )]
     systemd_dir: PathBuf,
+    /// Where the btrship package installed the template units.
+    #[arg(
+        long,
+        hide = true,
+        env = "BTRSHIP_SYSTEM_UNIT_DIR",
+        default_value = btrship::systemd::PACKAGE_UNIT_DIR,
+        value_name = "DIR"
+    )]
+    system_unit_dir: PathBuf,
 }
 
 fn parse_interval(s: &str) -> std::result::Result<u64, String> {
@@ -198,12 +212,30 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
         exe: std::env::current_exe().context("cannot find the btrship binary")?,
         config_dir: std::path::absolute(&app.config_dir)?,
         state_dir: std::path::absolute(&app.state_dir)?,
-        every_secs: args.snapshot_every,
     };
-    for p in units.write(&args.systemd_dir)? {
-        println!("systemd unit: {}", p.display());
+    if units.installed_in(&args.system_unit_dir) {
+        println!(
+            "systemd units: {} (installed with btrship)",
+            args.system_unit_dir.display()
+        );
+        // An earlier init's templates in the systemd dir would win over them.
+        for t in btrship::systemd::TEMPLATES {
+            let shadow = args.systemd_dir.join(t);
+            if shadow != args.system_unit_dir.join(t) && shadow.exists() {
+                super::warn(format!(
+                    "{} overrides the installed unit; remove it and run systemctl daemon-reload to use the installed one",
+                    shadow.display()
+                ));
+            }
+        }
+    } else {
+        for p in units.write(&args.systemd_dir)? {
+            println!("systemd unit: {}", p.display());
+        }
     }
     let every = args.snapshot_every;
+    let dropin = btrship::systemd::write_timer_dropin(&args.systemd_dir, &name, every)?;
+    println!("systemd drop-in: {}", dropin.display());
     println!("next: systemctl daemon-reload && systemctl enable --now btrship@{name}.service btrship-snapshot@{name}.timer");
     println!(
         "      (the daemon ships every closed file; the timer takes a snapshot every {every} s)"

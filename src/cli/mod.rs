@@ -124,6 +124,7 @@ enum Command {
     #[command(hide = true)]
     Manpages(docs::ManArgs),
     #[command(hide = true)]
+    Units(docs::UnitArgs),
 }
 
 /// Where to read a repository from, when not from the share's config.
@@ -216,6 +217,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Repair(a) => repair::run(&app, a),
         Command::Completions(a) => docs::completions(a),
         Command::Manpages(a) => docs::manpages(a),
+        Command::Units(a) => docs::units(&app, a),
     };
     if stats {
         print_stats(&app.counters.values());
