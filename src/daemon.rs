@@ -216,7 +216,6 @@ impl Daemon {
             // unfinished ("dead" until systemd restarts it).
             if crate::exit::is_permanent(&e) {
                 let msg = format!("{e:#}");
-                tracing::error!(error_kind = "permanent", "{msg}");
                 sd_notify(&format!("STATUS=failed: {msg}"));
                 state.log_event("error", crate::status::DAEMON_FAILED, &msg)?;
             }

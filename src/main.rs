@@ -16,7 +16,7 @@ fn main() {
             std::process::exit(i32::from(code));
         }
     };
-    init_logging(cli.log_format());
+    let structured = init_logging(cli.log_format());
     let result = cli::run(cli);
     let warnings = std::mem::take(&mut *cli::WARNINGS.lock().unwrap_or_else(|p| p.into_inner()));
     let code = match result {
@@ -32,8 +32,20 @@ fn main() {
                 [] => String::new(),
                 ws => format!(" (warnings before it: {})", ws.join("; ")),
             };
-            eprintln!("btrship: error: {}{also}", one_line(&e));
-            btrship::exit::code_of(&e)
+            let line = one_line(&e);
+            let code = btrship::exit::code_of(&e);
+            if structured {
+                // The journal (or the JSON stream) gets the error as a
+                // record with its kind; stderr still gets the one line.
+                let kind = if btrship::exit::is_permanent(&e) {
+                    "permanent"
+                } else {
+                    "failure"
+                };
+                tracing::error!(error_kind = kind, exit_code = code, "{line}");
+            }
+            eprintln!("btrship: error: {line}{also}");
+            code
         }
     };
     let _ = std::io::stdout().flush();
@@ -42,8 +54,9 @@ fn main() {
 
 /// Log records go to journald (under systemd, or when asked), as JSON
 /// lines, or as plain text on stderr; the level is BTRSHIP_LOG's (default
-/// warn). A journald that cannot be reached falls back to text.
-fn init_logging(format: cli::LogFormat) {
+/// warn). A journald that cannot be reached falls back to text. Returns
+/// whether records are structured (journald or JSON), not plain stderr.
+fn init_logging(format: cli::LogFormat) -> bool {
     use tracing_subscriber::prelude::*;
     let filter = || {
         tracing_subscriber::EnvFilter::try_from_env("BTRSHIP_LOG")
@@ -64,7 +77,7 @@ fn init_logging(format: cli::LogFormat) {
                 tracing_subscriber::registry()
                     .with(layer.with_filter(filter()))
                     .init();
-                return;
+                return true;
             }
             Err(e) => {
                 eprintln!("btrship: warning: journald not reachable ({e}); logging to stderr")
@@ -78,6 +91,7 @@ fn init_logging(format: cli::LogFormat) {
         tracing_subscriber::registry()
             .with(fmt.json().with_filter(filter()))
             .init();
+        true
     } else {
         tracing_subscriber::registry()
             .with(
@@ -86,6 +100,7 @@ fn init_logging(format: cli::LogFormat) {
                     .with_filter(filter()),
             )
             .init();
+        false
     }
 }
 

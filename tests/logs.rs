@@ -117,6 +117,13 @@ fn records_carry_their_share_in_journald_and_json() {
     while let Ok(n) = sock.recv(&mut buf) {
         got.push(buf[..n].to_vec());
     }
+    // A command that fails: its error is a record with its kind and code,
+    // and still the one line on stderr.
+    let failed = run_logged(&bs, "journald", &["snapshot", "nosuch"]);
+    let mut failure = Vec::new();
+    while let Ok(n) = sock.recv(&mut buf) {
+        failure.push(buf[..n].to_vec());
+    }
     drop(sock);
     let _ = std::fs::remove_file(JOURNAL);
     if made_dir {
@@ -155,6 +162,15 @@ fn records_carry_their_share_in_journald_and_json() {
         field(shipped, "OBJECT")[0].starts_with("snapshots/"),
         "{shipped:?}"
     );
+    assert_eq!(failed.status.code(), Some(3), "{failed:?}");
+    common::check_error_contract(&failed, "snapshot nosuch --log-format journald");
+    let error = failure
+        .iter()
+        .map(|d| journal_fields(d))
+        .find(|r| field(r, "ERROR_KIND") == ["permanent"])
+        .unwrap_or_else(|| panic!("no error record among {failure:?}"));
+    assert_eq!(field(&error, "EXIT_CODE"), ["3"], "{error:?}");
+    assert_eq!(field(&error, "PRIORITY"), ["3"], "{error:?}");
     // Every record of the run carries the share, and only its name.
     for r in records.iter().filter(|r| !r.is_empty()) {
         assert_eq!(field(r, "SHARE"), ["share"], "{r:?}");
