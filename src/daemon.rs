@@ -131,10 +131,11 @@ impl Daemon {
         let mut state = State::open(&self.state_path)?;
         remove_orphan_clones(&state, &staging)?;
         let mut watcher = Watcher::new(&self.area, &self.share)?;
-        let reconcile = Arc::new(AtomicBool::new(true));
-        // `sync` is answered only once the start-up snapshot shipped: the
-        // versions it acknowledges need a snapshot below them.
-        let reconciled = Arc::new(AtomicBool::new(false));
+        // The start-up snapshot is the first reconcile: `sync` is answered
+        // only once it shipped (the versions it acknowledges need a
+        // snapshot below them).
+        let reconcile = Arc::new(Reconcile::default());
+        reconcile.request();
         let (wake_tx, wake_rx) = mpsc::channel::<()>();
 
         let shipper = Shipper {
@@ -148,7 +149,6 @@ impl Daemon {
             counters: self.counters.clone(),
             stop: self.stop.clone(),
             reconcile: reconcile.clone(),
-            reconciled: reconciled.clone(),
             wake: wake_rx,
         };
         let open_repo = self.open_repo;
@@ -195,14 +195,7 @@ impl Daemon {
             busy: state.busy_paths()?.into_iter().collect(),
             unsynced: false,
         };
-        let result = capture.run(
-            &mut watcher,
-            &mut state,
-            &self.stop,
-            &reconcile,
-            &reconciled,
-            &wake_tx,
-        );
+        let result = capture.run(&mut watcher, &mut state, &self.stop, &reconcile, &wake_tx);
         // Stop the shipper too (also when capture failed).
         self.stop.store(true, SeqCst);
         let _ = wake_tx.send(());
@@ -210,17 +203,7 @@ impl Daemon {
         let shipped = ship_thread
             .join()
             .map_err(|_| anyhow::anyhow!("the shipping thread panicked"))?;
-        if let Err(e) = result.and(shipped) {
-            // A permanent error is remembered as the reason the daemon
-            // stopped (`status` says "failed"); any other leaves the run
-            // unfinished ("dead" until systemd restarts it).
-            if crate::exit::is_permanent(&e) {
-                let msg = format!("{e:#}");
-                sd_notify(&format!("STATUS=failed: {msg}"));
-                state.log_event("error", crate::status::DAEMON_FAILED, &msg)?;
-            }
-            return Err(e);
-        }
+        result.and(shipped)?;
         state.log_event("info", crate::status::DAEMON_STOPPED, "daemon stopped")?;
         Ok(())
     }
@@ -360,14 +343,13 @@ impl Capturer<'_> {
         watcher: &mut Watcher,
         state: &mut State,
         stop: &AtomicBool,
-        reconcile: &AtomicBool,
-        reconciled: &AtomicBool,
+        reconcile: &Reconcile,
         wake: &mpsc::Sender<()>,
     ) -> Result<()> {
         let settle = Duration::from_millis(self.cfg.settle_ms);
         while !stop.load(SeqCst) {
             self.heartbeat.tick();
-            let open_sync = if reconciled.load(SeqCst) {
+            let open_sync = if reconcile.caught_up() {
                 state.open_sync_request()?
             } else {
                 None
@@ -411,7 +393,7 @@ impl Capturer<'_> {
                 let msg = "fanotify queue overflow: events were lost; reconciling with a snapshot";
                 tracing::warn!("{msg}");
                 state.log_event("warn", "overflow", msg)?;
-                reconcile.store(true, SeqCst);
+                reconcile.request();
             }
             let mut caps = Vec::new();
             for d in dirty {
@@ -420,11 +402,12 @@ impl Capturer<'_> {
                 }
                 if let Err(e) = self.capture(&d.path, d.subtree, &mut caps) {
                     let msg = format!(
-                        "cannot capture {}: {e:#}; the next snapshot carries it",
+                        "cannot capture {}: {e:#}; a snapshot carries it (sync waits for it)",
                         String::from_utf8_lossy(&d.path)
                     );
                     tracing::warn!("{msg}");
                     state.log_event("warn", "capture", &msg)?;
+                    reconcile.request();
                 }
             }
             // An inode with several names changed through one of them: all
@@ -690,8 +673,7 @@ struct Shipper {
     host: String,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
-    reconcile: Arc<AtomicBool>,
-    reconciled: Arc<AtomicBool>,
+    reconcile: Arc<Reconcile>,
     wake: mpsc::Receiver<()>,
 }
 
@@ -738,6 +720,36 @@ impl Heartbeat {
             tracing::debug!("heartbeat {}: {e}", self.path.display());
         }
         sd_notify("WATCHDOG=1");
+    }
+}
+
+/// Reconciling snapshots, asked for by the capture thread (start-up, a
+/// fanotify overflow, a capture that failed) and taken by the shipper.
+/// Requests are numbered: a snapshot taken after request N was made covers
+/// every change before it, so `sync` is answered only when the shipped
+/// snapshots have caught up with every request made so far.
+#[derive(Default)]
+struct Reconcile {
+    requested: std::sync::atomic::AtomicU64,
+    shipped: std::sync::atomic::AtomicU64,
+}
+
+impl Reconcile {
+    fn request(&self) {
+        self.requested.fetch_add(1, SeqCst);
+    }
+    /// The newest request, when a snapshot is due for it (read before the
+    /// snapshot is taken).
+    fn wanted(&self) -> Option<u64> {
+        let n = self.requested.load(SeqCst);
+        (n > self.shipped.load(SeqCst)).then_some(n)
+    }
+    /// A snapshot taken after request `n` shipped.
+    fn done(&self, n: u64) {
+        self.shipped.fetch_max(n, SeqCst);
+    }
+    fn caught_up(&self) -> bool {
+        self.shipped.load(SeqCst) >= self.requested.load(SeqCst)
     }
 }
 
@@ -803,17 +815,16 @@ impl Shipper {
         let mut last_flush = Instant::now() - min_interval;
         while !self.stop.load(SeqCst) {
             crate::progress::beat();
-            if self.reconcile.swap(false, SeqCst) {
+            if let Some(wanted) = self.reconcile.wanted() {
                 if let Err(e) = self.take_snapshot(&repo) {
                     if crate::exit::is_permanent_store(&e) {
                         return Err(e.context("reconciling snapshot failed (permanent: fix it, then restart the daemon)"));
                     }
-                    self.reconcile.store(true, SeqCst);
                     self.failed(&format!("reconciling snapshot failed: {e:#}"))?;
                     self.sleep(backoff.fail());
                     continue;
                 }
-                self.reconciled.store(true, SeqCst);
+                self.reconcile.done(wanted);
             }
             let force = self.state.sync_force_upto()?;
             let settled_before = time_text(chrono::Utc::now() - settle);
@@ -1025,6 +1036,23 @@ fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// A daemon that ends with `e`: a permanent error is remembered as the
+/// reason it stopped (`status` says "failed") and told to systemd; any
+/// other leaves the run unfinished ("dead" until systemd restarts it).
+/// Nothing is recorded for a share that has no state database.
+pub fn record_failure(state_path: &Path, e: &anyhow::Error) {
+    if !crate::exit::is_permanent(e) || !state_path.exists() {
+        return;
+    }
+    let msg = format!("{e:#}");
+    sd_notify(&format!("STATUS=failed: {msg}"));
+    let logged = State::open(state_path)
+        .and_then(|st| st.log_event("error", crate::status::DAEMON_FAILED, &msg));
+    if let Err(le) = logged {
+        tracing::warn!("cannot record the daemon's failure: {le:#}");
     }
 }
 

@@ -70,8 +70,25 @@ impl std::fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
-/// Maps an error chain to its exit code: the first cause we recognise wins.
+/// Maps an error chain to its exit code: the first cause we recognise wins;
+/// an otherwise unclassified failure whose cause is a refused permission
+/// (EPERM, EACCES: e.g. a missing capability under a hardened unit) is
+/// [`DENIED`], so that the daemon stops instead of restarting in a loop.
 pub fn code_of(err: &anyhow::Error) -> u8 {
+    match classify(err) {
+        FAILURE if permission_refused(err) => DENIED,
+        code => code,
+    }
+}
+
+fn permission_refused(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    })
+}
+
+fn classify(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<UserError>() {
             return e.code;
@@ -192,6 +209,11 @@ mod tests {
             assert!(!is_permanent(&temporary), "{temporary:#}");
             assert!(!is_permanent_store(&temporary), "{temporary:#}");
         }
+        // A refused permission below an unclassified failure: denied.
+        let eperm = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EPERM))
+            .context("cannot mount the btrfs top level privately");
+        assert_eq!(code_of(&eperm), DENIED);
+        assert!(is_permanent(&eperm));
         // A vanished file is permanent for a one-shot command's exit code,
         // but not a reason to stop shipping.
         let gone = anyhow::Error::new(UserError::new(NOT_FOUND, "no such path"));

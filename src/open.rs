@@ -83,6 +83,30 @@ impl Stores {
         crate::catalog::open_repository(store, key, self.rt.clone(), state_dir, own)
     }
 
+    /// Fails only when the repository cannot be opened for a reason that
+    /// retrying cannot fix (wrong or missing key, no repository or bucket,
+    /// unsupported format, access denied): the daemon checks this before
+    /// it tells systemd it is ready, so `systemctl start` itself fails. A
+    /// store that does not answer now is not such a reason (a warning; the
+    /// daemon starts and retries).
+    pub fn check_openable(&self, address: &str, key_file: &Path) -> Result<()> {
+        let opened = read_key(key_file).and_then(|key| {
+            let store = self.store(address, false, once())?;
+            Repository::open_lazy(store, key, self.rt.clone())?;
+            Ok(())
+        });
+        match opened {
+            Err(e) if crate::exit::is_permanent(&e) => {
+                Err(e.context(format!("cannot open the repository {address}")))
+            }
+            Err(e) => {
+                tracing::warn!("the repository {address} cannot be read now ({e:#}); starting anyway, shipping retries");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// Can the store be reached now? One request (the config object's
     /// metadata), no retries, at most 10 s. Returns its latency in ms.
     pub fn probe(&self, address: &str) -> Result<u64> {

@@ -59,6 +59,23 @@ pub fn parse_interval(s: &str) -> Option<u64> {
     (secs >= 60).then_some(secs)
 }
 
+/// The sandbox of each service: one file per unit, the options that
+/// `vm-tests/systemd` runs the units under (it applies the same files as
+/// drop-ins and checks the daemon captures and ships with them, and that
+/// systemd and the kernel report them applied); the files say why each
+/// option that is not there is not.
+const HARDENING_DAEMON: &str = include_str!("../packaging/hardening-daemon.conf");
+const HARDENING_SNAPSHOT: &str = include_str!("../packaging/hardening-snapshot.conf");
+
+/// The option lines of a hardening file's `[Service]` section.
+fn sandbox(conf: &str) -> String {
+    conf.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// systemd wants command lines with special characters quoted.
 fn quote(p: &Path) -> String {
     let s = p.display().to_string();
@@ -144,6 +161,8 @@ impl Units {
              KillSignal=SIGTERM\n\
              TimeoutStopSec=120s\n\
              Environment=BTRSHIP_LOG=info\n\
+             # Sandbox (packaging/hardening-daemon.conf, verified by vm-tests/systemd).\n\
+             {}\
              \n\
              [Install]\n\
              WantedBy=multi-user.target\n",
@@ -154,7 +173,8 @@ impl Units {
                 .iter()
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" "),
+            sandbox(HARDENING_DAEMON)
         )
     }
 
@@ -171,10 +191,13 @@ impl Units {
              ExecStart={} --config-dir {} --state-dir {} --no-progress snapshot %i\n\
              Nice=10\n\
              IOSchedulingClass=best-effort\n\
-             IOSchedulingPriority=7\n",
+             IOSchedulingPriority=7\n\
+             # Sandbox (packaging/hardening-snapshot.conf, verified by vm-tests/systemd).\n\
+             {}",
             quote(&self.exe),
             quote(&self.config_dir),
-            quote(&self.state_dir)
+            quote(&self.state_dir),
+            sandbox(HARDENING_SNAPSHOT)
         )
     }
 

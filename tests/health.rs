@@ -227,3 +227,103 @@ fn bwlimit_comes_from_the_share_config() {
     let err = bs.fails(["snapshot", "share"], 2);
     assert!(err.contains("max_connections"), "{err}");
 }
+
+/// Runs `btrship daemon share` with capabilities dropped from its bounding
+/// set (`setpriv`, as a hardened unit's CapabilityBoundingSet= would).
+fn daemon_without(bs: &Btrship, caps: &str) -> std::process::Child {
+    Command::new("setpriv")
+        .args([
+            &format!("--bounding-set={caps}"),
+            &format!("--inh-caps={caps}"),
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_btrship"))
+        .args(osargs![
+            "--config-dir",
+            &bs.config_dir,
+            "--state-dir",
+            &bs.state_dir,
+            "daemon",
+            "share"
+        ])
+        .env_remove("BTRSHIP_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) must be installed")
+}
+
+/// Without CAP_SYS_ADMIN the daemon cannot watch the share: that is a
+/// permanent failure (exit 12, access denied), not a crash systemd would
+/// restart forever.
+#[test]
+fn a_missing_capability_is_a_permanent_failure() {
+    let fs_ = LoopBtrfs::new(256);
+    let share = fs_.subvolume("share");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let out = daemon_without(&bs, "-sys_admin")
+        .wait_with_output()
+        .unwrap();
+    let code = check_error_contract(&out, "daemon without CAP_SYS_ADMIN");
+    assert_eq!(code, 12, "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, st) = bs.status_json("share");
+    assert_eq!(
+        (code, &st["health"]),
+        (10, &"daemon_failed".into()),
+        "{st:#}"
+    );
+}
+
+/// A close the daemon cannot capture (here: no CAP_LEASE, so no read lease
+/// on another user's file) is carried by a reconciling snapshot, and `sync`
+/// waits for that snapshot: it never acknowledges a version it did not
+/// ship.
+#[test]
+fn sync_waits_for_the_snapshot_that_carries_a_failed_capture() {
+    let fs_ = LoopBtrfs::new(256);
+    let share = fs_.subvolume("share");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    bs.set_config("share", "settle_ms", "100");
+    let mut child = daemon_without(&bs, "-lease");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !bs
+        .cmd(["sync", "share", "--timeout", "2s"])
+        .status
+        .success()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon without CAP_LEASE exited"
+        );
+        assert!(Instant::now() < deadline, "the daemon never got ready");
+    }
+    let file = share.join("alice.txt");
+    std::fs::write(&file, b"draft\n").unwrap();
+    std::os::unix::fs::chown(&file, Some(1000), Some(1000)).unwrap();
+    std::fs::write(&file, b"alice's final version\n").unwrap();
+    bs.sync("share");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let fresh = Btrship::new();
+    let to = fs_.dir("restored").join("r");
+    fresh.ok(osargs![
+        "restore",
+        "share",
+        "--at",
+        "now",
+        "--to",
+        &to,
+        "--repo",
+        bs.repo(),
+        "--key-file",
+        bs.key_file("share")
+    ]);
+    assert_eq!(
+        std::fs::read(to.join("alice.txt")).unwrap(),
+        b"alice's final version\n"
+    );
+}

@@ -29,7 +29,17 @@ pub struct Args {
 }
 
 pub fn run(app: &App, args: Args) -> Result<u8> {
-    let name = args.name;
+    let result = run_daemon(app, &args.name);
+    if let Err(e) = &result {
+        // Also what fails before the daemon proper runs (the share, the
+        // private mount, the repository check): `status` says why.
+        btrship::daemon::record_failure(&app.state_path(&args.name), e);
+    }
+    result
+}
+
+fn run_daemon(app: &App, name: &str) -> Result<u8> {
+    let name = name.to_string();
     let cfg = app.load_config(&name)?;
     let _lock = btrship::daemon::lock_daemon(&app.state_dir, &name)?;
     let share = Share::open(&cfg.path)?;
@@ -76,6 +86,8 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     }
     let host = share_host(&cfg);
     let stores = app.stores(Some(&cfg));
+    // A permanent error fails the start (before READY=1), not later.
+    stores.check_openable(&cfg.repo, &cfg.key_file)?;
     let daemon = btrship::daemon::Daemon {
         cfg: cfg.clone(),
         share,
