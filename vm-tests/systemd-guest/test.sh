@@ -359,9 +359,14 @@ check_wrong_key() {
 		fail "(b) $u is '$(prop $u ActiveState)', not failed, 60 s after start (systemctl start exited $rc)"
 	fi
 	ms=$(( $(now_ms) - t0 ))
-	# (systemctl start itself may succeed: the daemon sends READY=1 before
-	# it opens the repository; what counts is that the unit ends failed)
+	# The daemon checks the repository before READY=1: the start itself
+	# fails, and the unit ends failed.
 	say "(b) systemctl start exited $rc; the unit is $(prop $u ActiveState) after $ms ms"
+	if [ $rc -ne 0 ]; then
+		pass "(b) systemctl start itself fails (exit $rc)"
+	else
+		fail "(b) systemctl start succeeded with the wrong key (the daemon said READY=1 before checking the repository)"
+	fi
 	if [ "$(prop $u ActiveState)" = failed ] && [ $ms -le 30000 ]; then
 		pass "(b) the unit is failed within seconds ($ms ms after systemctl start)"
 	else
