@@ -21,7 +21,10 @@ use std::time::Duration;
 /// How often a healthy daemon touches its heartbeat.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A running daemon whose heartbeat is older than this is stalled: twelve
-/// missed beats, well past any single store request's timeout.
+/// missed beats. The capture thread beats whatever the store does; the
+/// shipping side may be quiet for up to 4 minutes (one large pack on a slow
+/// link) before the daemon stops beating, so a stalled shipper shows here
+/// after about 5 minutes, a stalled capture thread after one.
 pub const STALLED_AFTER: Duration = Duration::from_secs(60);
 
 /// The verdict, worst first.
