@@ -172,37 +172,33 @@ impl ShareConfig {
         };
         let cfg: ShareConfig =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
-        if let Some(b) = &cfg.bwlimit {
-            if btrship_upload::layers::parse_bwlimit(b).is_none() {
-                return Err(crate::exit::UserError::new(
-                    crate::exit::USAGE,
-                    format!(
-                        "invalid config {}: bwlimit = {b:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\"",
-                        path.display()
-                    ),
-                )
-                .into());
-            }
-        }
-        if let Some(a) = &cfg.metrics_listen {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                return Err(crate::exit::UserError::new(
-                    crate::exit::USAGE,
-                    format!(
-                        "invalid config {}: metrics_listen = {a:?} is not an address like \"127.0.0.1:9898\"",
-                        path.display()
-                    ),
-                )
-                .into());
-            }
-        }
-        if cfg.max_connections == Some(0) {
+        let problem = if cfg
+            .bwlimit
+            .as_deref()
+            .is_some_and(|b| btrship_upload::layers::parse_bwlimit(b).is_none())
+        {
+            Some(format!(
+                "bwlimit = {:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\"",
+                cfg.bwlimit.as_deref().unwrap_or_default()
+            ))
+        } else if cfg
+            .metrics_listen
+            .as_deref()
+            .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_err())
+        {
+            Some(format!(
+                "metrics_listen = {:?} is not an address like \"127.0.0.1:9898\"",
+                cfg.metrics_listen.as_deref().unwrap_or_default()
+            ))
+        } else if cfg.max_connections == Some(0) {
+            Some("max_connections must be at least 1".to_string())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
             return Err(crate::exit::UserError::new(
                 crate::exit::USAGE,
-                format!(
-                    "invalid config {}: max_connections must be at least 1",
-                    path.display()
-                ),
+                format!("invalid config {}: {problem}", path.display()),
             )
             .into());
         }
