@@ -468,14 +468,7 @@ fn tells_systemd_it_is_ready_and_stopping() {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_btrship"))
-        .args(osargs![
-            "--config-dir",
-            &bs.config_dir,
-            "--state-dir",
-            &bs.state_dir,
-            "daemon",
-            "share"
-        ])
+        .args(bs.full_args(["daemon", "share"]))
         .env("NOTIFY_SOCKET", &sock_path)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -143,14 +143,7 @@ fn status_tells_a_stalled_or_dead_daemon() {
     let sock_path = bs.state_dir.with_file_name("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_btrship"))
-        .args(osargs![
-            "--config-dir",
-            &bs.config_dir,
-            "--state-dir",
-            &bs.state_dir,
-            "daemon",
-            "share"
-        ])
+        .args(bs.full_args(["daemon", "share"]))
         .env("NOTIFY_SOCKET", &sock_path)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -238,14 +231,7 @@ fn daemon_without(bs: &Btrship, caps: &str) -> std::process::Child {
             "--",
         ])
         .arg(env!("CARGO_BIN_EXE_btrship"))
-        .args(osargs![
-            "--config-dir",
-            &bs.config_dir,
-            "--state-dir",
-            &bs.state_dir,
-            "daemon",
-            "share"
-        ])
+        .args(bs.full_args(["daemon", "share"]))
         .env_remove("BTRSHIP_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -428,7 +428,7 @@ impl Btrship {
         self.config_dir.join(format!("{name}.key"))
     }
 
-    fn full_args<I, S>(&self, args: I) -> Vec<OsString>
+    pub fn full_args<I, S>(&self, args: I) -> Vec<OsString>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
