@@ -90,6 +90,7 @@ const SCHEMA: &str = "
         t_last INTEGER NOT NULL,
         hash BLOB NOT NULL,
         body BLOB NOT NULL,
+        forgotten INTEGER NOT NULL DEFAULT 0,  -- retention forgot it (FORMAT.md §5c)
         UNIQUE (share, host, seq, name)
     );
     CREATE INDEX IF NOT EXISTS moments_by_time ON moments (share, host, kind, t_last);
@@ -111,10 +112,27 @@ const SCHEMA: &str = "
         PRIMARY KEY (share, host, seq, path)
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS moment_paths_by_path ON moment_paths (share, host, path);
+    -- What a tree blob references (prune): 33 bytes per entry, a kind
+    -- byte (7 data, 8 tree) and the content id. Trees never change.
+    CREATE TABLE IF NOT EXISTS tree_refs (
+        tree BLOB PRIMARY KEY,
+        refs BLOB NOT NULL
+    ) WITHOUT ROWID;
 ";
 
 /// The layout above; a file with another (older) one is emptied first.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// One moment as [`Catalog::moments`] lists it.
+#[derive(Debug, Clone)]
+pub struct MomentRow {
+    pub seq: u64,
+    pub name: String,
+    pub snapshot: bool,
+    pub t_first: i64,
+    pub t_last: i64,
+    pub forgotten: bool,
+}
 
 /// A chain's checked prefix, as the catalogue holds it.
 #[derive(Debug, Clone)]
@@ -443,7 +461,7 @@ impl Catalog {
     /// Every snapshot record of a chain, oldest first (then by name).
     pub fn snapshots(&self, share: &str, host: &str) -> Result<Vec<(String, SnapshotRecord)>> {
         self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_last, name",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND forgotten = 0 ORDER BY t_last, name",
             params![share, host],
             record,
         )
@@ -458,12 +476,12 @@ impl Catalog {
         at: i64,
     ) -> Result<crate::history::SnapshotAt> {
         let at_or_before = self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND t_last <= ?3 ORDER BY t_last DESC, name DESC LIMIT 1",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND forgotten = 0 AND t_last <= ?3 ORDER BY t_last DESC, name DESC LIMIT 1",
             params![share, host, at],
             record,
         )?;
         let first = self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 ORDER BY t_last, name LIMIT 1",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 0 AND forgotten = 0 ORDER BY t_last, name LIMIT 1",
             params![share, host],
             record,
         )?;
@@ -480,7 +498,7 @@ impl Catalog {
         upto: i64,
     ) -> Result<Vec<(String, VersionBatch)>> {
         self.decode(
-            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 1 AND t_last > ?3 AND t_first <= ?4 ORDER BY name",
+            "SELECT name, kind, body FROM moments WHERE share = ?1 AND host = ?2 AND kind = 1 AND forgotten = 0 AND t_last > ?3 AND t_first <= ?4 ORDER BY name",
             params![share, host, after, upto],
             batch,
         )
@@ -532,10 +550,185 @@ impl Catalog {
         path: &[u8],
     ) -> Result<Vec<(String, VersionBatch)>> {
         self.decode(
-            "SELECT m.name, m.kind, m.body FROM moment_paths p CROSS JOIN moments m ON m.share = p.share AND m.host = p.host AND m.seq = p.seq WHERE p.share = ?1 AND p.host = ?2 AND p.path = ?3 AND +m.kind = 1 ORDER BY m.name",
+            "SELECT m.name, m.kind, m.body FROM moment_paths p CROSS JOIN moments m ON m.share = p.share AND m.host = p.host AND m.seq = p.seq WHERE p.share = ?1 AND p.host = ?2 AND p.path = ?3 AND +m.kind = 1 AND m.forgotten = 0 ORDER BY m.name",
             params![share, host, path],
             batch,
         )
+    }
+
+    /// Marks these places of a chain forgotten (FORMAT.md §5c): they
+    /// leave every query above. Forgetting is for good, so rows stay
+    /// marked whatever a later reading finds.
+    pub fn apply_forgotten(&self, share: &str, host: &str, places: &[(u64, u64)]) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "UPDATE moments SET forgotten = 1 WHERE share = ?1 AND host = ?2 AND seq BETWEEN ?3 AND ?4 AND forgotten = 0",
+            )?;
+            for &(a, b) in places {
+                st.execute(params![
+                    share,
+                    host,
+                    a as i64,
+                    b.min(i64::MAX as u64) as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The newest forgotten moment's time in (`after`, `upto`] (ns): when
+    /// there is one, a restore at `upto` gives an older kept moment.
+    pub fn forgotten_between(
+        &self,
+        share: &str,
+        host: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Option<i64>> {
+        let conn = self.lock();
+        let t: Option<i64> = conn
+            .prepare_cached(
+                "SELECT max(t_last) FROM moments WHERE share = ?1 AND host = ?2 AND forgotten = 1 AND t_last > ?3 AND t_last <= ?4",
+            )?
+            .query_row(params![share, host, after, upto], |r| r.get(0))?;
+        Ok(t)
+    }
+
+    /// Every moment of a chain the catalogue holds, by place (prune).
+    pub fn moments(&self, share: &str, host: &str) -> Result<Vec<MomentRow>> {
+        let conn = self.lock();
+        let mut st = conn.prepare_cached(
+            "SELECT seq, name, kind, t_first, t_last, forgotten FROM moments WHERE share = ?1 AND host = ?2 ORDER BY seq, name",
+        )?;
+        let rows = st
+            .query_map(params![share, host], |r| {
+                Ok(MomentRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    name: r.get(1)?,
+                    snapshot: r.get::<_, i64>(2)? == 0,
+                    t_first: r.get(3)?,
+                    t_last: r.get(4)?,
+                    forgotten: r.get::<_, i64>(5)? != 0,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// The decoded body of the object at place `seq` named `name`.
+    pub fn moment_body(
+        &self,
+        share: &str,
+        host: &str,
+        seq: u64,
+        name: &str,
+    ) -> Result<HistoryBody> {
+        let conn = self.lock();
+        let (kind, body): (i64, Vec<u8>) = conn
+            .prepare_cached(
+                "SELECT kind, body FROM moments WHERE share = ?1 AND host = ?2 AND seq = ?3 AND name = ?4",
+            )?
+            .query_row(params![share, host, seq as i64, name], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let kind = if kind == 0 {
+            HistoryKind::Snapshot
+        } else {
+            HistoryKind::Versions
+        };
+        HistoryBody::from_cbor(kind, &body)
+            .map_err(|e| anyhow::anyhow!("catalogue {}: {name}: {e}", self.path.display()))
+    }
+
+    /// Is the history object `name` a forgotten moment (of any chain)?
+    pub fn is_forgotten(&self, name: &str) -> Result<bool> {
+        let conn = self.lock();
+        let n: i64 = conn
+            .prepare_cached("SELECT count(*) FROM moments WHERE name = ?1 AND forgotten = 1")?
+            .query_row(params![name], |r| r.get(0))?;
+        Ok(n > 0)
+    }
+
+    /// What tree `tree` references, if remembered: (blob kind, id).
+    pub fn tree_refs(&self, tree: &ContentId) -> Option<Vec<(BlobKind, ContentId)>> {
+        let conn = self.lock();
+        let refs: Vec<u8> = conn
+            .prepare_cached("SELECT refs FROM tree_refs WHERE tree = ?1")
+            .and_then(|mut st| {
+                st.query_row(params![tree.as_bytes().as_slice()], |r| r.get(0))
+                    .optional()
+            })
+            .ok()
+            .flatten()?;
+        if !refs.len().is_multiple_of(33) {
+            return None;
+        }
+        refs.chunks_exact(33)
+            .map(|c| {
+                let kind = match c[0] {
+                    7 => BlobKind::Data,
+                    8 => BlobKind::Tree,
+                    _ => return None,
+                };
+                let id: [u8; 32] = c[1..].try_into().ok()?;
+                Some((kind, ContentId(id)))
+            })
+            .collect()
+    }
+
+    /// Remembers what tree `tree` references (from an authenticated tree).
+    pub fn remember_tree_refs(
+        &self,
+        trees: &[(ContentId, Vec<(BlobKind, ContentId)>)],
+    ) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        {
+            let mut st =
+                tx.prepare_cached("INSERT OR REPLACE INTO tree_refs (tree, refs) VALUES (?1, ?2)")?;
+            for (tree, refs) in trees {
+                let mut bytes = Vec::with_capacity(refs.len() * 33);
+                for (kind, id) in refs {
+                    bytes.push(match kind {
+                        BlobKind::Data => 7,
+                        BlobKind::Tree => 8,
+                    });
+                    bytes.extend_from_slice(id.as_bytes());
+                }
+                st.execute(params![tree.as_bytes().as_slice(), bytes])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops the blob rows of packs prune deleted (one scan of the blob
+    /// index, however many packs).
+    pub fn drop_packs(&self, packs: &[String]) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS gone (id INTEGER PRIMARY KEY); DELETE FROM gone;",
+        )?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR IGNORE INTO gone (id) SELECT id FROM packs WHERE name = ?1",
+            )?;
+            for p in packs {
+                put.execute(params![p])?;
+            }
+        }
+        tx.execute_batch(
+            "DELETE FROM blobs WHERE pack IN (SELECT id FROM gone); DELETE FROM packs WHERE id IN (SELECT id FROM gone); DELETE FROM gone;",
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Number of objects cached.

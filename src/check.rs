@@ -9,8 +9,11 @@
 use crate::restore::read_checked_tree;
 use crate::state::HistoryHead;
 use btrship_crypto::ContentId;
+use btrship_upload::format::GarbageRecord;
 use btrship_upload::format::{Node, NodeKind};
-use btrship_upload::history::{verify_chain, HistoryBody, HistoryObject};
+use btrship_upload::history::{
+    history_name, verify_chain, HistoryBody, HistoryKind, HistoryObject,
+};
 use btrship_upload::Repository;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -78,10 +81,17 @@ pub fn check(
     // Objects only summaries still hold (the single was superseded and
     // pruned) are history like any other.
     let mut history = history;
-    let held = check_bounded_reads(repo, &objects, &history, &mut r);
+    let (garbage, forgotten) = retention_records(repo, &mut r);
+    let held = check_bounded_reads(repo, &objects, &history, &garbage, &mut r);
     history.extend(held);
+    // Forgotten moments (FORMAT.md §5c) count for their chain, not for
+    // what must still be stored.
+    let live: Vec<&HistoryObject> = history
+        .iter()
+        .filter(|o| !forgotten.contains(&o.name))
+        .collect();
     let mut version_refs = HashSet::new();
-    for o in &history {
+    for o in live.iter().copied() {
         let HistoryBody::Versions(b) = &o.body else {
             continue;
         };
@@ -103,7 +113,8 @@ pub fn check(
         let key = o.key.as_str();
         let prefix = key.split('/').next().unwrap_or_default();
         match prefix {
-            "config" | "packs" | "snapshots" | "versions" | "chains" | "summaries" => {}
+            "config" | "packs" | "snapshots" | "versions" | "chains" | "summaries" | "gc"
+            | "forgets" => {}
             "keys" => {
                 if let Err(e) = repo.read_key_check(key) {
                     r.problems.push(format!("{e}"));
@@ -122,8 +133,10 @@ pub fn check(
     }
     // Indexed packs must exist and be large enough for their blobs.
     let indexed = repo.packs_in_index();
+    let deleted_packs: HashSet<&str> = garbage.deleted_packs.iter().map(|p| p.as_str()).collect();
     for (pack, blobs) in &indexed {
         match sizes.get(pack.as_str()) {
+            None if deleted_packs.contains(pack.as_str()) => {}
             None => {
                 r.missing_packs.push(pack.clone());
                 match crate::repair::blobs_without_copy(repo, pack, blobs, &sizes) {
@@ -161,7 +174,7 @@ pub fn check(
     // Snapshot records and everything they reference.
     let mut seen_trees = HashSet::new();
     let mut referenced = HashSet::new();
-    for o in &history {
+    for o in live.iter().copied() {
         let HistoryBody::Snapshot(rec) = &o.body else {
             continue;
         };
@@ -179,7 +192,7 @@ pub fn check(
     }
     if let Some(local) = local {
         for rec in &local.shipped_records {
-            if !sizes.contains_key(rec.as_str()) {
+            if !sizes.contains_key(rec.as_str()) && !forgotten.contains(rec) {
                 r.problems.push(format!("{rec}: shipped from this machine but missing from the store (deleted or rolled back)"));
             }
         }
@@ -190,7 +203,13 @@ pub fn check(
     r.trees = seen_trees.len() as u64;
     r.blobs_referenced = referenced.len() as u64;
     for id in &referenced {
-        if !repo.has_blob(id) {
+        // A copy in a pack the store holds (a pack prune marked counts:
+        // it is still there, and a later prune recovers it).
+        let stored = repo
+            .blob_locations(id)
+            .iter()
+            .any(|l| sizes.contains_key(l.pack.as_str()));
+        if !stored {
             r.problems
                 .push(format!("data blob {id}: referenced but in no index"));
         }
@@ -224,6 +243,7 @@ fn check_bounded_reads(
     repo: &Repository,
     objects: &[btrship_upload::ObjectMeta],
     history: &[HistoryObject],
+    garbage: &GarbageRecord,
     r: &mut CheckReport,
 ) -> Vec<HistoryObject> {
     let mut only_held: HashMap<String, HistoryObject> = HashMap::new();
@@ -256,7 +276,7 @@ fn check_bounded_reads(
             unregistered.insert((o.body.share(), o.body.host()), o.name.as_str());
         }
         for name in names {
-            if !present.contains(name.as_str()) {
+            if !present.contains(name.as_str()) && !garbage.deleted_indexes.contains(name) {
                 r.problems.push(format!(
                     "{}: names index {name}, which the store lacks",
                     o.name
@@ -326,6 +346,57 @@ fn check_bounded_reads(
     let mut out: Vec<HistoryObject> = only_held.into_values().collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The newest garbage record (FORMAT.md §5c) and the names of every
+/// forgotten history object (at the places the chains' newest forget
+/// records name). Records that do not open are problems.
+fn retention_records(repo: &Repository, r: &mut CheckReport) -> (GarbageRecord, HashSet<String>) {
+    let garbage = match repo.newest_garbage() {
+        Ok((g, skipped)) => {
+            for (name, why) in skipped {
+                r.problems.push(format!("{name}: {why}"));
+            }
+            g.unwrap_or_default()
+        }
+        Err(e) => {
+            r.problems
+                .push(format!("cannot read the garbage records: {e}"));
+            GarbageRecord::default()
+        }
+    };
+    let mut forgotten = HashSet::new();
+    let regs = repo
+        .chain_registrations()
+        .map(|(g, _)| g)
+        .unwrap_or_default();
+    for reg in regs {
+        match repo.newest_forget(&reg.share, &reg.host) {
+            Ok((rec, skipped)) => {
+                for (name, why) in skipped {
+                    r.problems.push(format!("{name}: {why}"));
+                }
+                for (a, b) in rec.map(|f| f.places).unwrap_or_default() {
+                    for seq in a..=b {
+                        for k in HistoryKind::ALL {
+                            forgotten.insert(history_name(
+                                repo.key(),
+                                k,
+                                &reg.share,
+                                &reg.host,
+                                seq,
+                            ));
+                        }
+                    }
+                }
+            }
+            Err(e) => r.problems.push(format!(
+                "cannot read the forget records of share {} on host {}: {e}",
+                reg.share, reg.host
+            )),
+        }
+    }
+    (garbage, forgotten)
 }
 
 /// Every share+host history chain: gaps, replaced objects, forks; and

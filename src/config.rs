@@ -1,5 +1,6 @@
 //! Share configuration (`<config-dir>/<name>.toml`) and repository addresses.
 
+use crate::retention::RetentionPolicy;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -58,6 +59,11 @@ pub struct ShareConfig {
     /// `"/var/lib/prometheus/node-exporter/btrship-office.prom"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_textfile: Option<PathBuf>,
+    /// `prune`: which moments of the share's history to keep (the
+    /// `[retention]` table; absent: the default tiers). Last: in the file
+    /// the table follows every plain key.
+    #[serde(default, skip_serializing_if = "RetentionPolicy::is_default")]
+    pub retention: RetentionPolicy,
 }
 
 /// Requests to the store in flight at most, unless configured.
@@ -142,6 +148,7 @@ impl ShareConfig {
             bwlimit: None,
             metrics_listen: None,
             metrics_textfile: None,
+            retention: RetentionPolicy::default(),
         }
     }
 
@@ -172,33 +179,11 @@ impl ShareConfig {
         };
         let cfg: ShareConfig =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
-        let problem = if cfg
-            .bwlimit
-            .as_deref()
-            .is_some_and(|b| btrship_upload::layers::parse_bwlimit(b).is_none())
-        {
-            Some(format!(
-                "bwlimit = {:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\"",
-                cfg.bwlimit.as_deref().unwrap_or_default()
-            ))
-        } else if cfg
-            .metrics_listen
-            .as_deref()
-            .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_err())
-        {
-            Some(format!(
-                "metrics_listen = {:?} is not an address like \"127.0.0.1:9898\"",
-                cfg.metrics_listen.as_deref().unwrap_or_default()
-            ))
-        } else if cfg.max_connections == Some(0) {
-            Some("max_connections must be at least 1".to_string())
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
+        let problems = cfg.problems();
+        if !problems.is_empty() {
             return Err(crate::exit::UserError::new(
                 crate::exit::USAGE,
-                format!("invalid config {}: {problem}", path.display()),
+                format!("invalid config {}: {}", path.display(), problems.join("; ")),
             )
             .into());
         }
@@ -210,6 +195,33 @@ impl ShareConfig {
             );
         }
         Ok(cfg)
+    }
+
+    /// What is wrong with the settings TOML cannot check itself, every one
+    /// (so one edit fixes them all).
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(b) = &self.bwlimit {
+            if btrship_upload::layers::parse_bwlimit(b).is_none() {
+                problems.push(format!(
+                    "bwlimit = {b:?} is not a bandwidth like \"10M\", \"500K\" or \"1G\""
+                ));
+            }
+        }
+        if let Some(a) = &self.metrics_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                problems.push(format!(
+                    "metrics_listen = {a:?} is not an address like \"127.0.0.1:9898\""
+                ));
+            }
+        }
+        if self.max_connections == Some(0) {
+            problems.push("max_connections must be at least 1".to_string());
+        }
+        if let Err(e) = self.retention.windows() {
+            problems.push(e);
+        }
+        problems
     }
 
     /// Writes the config atomically (temp file, fsync, rename, fsync dir).
@@ -350,6 +362,7 @@ mod tests {
             bwlimit: None,
             metrics_listen: None,
             metrics_textfile: None,
+            retention: Default::default(),
         };
         assert!(cfg.excluded(b"docs/~$report.docx"));
         assert!(cfg.excluded(b"Thumbs.db"));
@@ -376,6 +389,7 @@ mod tests {
             bwlimit: Some("2M".into()),
             metrics_listen: Some("127.0.0.1:9898".into()),
             metrics_textfile: Some("/var/lib/prometheus/node-exporter/btrship-share.prom".into()),
+            retention: Default::default(),
         };
         cfg.save(dir.path()).unwrap();
         let back = ShareConfig::load(dir.path(), "share").unwrap();
@@ -390,5 +404,62 @@ mod tests {
         bad.save(dir.path()).unwrap();
         let e = ShareConfig::load(dir.path(), "share").unwrap_err();
         assert!(format!("{e:#}").contains("bwlimit"), "{e:#}");
+    }
+
+    #[test]
+    fn retention_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ShareConfig {
+            name: "share".into(),
+            path: "/srv/share".into(),
+            repo: "/var/lib/btrship/repo".into(),
+            key_file: "/etc/btrship/share.key".into(),
+            ..ShareConfig::defaults()
+        };
+        // The default policy is left out of the file.
+        cfg.save(dir.path()).unwrap();
+        let text = std::fs::read_to_string(config_path(dir.path(), "share")).unwrap();
+        assert!(!text.contains("retention"), "{text}");
+        assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);
+
+        // A [retention] table written by hand: absent keys are the defaults,
+        // the values stay as written.
+        let text = format!(
+            "{text}\n[retention]\nkeep_all_within = \"2d\"\nkeep_daily_within = \"1d12h\"\n\
+             keep_yearly_within = \"0s\"\n"
+        );
+        std::fs::write(config_path(dir.path(), "share"), &text).unwrap();
+        let back = ShareConfig::load(dir.path(), "share").unwrap();
+        cfg.retention = RetentionPolicy {
+            keep_all_within: "2d".into(),
+            keep_daily_within: "1d12h".into(),
+            keep_yearly_within: "0s".into(),
+            ..RetentionPolicy::default()
+        };
+        assert_eq!(back, cfg);
+        cfg.save(dir.path()).unwrap();
+        assert_eq!(ShareConfig::load(dir.path(), "share").unwrap(), cfg);
+
+        // A bad window, an unknown key: refused when loaded, naming them;
+        // several problems come in one message.
+        let bad = ShareConfig {
+            retention: RetentionPolicy {
+                keep_daily_within: "9x".into(),
+                ..RetentionPolicy::default()
+            },
+            bwlimit: Some("fast".into()),
+            ..cfg.clone()
+        };
+        bad.save(dir.path()).unwrap();
+        let e = format!("{:#}", ShareConfig::load(dir.path(), "share").unwrap_err());
+        assert!(e.contains("retention.keep_daily_within = \"9x\""), "{e}");
+        assert!(e.contains("bwlimit"), "{e}");
+        std::fs::write(
+            config_path(dir.path(), "share"),
+            format!("{text}keep_forever = \"yes\"\n"),
+        )
+        .unwrap();
+        let e = format!("{:#}", ShareConfig::load(dir.path(), "share").unwrap_err());
+        assert!(e.contains("keep_forever"), "{e}");
     }
 }

@@ -145,6 +145,25 @@ impl ShareHistory {
         Ok(node)
     }
 
+    /// The newest forgotten moment in (`after`, `upto`], if any (FORMAT.md
+    /// §5c): a moment asked for at `upto` is then an older kept one.
+    pub fn forgotten_between(
+        &self,
+        after: DateTime<Utc>,
+        upto: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        let t = self.catalog.forgotten_between(
+            &self.share,
+            &self.host,
+            clamp_ns(after),
+            clamp_ns(upto),
+        )?;
+        Ok(t.map(|ns| {
+            DateTime::<Utc>::from_timestamp_nanos(ns)
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        }))
+    }
+
     /// The version batches with an entry for `path`.
     pub fn batches_with_path(&self, path: &[u8]) -> Result<Vec<(String, VersionBatch)>> {
         self.catalog
@@ -173,7 +192,34 @@ pub type SnapshotAt = (
 pub struct ChainState {
     pub chain: ChainCheck,
     pub unreadable: Vec<(String, String)>,
+    /// The newest forget record of the chain (FORMAT.md §5c), if any.
+    pub forgotten: Option<btrship_upload::format::ForgetRecord>,
     catalog: Arc<Catalog>,
+}
+
+impl ChainState {
+    /// The catalogue holding this chain's moments.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+}
+
+/// Reads the chain's newest forget record (one LIST, a GET when new) and
+/// marks its places forgotten in the catalogue: they leave every query.
+fn apply_forgets(
+    repo: &Repository,
+    cat: &Catalog,
+    share: &str,
+    host: &str,
+) -> Result<Option<btrship_upload::format::ForgetRecord>> {
+    let (rec, skipped) = repo.newest_forget(share, host)?;
+    for (name, why) in skipped {
+        tracing::warn!("skipping forget record {name}: {why}");
+    }
+    if let Some(r) = &rec {
+        cat.apply_forgotten(share, host, &r.places)?;
+    }
+    Ok(rec)
 }
 
 /// The catalogue a chain is read into: the repository's own while it is
@@ -312,7 +358,9 @@ pub fn sync_chain(
         chain.declared_lost.sort();
         chain.declared_lost.dedup();
     }
-    // The blobs of the indexes the new part names.
+    // The blobs of the indexes the new part names (not those a prune
+    // deleted: FORMAT.md §5c).
+    repo.ensure_garbage_read()?;
     if walk.legacy {
         repo.load_index()?;
     } else {
@@ -327,7 +375,12 @@ pub fn sync_chain(
         repo.merge_named_indexes(&embedded);
         repo.load_named_indexes(&names)?;
     }
-    let damaged: BTreeSet<String> = repo.damaged_indexes().into_iter().map(|(n, _)| n).collect();
+    let damaged: BTreeSet<String> = repo
+        .damaged_indexes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !repo.index_deleted(n))
+        .collect();
     let index_damaged = walk.indexes.iter().any(|(n, _)| damaged.contains(n));
     let bad = walk.bad.clone();
     damaged_places(repo, share, host, from, &bad, &mut chain);
@@ -345,9 +398,11 @@ pub fn sync_chain(
         _ => None,
     };
     cat.record_chain(share, host, from, &walk.objects, sync.as_ref())?;
+    let forgotten = apply_forgets(repo, &cat, share, host)?;
     let state = Arc::new(ChainState {
         chain,
         unreadable: bad,
+        forgotten,
         catalog: cat.clone(),
     });
     cat.synced
@@ -641,6 +696,64 @@ fn read_head(repo: &Repository, h: &HistoryHead, share: &str) -> Result<Option<H
     }
 }
 
+/// A prune marked a pack this ship used (FORMAT.md §5c, the writers'
+/// rule): nothing was put; shipping again uploads those blobs anew.
+#[derive(Debug)]
+pub struct GarbageConflict(pub String);
+
+impl std::fmt::Display for GarbageConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; the ship must be done again", self.0)
+    }
+}
+
+impl std::error::Error for GarbageConflict {}
+
+/// How long after its garbage check a writer's put may land (FORMAT.md
+/// §5c: half the 60 s a mark must age before a sweep deletes).
+pub const PUT_AFTER_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The content a history object names directly (a version batch's file
+/// data; a snapshot record's root tree, whose blobs the ship's writer saw).
+fn content_ids(body: &HistoryBody) -> Vec<btrship_crypto::ContentId> {
+    match body {
+        HistoryBody::Snapshot(r) => vec![r.tree.0],
+        HistoryBody::Versions(b) => b
+            .entries
+            .iter()
+            .filter_map(|e| e.node.as_ref())
+            .flat_map(|n| {
+                n.content
+                    .iter()
+                    .map(|c| c.1 .0)
+                    .chain(n.subtree.map(|t| t.0))
+            })
+            .collect(),
+    }
+}
+
+/// After a put that took longer than [`PUT_AFTER_CHECK`]: a prune may
+/// have marked (and may soon delete) what the object needs. Says so and
+/// makes the next ship upload those blobs again (they count as absent);
+/// `check` then reports the object if the data went.
+fn late_garbage_check(
+    repo: &Repository,
+    state: &State,
+    name: &str,
+    also: &[btrship_crypto::ContentId],
+) {
+    let msg = match repo.garbage_conflict(also) {
+        Ok(None) => return,
+        Ok(Some(why)) => format!(
+            "{name} took longer than {}s to store and meanwhile {why}: if that prune deletes it, {name} loses that data; run btrship check",
+            PUT_AFTER_CHECK.as_secs()
+        ),
+        Err(e) => format!("{name}: cannot read the garbage records after a slow put: {e:#}"),
+    };
+    tracing::error!("{msg}");
+    let _ = state.log_event("error", "garbage_race", &msg);
+}
+
 /// Appends one object to the history of `share` on `host`: `build` makes
 /// it given its chain link; `same` tells whether an object found in the
 /// store already holds what is being shipped (a ship repeated after a
@@ -703,7 +816,18 @@ pub fn append(
                 let mut body = build(link);
                 let indexes = repo.unnamed_written_indexes();
                 body.set_indexes(indexes.clone());
+                // The writers' rule (FORMAT.md §5c).
+                let also = content_ids(&body);
+                let checked = std::time::Instant::now();
+                if let Some(why) = repo.garbage_conflict(&also)? {
+                    repo.ship_done();
+                    return Err(GarbageConflict(why).into());
+                }
                 let (outcome, hash) = repo.put_history(&name, &body)?;
+                if checked.elapsed() > PUT_AFTER_CHECK {
+                    late_garbage_check(repo, state, &name, &also);
+                }
+                repo.ship_done();
                 if outcome == PutOutcome::Created {
                     repo.indexes_named(&indexes);
                     state.set_history_head(&HistoryHead {
@@ -757,6 +881,7 @@ pub fn append(
             time: crate::daemon::now_text(),
         })?;
         if same(&obj.body) {
+            repo.ship_done();
             return Ok(Appended {
                 name,
                 existed: true,

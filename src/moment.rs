@@ -44,6 +44,9 @@ pub struct Moment {
     pub snapshot: String,
     /// Version entries applied on top of the snapshot.
     pub versions_applied: usize,
+    /// Set when retention forgot moments between the kept moment this is
+    /// and the time asked for (FORMAT.md §5c): what to tell the user.
+    pub forgotten_note: Option<String>,
 }
 
 fn parse_time(t: &str, batch: &str) -> Result<DateTime<Utc>> {
@@ -78,11 +81,21 @@ pub fn at(repo: &Repository, hist: &ShareHistory, at: DateTime<Utc>) -> Result<M
     let (snapshot, mut record) = restore::find_snapshot(hist, at)?;
     let since = restore::record_time(&record)?;
     let entries = entries_between(hist, Some(since), at)?;
+    let forgotten_note = hist.forgotten_between(since, at)?.map(|f| {
+        let kept = entries.last().map_or(since, |e| e.0);
+        format!(
+            "retention forgot the moments from {} to {} (the newest at {f}); this is the share as of the newest kept moment before them, {}",
+            kept.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            kept.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        )
+    });
     if entries.is_empty() {
         return Ok(Moment {
             record,
             snapshot,
             versions_applied: 0,
+            forgotten_note,
         });
     }
     let mut root = MemDir::new(record.root.clone(), BTreeMap::new());
@@ -101,6 +114,7 @@ pub fn at(repo: &Repository, hist: &ShareHistory, at: DateTime<Utc>) -> Result<M
         record,
         snapshot,
         versions_applied: entries.len(),
+        forgotten_note,
     })
 }
 

@@ -132,7 +132,7 @@ pub fn ship_queued(
         };
         let before = counters.values();
         let (mut report, tree) =
-            ship::ship_with(repo, state, &input, &mut progress, heal.as_deref())?;
+            ship_retrying(repo, state, &input, &mut progress, heal.as_deref())?;
         report.store = counters.values().since(&before);
         let message = format!(
             "shipped {}: {} files, {} new bytes; store: {}",
@@ -153,6 +153,40 @@ pub fn ship_queued(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Is the record `name` a moment retention forgot (per this machine's
+/// catalogue)?
+fn forgotten(repo: &Repository, name: &str) -> bool {
+    repo.object_cache()
+        .and_then(|c| c.as_any().downcast::<crate::catalog::Catalog>().ok())
+        .is_some_and(|c| c.is_forgotten(name).unwrap_or(false))
+}
+
+/// Ships one snapshot; when a prune marked data the ship used (FORMAT.md
+/// §5c, the writers' rule) it is shipped again, a few times at most (each
+/// attempt avoids every pack marked before it started).
+fn ship_retrying(
+    repo: &Repository,
+    state: &State,
+    input: &ship::ShipInput<'_>,
+    progress: &mut Progress,
+    heal: Option<&str>,
+) -> Result<(ship::ShipReport, btrship_crypto::ContentId)> {
+    let mut attempt = 1;
+    loop {
+        match ship::ship_with(repo, state, input, progress, heal) {
+            Err(e)
+                if attempt < 4
+                    && e.downcast_ref::<crate::history::GarbageConflict>()
+                        .is_some() =>
+            {
+                tracing::info!("{e:#}; shipping {} again", input.snapshot_name);
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Keeps the newest `keep_local_snapshots` shipped snapshots on disk (the
@@ -177,6 +211,8 @@ pub fn prune_local(
         .filter(|s| match &s.record {
             Some(r) => match repo.exists(r) {
                 Ok(true) => true,
+                // Retention forgot it (FORMAT.md §5c): not a loss.
+                Ok(false) if forgotten(repo, r) => true,
                 Ok(false) => {
                     tracing::info!(
                         "keeping local snapshot {}: its record {r} is missing from the store",

@@ -420,6 +420,39 @@ impl State {
         insert_event(&self.conn, level, kind, message)
     }
 
+    /// Prune's local cleanup (FORMAT.md §5c): shipped and superseded
+    /// captures older than `captures_before`, and events older than
+    /// `events_before` except the newest of each kind (`status` reads
+    /// those). Returns (captures, events) deleted.
+    pub fn shrink(&mut self, captures_before: &str, events_before: &str) -> Result<(u64, u64)> {
+        let tx = self.conn.transaction()?;
+        let captures = tx.execute(
+            "DELETE FROM captures WHERE state IN ('shipped', 'superseded') AND time < ?1",
+            params![captures_before],
+        )?;
+        let events = tx.execute(
+            "DELETE FROM events WHERE time < ?1 AND id NOT IN (SELECT max(id) FROM events GROUP BY kind)",
+            params![events_before],
+        )?;
+        tx.commit()?;
+        Ok((captures as u64, events as u64))
+    }
+
+    /// Drops the rows of local snapshots whose record retention forgot
+    /// and whose btrfs snapshot is gone (they are nobody's parent and no
+    /// longer a point in time to check the store for).
+    pub fn drop_snapshots(&mut self, names: &[String]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for n in names {
+            tx.execute(
+                "DELETE FROM snapshots WHERE name = ?1 AND state = 'shipped'",
+                params![n],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The newest event of a kind.
     pub fn last_event(&self, kind: &str) -> Result<Option<Event>> {
         let mut stmt = self.conn.prepare_cached(

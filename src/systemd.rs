@@ -1,8 +1,11 @@
 //! The systemd units of btrship: `btrship@.service` (the daemon,
 //! `Type=notify`, restarted on failure), `btrship-snapshot@.service` (one
 //! `btrship snapshot NAME` run) and `btrship-snapshot@.timer` (runs it every
-//! hour). Template units: the instance is the share name. The timer is also
-//! what makes a snapshot backlog ship by itself once the store is back.
+//! hour), `btrship-prune@.service` (one `btrship prune NAME` run: the
+//! share's retention policy, then garbage collection in the repository) and
+//! `btrship-prune@.timer` (runs it once a day). Template units: the instance
+//! is the share name. The snapshot timer is also what makes a snapshot
+//! backlog ship by itself once the store is back.
 //!
 //! One renderer for both ways they reach a machine: the Debian package
 //! ships them in `/lib/systemd/system` (rendered at build time by the hidden
@@ -11,7 +14,8 @@
 //! when the installed ones do not run this binary with these directories
 //! (built from source, other directories). What is per share, the snapshot
 //! interval, is always a drop-in:
-//! `<systemd-dir>/btrship-snapshot@NAME.timer.d/btrship.conf`.
+//! `<systemd-dir>/btrship-snapshot@NAME.timer.d/btrship.conf`. The prune
+//! timer has no per-share setting: daily for every share.
 
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -25,10 +29,12 @@ pub const PACKAGE_UNIT_DIR: &str = "/lib/systemd/system";
 pub const DEFAULT_EVERY_SECS: u64 = 3600;
 
 /// The template units' file names.
-pub const TEMPLATES: [&str; 3] = [
+pub const TEMPLATES: [&str; 5] = [
     "btrship@.service",
     "btrship-snapshot@.service",
     "btrship-snapshot@.timer",
+    "btrship-prune@.service",
+    "btrship-prune@.timer",
 ];
 
 /// The per-share drop-in's file name (in `btrship-snapshot@NAME.timer.d/`).
@@ -63,7 +69,10 @@ pub fn parse_interval(s: &str) -> Option<u64> {
 /// `vm-tests/systemd` runs the units under (it applies the same files as
 /// drop-ins and checks the daemon captures and ships with them, and that
 /// systemd and the kernel report them applied); the files say why each
-/// option that is not there is not.
+/// option that is not there is not. The prune service runs under the
+/// snapshot service's file: it deletes local snapshots too (CAP_SYS_ADMIN),
+/// reads the share's tree, writes the state directory and talks to the
+/// store.
 const HARDENING_DAEMON: &str = include_str!("../packaging/hardening-daemon.conf");
 const HARDENING_SNAPSHOT: &str = include_str!("../packaging/hardening-snapshot.conf");
 
@@ -220,11 +229,57 @@ impl Units {
         )
     }
 
-    fn templates(&self) -> [(&'static str, String); 3] {
+    /// One `btrship prune NAME` run: the share's retention policy, then
+    /// garbage collection in the repository. Oneshot, started by its timer:
+    /// it never runs twice at once for a share.
+    pub fn prune_service(&self) -> String {
+        format!(
+            "# btrship: prune share %i by its retention policy and collect garbage in its repository\n\
+             # (started daily by btrship-prune@NAME.timer).\n\
+             [Unit]\n\
+             Description=btrship: prune share %i (retention policy, repository garbage collection)\n\
+             After=network-online.target local-fs.target\n\
+             Wants=network-online.target\n\
+             \n\
+             [Service]\n\
+             Type=oneshot\n\
+             ExecStart={} --config-dir {} --state-dir {} --no-progress prune %i\n\
+             Nice=10\n\
+             IOSchedulingClass=idle\n\
+             # Sandbox (packaging/hardening-snapshot.conf, the snapshot service's: it\n\
+             # deletes local snapshots too).\n\
+             {}",
+            quote(&self.exe),
+            quote(&self.config_dir),
+            quote(&self.state_dir),
+            sandbox(HARDENING_SNAPSHOT)
+        )
+    }
+
+    /// The prune timer: once a day, at a random time in the hour after
+    /// midnight; a day missed while the machine was off runs after boot.
+    pub fn prune_timer(&self) -> String {
+        "# btrship: prune share %i once a day. Enable: systemctl enable --now btrship-prune@NAME.timer\n\
+         [Unit]\n\
+         Description=btrship: prune share %i daily\n\
+         \n\
+         [Timer]\n\
+         OnCalendar=daily\n\
+         RandomizedDelaySec=1h\n\
+         Persistent=true\n\
+         \n\
+         [Install]\n\
+         WantedBy=timers.target\n"
+            .to_string()
+    }
+
+    fn templates(&self) -> [(&'static str, String); 5] {
         [
             (TEMPLATES[0], self.daemon_service()),
             (TEMPLATES[1], self.snapshot_service()),
             (TEMPLATES[2], self.snapshot_timer()),
+            (TEMPLATES[3], self.prune_service()),
+            (TEMPLATES[4], self.prune_timer()),
         ]
     }
 
@@ -291,5 +346,26 @@ mod tests {
             ..other
         };
         assert!(!units.installed_in(dir.path()));
+        // An older install without the prune units is not these units.
+        units.write(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("btrship-prune@.timer")).unwrap();
+        assert!(!units.installed_in(dir.path()));
+    }
+
+    #[test]
+    fn prune_runs_under_the_snapshot_sandbox() {
+        let units = Units {
+            exe: "/usr/bin/btrship".into(),
+            config_dir: "/etc/btrship".into(),
+            state_dir: "/var/lib/btrship".into(),
+        };
+        let prune = units.prune_service();
+        assert!(prune.contains(
+            "\nExecStart=/usr/bin/btrship --config-dir /etc/btrship --state-dir /var/lib/btrship --no-progress prune %i\n"
+        ));
+        let sandbox = sandbox(HARDENING_SNAPSHOT);
+        assert!(sandbox.contains("CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_READ_SEARCH\n"));
+        assert!(prune.ends_with(&sandbox), "{prune}");
+        assert!(units.snapshot_service().ends_with(&sandbox));
     }
 }

@@ -1,7 +1,8 @@
 //! `btrship init` writes systemd units that systemd itself accepts
 //! (`systemd-analyze verify`, with no warning), that run this binary with
 //! this machine's config and state directories, and the share's interval as
-//! a drop-in; when the units installed by the package (here a stand-in for
+//! a drop-in, and the daily prune timer and service (under the snapshot
+//! service's sandbox); when the units installed by the package (here a stand-in for
 //! /lib/systemd/system, `BTRSHIP_SYSTEM_UNIT_DIR`) run this binary with
 //! these directories it writes only the drop-in; `--no-systemd` writes
 //! none. The example config of the package explains every setting.
@@ -13,10 +14,12 @@ use common::{Btrship, LoopBtrfs};
 use std::path::Path;
 use std::process::Command;
 
-const TEMPLATES: [&str; 3] = [
+const TEMPLATES: [&str; 5] = [
     "btrship@.service",
     "btrship-snapshot@.service",
     "btrship-snapshot@.timer",
+    "btrship-prune@.service",
+    "btrship-prune@.timer",
 ];
 
 /// `systemd-analyze verify` on instances of the templates in `templates`,
@@ -48,6 +51,57 @@ fn verify(dir: &Path, templates: &Path, instance: &str) {
     }
 }
 
+/// The prune service runs `btrship prune` on the instance's share with this
+/// binary and these directories, in the background, under every option of
+/// the snapshot service's sandbox; its timer fires daily and catches up on
+/// a missed day.
+fn check_prune_units(bs: &Btrship, dir: &Path) {
+    let service = std::fs::read_to_string(dir.join("btrship-prune@.service")).unwrap();
+    let timer = std::fs::read_to_string(dir.join("btrship-prune@.timer")).unwrap();
+    let exec = format!(
+        "\nExecStart={} --config-dir {} --state-dir {} --no-progress prune %i\n",
+        env!("CARGO_BIN_EXE_btrship"),
+        bs.config_dir.display(),
+        bs.state_dir.display()
+    );
+    assert!(service.contains(&exec), "{exec}: {service}");
+    for line in ["Type=oneshot", "Nice=10", "IOSchedulingClass=idle"] {
+        assert!(
+            service.contains(&format!("\n{line}\n")),
+            "{line}: {service}"
+        );
+    }
+    assert!(
+        !service.contains("[Install]"),
+        "started by its timer only: {service}"
+    );
+    let hardening = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/hardening-snapshot.conf");
+    let hardening = std::fs::read_to_string(hardening).unwrap();
+    let options: Vec<&str> = hardening
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .collect();
+    assert!(
+        options.contains(&"CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_READ_SEARCH"),
+        "{hardening}"
+    );
+    for option in options {
+        assert!(
+            service.contains(&format!("\n{option}\n")),
+            "{option}: {service}"
+        );
+    }
+    for line in [
+        "OnCalendar=daily",
+        "RandomizedDelaySec=1h",
+        "Persistent=true",
+        "WantedBy=timers.target",
+    ] {
+        assert!(timer.contains(&format!("\n{line}\n")), "{line}: {timer}");
+    }
+}
+
 fn dropin(systemd_dir: &Path, name: &str) -> String {
     let path = systemd_dir.join(format!("btrship-snapshot@{name}.timer.d/btrship.conf"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -61,6 +115,7 @@ fn init_writes_units_systemd_accepts() {
     let out = bs.ok(osargs!["init", &share, "--snapshot-every", "30m"]);
     assert!(out.contains("btrship-snapshot@share.timer"), "{out}");
     assert!(out.contains("btrship@share.service"), "{out}");
+    assert!(out.contains("btrship-prune@share.timer"), "{out}");
     let dir = bs.systemd_dir();
     let service = std::fs::read_to_string(dir.join("btrship-snapshot@.service")).unwrap();
     let timer = std::fs::read_to_string(dir.join("btrship-snapshot@.timer")).unwrap();
@@ -84,6 +139,7 @@ fn init_writes_units_systemd_accepts() {
         "{service}"
     );
     assert!(service.contains("snapshot %i"), "{service}");
+    check_prune_units(&bs, &dir);
     // The template runs hourly; the share's own interval is its drop-in.
     assert!(timer.contains("OnUnitActiveSec=3600s"), "{timer}");
     let conf = dropin(&dir, "share");
@@ -109,6 +165,7 @@ fn init_uses_installed_units_and_writes_only_the_dropin() {
     for t in TEMPLATES {
         assert!(installed.join(t).is_file(), "{t}");
     }
+    check_prune_units(&bs, &installed);
     // The package's example config in the config dir is not a share.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/share.toml.example");
     std::fs::copy(&example, bs.config_dir.join("share.toml.example")).unwrap();
@@ -137,7 +194,9 @@ fn init_uses_installed_units_and_writes_only_the_dropin() {
     let out = init("45m");
     assert!(out.contains("(installed with btrship)"), "{out}");
     assert!(
-        out.contains("btrship@office.service btrship-snapshot@office.timer"),
+        out.contains(
+            "btrship@office.service btrship-snapshot@office.timer btrship-prune@office.timer"
+        ),
         "{out}"
     );
     let dir = bs.systemd_dir();

@@ -50,6 +50,8 @@ pub enum ObjectKind {
     TreeBlob = 8,
     ChainRegistration = 9,
     Summary = 10,
+    Forget = 11,
+    Garbage = 12,
 }
 
 impl ObjectKind {
@@ -66,6 +68,8 @@ impl ObjectKind {
             8 => Self::TreeBlob,
             9 => Self::ChainRegistration,
             10 => Self::Summary,
+            11 => Self::Forget,
+            12 => Self::Garbage,
             _ => return None,
         })
     }
@@ -83,6 +87,8 @@ impl ObjectKind {
             Self::TreeBlob => "tree",
             Self::ChainRegistration => "chain",
             Self::Summary => "summary",
+            Self::Forget => "forget",
+            Self::Garbage => "garbage",
         }
     }
 }

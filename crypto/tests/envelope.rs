@@ -259,6 +259,8 @@ fn object_kind_bytes_and_names() {
         (8, ObjectKind::TreeBlob, "tree"),
         (9, ObjectKind::ChainRegistration, "chain"),
         (10, ObjectKind::Summary, "summary"),
+        (11, ObjectKind::Forget, "forget"),
+        (12, ObjectKind::Garbage, "garbage"),
     ];
     for (byte, kind, name) in all {
         assert_eq!(kind as u8, byte);
@@ -266,7 +268,7 @@ fn object_kind_bytes_and_names() {
         assert_eq!(kind.name(), name);
     }
     assert_eq!(ObjectKind::from_u8(0), None);
-    assert_eq!(ObjectKind::from_u8(11), None);
+    assert_eq!(ObjectKind::from_u8(13), None);
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod daemon;
 mod docs;
 mod init;
 mod ls;
+mod prune;
 mod repair;
 mod restore;
 mod snapshot;
@@ -120,6 +121,7 @@ enum Command {
     Restore(restore::Args),
     Check(check::Args),
     Repair(repair::Args),
+    Prune(prune::Args),
     Completions(docs::CompletionArgs),
     #[command(hide = true)]
     Manpages(docs::ManArgs),
@@ -215,6 +217,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => restore::run(&app, a),
         Command::Check(a) => check::run(&app, a),
         Command::Repair(a) => repair::run(&app, a),
+        Command::Prune(a) => prune::run(&app, a),
         Command::Completions(a) => docs::completions(a),
         Command::Manpages(a) => docs::manpages(a),
         Command::Units(a) => docs::units(&app, a),

@@ -50,6 +50,9 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     let (repo, _) = app.open_repo(&args.name, &args.repo, false)?;
     let hist = app.history(&repo, &args.name, &args.repo)?;
     let moment = btrship::moment::at(&repo, &hist, at)?;
+    if let Some(note) = &moment.forgotten_note {
+        super::warn(note.clone());
+    }
     let rec = moment.record;
     let mut progress = Progress::new("restoring", app.show_progress(args.json));
     let paths: Vec<Vec<u8>> = args.paths.iter().map(|p| path_bytes(p)).collect();

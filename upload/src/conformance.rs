@@ -13,6 +13,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use rand::RngCore;
@@ -35,6 +36,7 @@ pub async fn run_all(store: &dyn Store, caps: Capabilities) -> Result<(), String
         missing_key_is_not_found(store).await,
         get_range(store).await,
         list(store).await,
+        modified_time(store).await,
         delete(store).await,
         invalid_keys(store).await,
     ];
@@ -175,7 +177,8 @@ pub async fn get_range(store: &dyn Store) -> Result<(), String> {
 }
 
 /// `list` returns exactly the keys under a string prefix, nested ones
-/// included, sorted by key (byte order), with sizes.
+/// included, sorted by key (byte order), with sizes (modification times are
+/// checked by [`modified_time`]).
 pub async fn list(store: &dyn Store) -> Result<(), String> {
     scoped(store, "list", |store, p| async move {
         // Chosen so that byte order differs from a per-directory walk:
@@ -189,6 +192,7 @@ pub async fn list(store: &dyn Store) -> Result<(), String> {
             all.push(ObjectMeta {
                 key,
                 size: size as u64,
+                modified: None,
             });
         }
         all.sort_by(|a, b| a.key.cmp(&b.key));
@@ -200,13 +204,59 @@ pub async fn list(store: &dyn Store) -> Result<(), String> {
             let got = ctx(store.list(&prefix).await, format_args!("list {prefix:?}"))?;
             let want: Vec<&ObjectMeta> =
                 all.iter().filter(|m| m.key.starts_with(&prefix)).collect();
-            if got.iter().ne(want.iter().copied()) {
+            if got
+                .iter()
+                .map(key_size)
+                .ne(want.iter().copied().map(key_size))
+            {
                 return Err(format!(
                     "list {prefix:?} returned {:?}, expected {:?}",
                     summary(got.iter()),
                     summary(want.into_iter())
                 ));
             }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Right after `put_if_absent`, `head` and `list` report the object's
+/// modification time: present, the same in both, and within
+/// [`MAX_CLOCK_SKEW`] of this machine's clock (the stores under test run on
+/// or near this machine).
+pub async fn modified_time(store: &dyn Store) -> Result<(), String> {
+    scoped(store, "modified_time", |store, p| async move {
+        let key = format!("{p}obj");
+        put_expect(store, &key, random_bytes(10), PutOutcome::Created).await?;
+        let head = ctx(store.head(&key).await, format_args!("head {key}"))?;
+        let listed = ctx(store.list(&p).await, format_args!("list {p}"))?;
+        let now = SystemTime::now();
+        let [listed] = &listed[..] else {
+            return Err(format!(
+                "list {p} returned {:?}, expected [{key}]",
+                summary(listed.iter())
+            ));
+        };
+        let Some(head_time) = head.modified else {
+            return Err(format!("head {key} reports no modification time"));
+        };
+        let Some(list_time) = listed.modified else {
+            return Err(format!("list {p} reports no modification time for {key}"));
+        };
+        if head_time != list_time {
+            return Err(format!(
+                "{key} modified: head reports {head_time:?}, list reports {list_time:?}"
+            ));
+        }
+        let skew = match now.duration_since(head_time) {
+            Ok(behind) => behind,
+            Err(ahead) => ahead.duration(),
+        };
+        if skew > MAX_CLOCK_SKEW {
+            return Err(format!(
+                "{key} modified {head_time:?} is {skew:?} away from now ({now:?})"
+            ));
         }
         Ok(())
     })
@@ -344,6 +394,9 @@ pub async fn concurrent_create(store: &dyn Store) -> Result<(), String> {
     .await
 }
 
+/// How far a fresh object's modification time may be from this machine's clock.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10 * 60);
+
 /// Runs `body` with a fresh key prefix, cleans the prefix up, and labels any
 /// error with the check's name.
 async fn scoped<'a, F, Fut>(store: &'a dyn Store, check: &str, body: F) -> Result<(), String>
@@ -421,14 +474,18 @@ async fn put_expect(
 
 async fn head_expect(store: &dyn Store, key: &str, size: usize) -> Result<(), String> {
     let got = ctx(store.head(key).await, format_args!("head {key}"))?;
-    let want = ObjectMeta {
-        key: key.to_owned(),
-        size: size as u64,
-    };
-    if got != want {
-        return Err(format!("head {key} returned {got:?}, expected {want:?}"));
+    let want = (key, size as u64);
+    if key_size(&got) != want {
+        return Err(format!(
+            "head {key} returned {got:?}, expected {key} ({size} B)"
+        ));
     }
     Ok(())
+}
+
+/// What the checks compare: `modified` differs from one write to the next.
+fn key_size(meta: &ObjectMeta) -> (&str, u64) {
+    (meta.key.as_str(), meta.size)
 }
 
 fn ctx<T>(result: Result<T, StoreError>, what: impl Display) -> Result<T, String> {

@@ -455,3 +455,42 @@ mod tests {
         assert!(from_cbor::<Right>(&bytes).is_err());
     }
 }
+
+/// FORMAT.md §5c forget record (`forgets/<chain id>/<number>`): the places
+/// of one chain that retention forgot so far (cumulative).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ForgetRecord {
+    pub share: String,
+    pub host: String,
+    pub number: u64,
+    pub time: String,
+    /// Sorted, disjoint `[first, last]` ranges of forgotten places.
+    pub places: Vec<(u64, u64)>,
+}
+
+impl ForgetRecord {
+    /// Is place `seq` forgotten?
+    pub fn forgets(&self, seq: u64) -> bool {
+        let i = self.places.partition_point(|r| r.1 < seq);
+        self.places.get(i).is_some_and(|r| r.0 <= seq)
+    }
+}
+
+/// FORMAT.md §5c garbage record (`gc/<number>`): the packs prune marked
+/// (current) and everything it ever deleted (cumulative).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct GarbageRecord {
+    pub number: u64,
+    /// Store time of the run that wrote it.
+    pub time: String,
+    pub marked: Vec<MarkedPack>,
+    pub deleted_packs: Vec<String>,
+    pub deleted_indexes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MarkedPack {
+    pub pack: String,
+    /// Store time of the run that marked it (RFC 3339).
+    pub at: String,
+}

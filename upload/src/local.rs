@@ -171,6 +171,7 @@ impl Store for LocalStore {
             Ok(md) if md.is_file() => Ok(ObjectMeta {
                 key,
                 size: md.len(),
+                modified: md.modified().ok(),
             }),
             Ok(_) => Err(StoreError::NotFound { key }),
             Err(e) => Err(read_err(&key, e)),
@@ -366,6 +367,7 @@ fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
                     Ok(md) => out.push(ObjectMeta {
                         key,
                         size: md.len(),
+                        modified: md.modified().ok(),
                     }),
                     Err(e) if is_absent(&e) => {} // deleted meanwhile
                     Err(e) => return Err(e),

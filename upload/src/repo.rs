@@ -7,6 +7,9 @@
 //! `Handle::block_on` would panic. Pack uploads run concurrently on the
 //! runtime behind a small semaphore, so chunking and uploading overlap.
 
+mod gc;
+pub use gc::{forget_name, forget_prefix, garbage_name, Skipped};
+
 use crate::format::{
     from_cbor, to_cbor, BlobId, BlobKind, ChainRegistration, ChunkerParams, Config, Index,
     IndexPack, KeyCheck, PackedBlob, SnapshotRecord, Summary, Tree,
@@ -138,6 +141,13 @@ pub struct Repository {
     memory_only: AtomicBool,
     recording: AtomicBool,
     cache_hits: Mutex<Vec<String>>,
+    /// The garbage records read so far (FORMAT.md §5c).
+    garbage: Mutex<gc::GarbageView>,
+    /// Packs a prune marked or deleted: like missing ones, never
+    /// deduplicated against and read last, but not lost (no healing).
+    garbage_packs: RwLock<HashSet<String>>,
+    /// What the current ship used, for the writers' rule (§5c).
+    ship_use: Mutex<gc::ShipUse>,
 }
 
 /// The local catalogue's cache of opened objects (FORMAT.md §5b): write-
@@ -393,6 +403,9 @@ impl Repository {
             memory_only: AtomicBool::new(false),
             recording: AtomicBool::new(false),
             cache_hits: Mutex::default(),
+            garbage: Mutex::default(),
+            garbage_packs: RwLock::default(),
+            ship_use: Mutex::default(),
         };
         Ok(repo)
     }
@@ -541,7 +554,7 @@ impl Repository {
     pub fn load_named_indexes(&self, names: &[String]) -> Result<()> {
         let wanted: Vec<String> = names
             .iter()
-            .filter(|n| !self.index_loaded(n))
+            .filter(|n| !self.index_loaded(n) && !self.index_deleted(n))
             .cloned()
             .collect::<HashSet<_>>()
             .into_iter()
@@ -739,19 +752,19 @@ impl Repository {
         let map = self.index.read().unwrap_or_else(|p| p.into_inner());
         let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
         let unnamed = self.unnamed_packs.read().unwrap_or_else(|p| p.into_inner());
-        let in_memory = if missing.is_empty() && unnamed.is_empty() {
+        let garbage = self.garbage_packs.read().unwrap_or_else(|p| p.into_inner());
+        let usable = |pack: &str| {
+            !missing.contains(pack) && !unnamed.contains(pack) && !garbage.contains(pack)
+        };
+        let in_memory = if missing.is_empty() && unnamed.is_empty() && garbage.is_empty() {
             map.contains(id)
         } else {
-            map.contains_where(id, |pack| {
-                !missing.contains(pack) && !unnamed.contains(pack)
-            })
+            map.contains_where(id, usable)
         };
         in_memory
-            || self.cache().is_some_and(|c| {
-                c.blob_locations(id)
-                    .iter()
-                    .any(|l| !missing.contains(&l.pack) && !unnamed.contains(&l.pack))
-            })
+            || self
+                .cache()
+                .is_some_and(|c| c.blob_locations(id).iter().any(|l| usable(&l.pack)))
     }
 
     /// Tells the repository that these packs are missing from the store:
@@ -835,7 +848,8 @@ impl Repository {
         }
         {
             let missing = self.missing_packs.read().unwrap_or_else(|p| p.into_inner());
-            locations.sort_by_key(|l| missing.contains(&l.pack));
+            let garbage = self.garbage_packs.read().unwrap_or_else(|p| p.into_inner());
+            locations.sort_by_key(|l| missing.contains(&l.pack) || garbage.contains(&l.pack));
         }
         let mut first_error = None;
         for loc in locations {
@@ -1508,7 +1522,16 @@ impl PackWriter<'_> {
     /// Sealing happens on other threads; the blob is packed when sealed.
     pub fn add(&mut self, kind: BlobKind, plaintext: &[u8]) -> Result<ContentId> {
         let id = self.repo.key.content_id(plaintext);
-        if self.pending.contains(&id) || self.repo.has_blob(&id) {
+        if self.pending.contains(&id) {
+            return Ok(id);
+        }
+        if self.repo.has_blob(&id) {
+            self.repo
+                .ship_use
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .deduplicated
+                .insert(id);
             return Ok(id);
         }
         self.pending.insert(id);
@@ -1586,6 +1609,12 @@ impl PackWriter<'_> {
                 .block_on(handle)
                 .map_err(|e| RepoError::Task(e.to_string()))??;
             self.stats.uploaded_bytes += size;
+            self.repo
+                .ship_use
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .packs
+                .insert(pack.pack.clone());
             index.packs.push(pack);
         }
         if !index.packs.is_empty() {

@@ -72,7 +72,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_config::environment::EnvironmentVariableRegionProvider;
 use aws_config::meta::region::RegionProviderChain;
@@ -852,6 +852,7 @@ impl Store for S3Store {
                 out.push(ObjectMeta {
                     key: key.to_owned(),
                     size,
+                    modified: system_time(object.last_modified()),
                 });
             }
             if page.is_truncated() != Some(true) {
@@ -887,6 +888,7 @@ impl Store for S3Store {
                 Some(size) => Ok(ObjectMeta {
                     key: key.to_owned(),
                     size,
+                    modified: system_time(out.last_modified()),
                 }),
                 None => Err(self.error(
                     "head",
@@ -1000,6 +1002,17 @@ async fn abort_upload(client: &Client, bucket: &str, object: &str, upload_id: &s
 /// A request body of known length, sent as-is (no `aws-chunked` encoding).
 fn sized_body(data: Bytes) -> ByteStream {
     ByteStream::from(data)
+}
+
+/// An S3 `LastModified` as a [`SystemTime`], truncated to whole seconds;
+/// `None` when absent or not representable on this platform.
+///
+/// HeadObject sends it as an HTTP date (whole seconds) while some servers
+/// (MinIO, Ceph) list it with milliseconds; truncating makes `head` and
+/// `list` agree.
+fn system_time(dt: Option<&aws_smithy_types::DateTime>) -> Option<SystemTime> {
+    let whole = aws_smithy_types::DateTime::from_secs(dt?.secs());
+    SystemTime::try_from(whole).ok()
 }
 
 /// Parses `bytes FIRST-LAST/SIZE`.

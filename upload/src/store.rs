@@ -22,6 +22,10 @@ pub struct ObjectMeta {
     pub key: String,
     /// The object's size in bytes.
     pub size: u64,
+    /// When the store last wrote the object, by the store's clock (S3
+    /// LastModified, a file's mtime); None when the backend does not say.
+    /// Garbage collection takes ages from this, never from the local clock.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// What [`Store::put_if_absent`] did.

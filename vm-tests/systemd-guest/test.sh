@@ -79,7 +79,8 @@ setup() {
 	fi
 	indent < /tmp/init.out
 	local u
-	for u in btrship@.service btrship-snapshot@.service btrship-snapshot@.timer; do
+	for u in btrship@.service btrship-snapshot@.service btrship-snapshot@.timer \
+		btrship-prune@.service btrship-prune@.timer; do
 		if [ -f "$SD/$u" ] || [ -f "/lib/systemd/system/$u" ]; then
 			pass "unit $u installed ($(ls "$SD/$u" "/lib/systemd/system/$u" 2> /dev/null | tr '\n' ' '))"
 		else
@@ -332,6 +333,56 @@ check_timer() {
 	systemctl stop $t
 }
 
+# the prune timer: enabled and listed, never fired here (the service is
+# verified and its sandbox shown, not started)
+check_prune_timer() {
+	local t=btrship-prune@share.timer u=btrship-prune@share.service out rc
+	say "(c) the prune timer"
+	if systemctl enable --now $t > /tmp/enable.out 2>&1; then
+		pass "(c) systemctl enable --now $t"
+	else
+		fail "(c) systemctl enable --now $t failed"
+		indent < /tmp/enable.out
+	fi
+	expect "(c) prune timer ActiveState" "$(prop $t ActiveState)" active
+	expect "(c) prune timer UnitFileState" "$(prop $t UnitFileState)" enabled
+	expect "(c) prune timer Persistent" "$(prop $t Persistent)" yes
+	expect "(c) prune timer RandomizedDelayUSec" "$(prop $t RandomizedDelayUSec)" 1h
+	if prop $t TimersCalendar | grep -q 'OnCalendar=\*-\*-\* 00:00:00'; then
+		pass "(c) prune timer is daily: $(prop $t TimersCalendar | tr '\n' ' ')"
+	else
+		fail "(c) prune timer TimersCalendar is not daily: $(prop $t TimersCalendar)"
+	fi
+	out=$(systemctl list-timers --all --no-pager 2>&1)
+	if echo "$out" | grep -q "$t.*$u"; then
+		pass "(c) systemctl list-timers shows $t activating $u"
+	else
+		fail "(c) $t is not in systemctl list-timers"
+		echo "$out" | indent
+	fi
+	expect "(c) prune service Type" "$(prop $u Type)" oneshot
+	# systemctl show gives the class as its number (IOPRIO_CLASS_IDLE = 3)
+	out=$(prop $u IOSchedulingClass)
+	[ "$out" = 3 ] && out=idle
+	expect "(c) prune service IOSchedulingClass" "$out" idle
+	expect "(c) prune service Nice" "$(prop $u Nice)" 10
+	if prop $u ExecStart | grep -q 'argv\[\]=/usr/bin/btrship .* prune \(share\|%i\) '; then
+		pass "(c) prune service runs btrship prune share"
+	else
+		fail "(c) prune service ExecStart: $(prop $u ExecStart)"
+	fi
+	check_props $u "$D/hardening-snapshot.conf"
+	out=$(systemd-analyze verify $t $u 2>&1)
+	rc=$?
+	if [ $rc = 0 ] && ! echo "$out" | grep -q 'btrship-prune@'; then
+		pass "(c) systemd-analyze verify of the prune timer and service: clean"
+	else
+		fail "(c) systemd-analyze verify of the prune units exited $rc"
+	fi
+	[ -n "$out" ] && echo "$out" | indent
+	systemctl disable --now $t > /dev/null 2>&1
+}
+
 # ---------------------------------------------------------------- (b)
 check_wrong_key() {
 	local u=btrship@share.service t0 rc ms
@@ -525,6 +576,7 @@ if setup; then
 		check_snapshot
 		check_wrong_key
 		check_timer
+		check_prune_timer
 		;;
 	esac
 else
