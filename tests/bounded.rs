@@ -160,7 +160,12 @@ fn a_long_history_reads_in_a_bounded_number_of_requests() {
     let (repo, counters) = fresh(&s);
     history::load_indexes(&repo, None).unwrap();
     let lists = counters.values().lists;
-    assert_eq!(lists, 2, "keys/ and chains/ only: {lists} LISTs");
+    // keys/ and chains/, and the garbage and forget records (FORMAT.md
+    // §5c): gc/ and the chain's forgets/<chain id>/.
+    assert_eq!(
+        lists, 4,
+        "keys/, chains/, gc/, forgets/ only: {lists} LISTs"
+    );
     for i in 1..=n {
         let id = s
             .key
