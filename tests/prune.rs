@@ -106,9 +106,19 @@ type Acked = Vec<(String, std::path::PathBuf)>;
 /// Rounds of one close each (a fresh 256 KiB version of big.bin and a
 /// small file), acknowledged by `sync`, a snapshot every third round.
 fn make_history(bs: &Btrship, share: &Path, refs: &Path, rounds: usize, seed: u64) -> Acked {
+    make_rounds(bs, share, refs, 0..rounds, seed)
+}
+
+fn make_rounds(
+    bs: &Btrship,
+    share: &Path,
+    refs: &Path,
+    rounds: std::ops::Range<usize>,
+    seed: u64,
+) -> Acked {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut acked = Vec::new();
-    for i in 0..rounds {
+    for i in rounds {
         fs::write(share.join("big.bin"), random(BIG, &mut rng)).unwrap();
         bs.sync("share");
         if i % 3 == 2 {
@@ -133,7 +143,16 @@ fn kept_moments_restore_exactly() {
     fs::write(share.join("keep.txt"), b"unchanged all along\n").unwrap();
     set_policy(&bs, "3s");
     let daemon = bs.start_daemon("share");
-    let acked = make_history(&bs, &share, &refs, 14, 7);
+    let mut acked = make_rounds(&bs, &share, &refs, 0..5, 7);
+    // A machine that read the history when it was short: its catalogue's
+    // checked prefix ends inside the first block of 16 places, whose
+    // objects prune deletes (a level-1 summary holds them).
+    let reader = Btrship::new();
+    let remote = osargs!["--repo", bs.repo(), "--key-file", bs.key_file("share")];
+    let mut ls = osargs!["ls", "share"];
+    ls.extend(remote.iter().cloned());
+    reader.ok(ls.clone());
+    acked.extend(make_rounds(&bs, &share, &refs, 5..14, 8));
     drop(daemon);
 
     // --dry-run changes nothing in the store.
@@ -252,6 +271,17 @@ fn kept_moments_restore_exactly() {
         "--key-file",
         bs.key_file("share")
     ]);
+    // The reader with the short prefix reads on from it.
+    assert!(
+        second["history_objects_deleted"].as_u64().unwrap()
+            + first["history_objects_deleted"].as_u64().unwrap()
+            > 0
+    );
+    reader.ok(ls);
+    let (t, reference) = acked.last().unwrap();
+    let to = out_dir.join("reader");
+    restore_at(&reader, &bs, t, &to);
+    assert_same_tree(reference, &to);
     // Local snapshots of forgotten moments went with them.
     let local: Vec<String> = first["local"]["snapshots_deleted"]
         .as_array()

@@ -22,7 +22,7 @@
 
 use crate::format::Index;
 use crate::history::{
-    history_name, levels_after, summary_name, summary_objects, HistoryKind, HistoryObject,
+    history_name, levels_after, span, summary_name, summary_objects, HistoryKind, HistoryObject,
 };
 use crate::repo::{RepoError, Repository, Result};
 use std::collections::HashMap;
@@ -158,6 +158,41 @@ fn walk_once(
                     out.bad.push((name, e.to_string()));
                     found = true;
                 }
+            }
+        }
+        if !found && place % span(1) != 1 {
+            // Mid-block (a reader whose checked prefix ends inside a
+            // block of 16): a place prune emptied (FORMAT.md §5c: only
+            // inside a level-1 summary) is read from that summary.
+            let first = (place - 1) / span(1) * span(1) + 1;
+            let name = summary_name(key, share, host, 1, first);
+            match repo.read_summary(&name) {
+                Ok(Some(s)) => match summary_objects(key, &s, share, host, 1, first) {
+                    Ok(objects) => {
+                        let named: Vec<String> = objects
+                            .iter()
+                            .filter(|o| o.body.chain().is_some_and(|l| l.seq >= place))
+                            .flat_map(|o| o.body.indexes().unwrap_or_default().to_vec())
+                            .collect();
+                        for o in objects {
+                            if o.body.chain().is_some_and(|l| l.seq >= place) {
+                                add(&mut out, &mut slots, o);
+                            }
+                        }
+                        for ix in s.indexes.into_iter().filter(|ix| named.contains(&ix.name)) {
+                            if let Some(&i) = slots.get(&ix.name) {
+                                let slot = &mut out.indexes[i];
+                                slot.1 = ix.index.or(slot.1.take());
+                            }
+                        }
+                        pos = s.last;
+                        continue;
+                    }
+                    Err(why) => out.bad.push((name, why)),
+                },
+                Ok(None) => {}
+                Err(e) if fatal(&e) => return Err(e),
+                Err(e) => out.bad.push((name, e.to_string())),
             }
         }
         if found || place <= at_least {
