@@ -78,6 +78,9 @@ pub struct PruneReport {
     /// Chains (share, host) whose kept moments were read for references.
     pub chains: u64,
     pub blobs_referenced: u64,
+    /// Their stored (sealed) bytes: the unique compressed data of the kept
+    /// moments.
+    pub bytes_referenced: u64,
     pub packs: u64,
     pub packs_marked: u64,
     pub packs_recovered: u64,
@@ -559,6 +562,7 @@ fn plan_garbage(
         }) {
             Some(l) => {
                 used.insert(l.pack.clone());
+                report.bytes_referenced += l.length;
             }
             None => unplaced += 1,
         }
