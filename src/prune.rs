@@ -48,6 +48,10 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub struct Options {
     pub dry_run: bool,
     pub grace: Duration,
+    /// A used pack whose unused share is above this (0..1) is repacked.
+    pub repack_unused: f64,
+    /// Bytes of packs repacked per run at most.
+    pub max_repack: u64,
 }
 
 /// One moment's verdict, for `--dry-run` and `--json`.
@@ -91,7 +95,9 @@ pub struct PruneReport {
     /// Packs still marked after this run (deleted by a later one).
     pub packs_waiting: u64,
     pub bytes_waiting: u64,
-    /// Repacking partly used packs is not done yet (see the README).
+    /// Packs repacked (their used blobs moved into new packs; the old
+    /// ones are marked) and the bytes of blobs moved.
+    pub packs_repacked: u64,
     pub bytes_repacked: u64,
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
@@ -284,9 +290,18 @@ fn run(
             .push(format!("garbage record {name} skipped: {why}"));
     }
     let old = old.unwrap_or_default();
-    let plan = plan_garbage(repo, &listing, &refs, &old, now, opts.grace, report)?;
+    let mut plan = plan_garbage(repo, &listing, &refs, &old, now, opts, report)?;
+    report.packs_repacked = plan.repack.len() as u64;
+    report.bytes_repacked = plan
+        .repack
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|x| x.1.length))
+        .sum();
     if opts.dry_run {
         return Ok(());
+    }
+    if !plan.repack.is_empty() {
+        repack(repo, &mut plan, now)?;
     }
     if plan.changed {
         if repo.put_garbage(&plan.record)? == PutOutcome::AlreadyExists {
@@ -531,6 +546,8 @@ struct GarbagePlan {
     record: GarbageRecord,
     delete_packs: Vec<String>,
     delete_indexes: Vec<String>,
+    /// Packs to repack, with the used blobs (and where) in each.
+    repack: Vec<(String, Vec<(ContentId, btrship_upload::BlobLocation)>)>,
     changed: bool,
 }
 
@@ -541,9 +558,10 @@ fn plan_garbage(
     refs: &References,
     old: &GarbageRecord,
     now: SystemTime,
-    grace: Duration,
+    opts: &Options,
     report: &mut PruneReport,
 ) -> Result<GarbagePlan> {
+    let (grace, repack_unused, max_repack) = (opts.grace, opts.repack_unused, opts.max_repack);
     let packs: HashMap<&str, &ObjectMeta> = listing
         .iter()
         .filter(|o| o.key.starts_with("packs/"))
@@ -551,17 +569,28 @@ fn plan_garbage(
         .collect();
     report.packs = packs.len() as u64;
     let deleted_before: HashSet<&str> = old.deleted_packs.iter().map(|s| s.as_str()).collect();
+    let marked_before: HashSet<&str> = old.marked.iter().map(|m| m.pack.as_str()).collect();
     // Which packs the references use: the first listed copy in a pack the
-    // store holds and no prune deleted.
-    let mut used: HashSet<String> = HashSet::new();
+    // store holds, no prune deleted and none marked (a repacked blob's
+    // new copy); a copy in a marked pack only when there is no other
+    // (that pack is recovered).
+    let mut used: HashMap<String, Vec<(ContentId, btrship_upload::BlobLocation)>> = HashMap::new();
     let mut unplaced = 0u64;
     for id in &refs.blobs {
         let locs = repo.blob_locations(id);
-        match locs.iter().find(|l| {
+        let held = |l: &&btrship_upload::BlobLocation| {
             packs.contains_key(l.pack.as_str()) && !deleted_before.contains(l.pack.as_str())
-        }) {
+        };
+        let chosen = locs
+            .iter()
+            .filter(held)
+            .find(|l| !marked_before.contains(l.pack.as_str()))
+            .or_else(|| locs.iter().find(held));
+        match chosen {
             Some(l) => {
-                used.insert(l.pack.clone());
+                used.entry(l.pack.clone())
+                    .or_default()
+                    .push((*id, l.clone()));
                 report.bytes_referenced += l.length;
             }
             None => unplaced += 1,
@@ -591,7 +620,7 @@ fn plan_garbage(
             changed = true;
             continue;
         };
-        if used.contains(&m.pack) {
+        if used.contains_key(&m.pack) {
             report.packs_recovered += 1;
             changed = true;
         } else if mark_age(&m.at).is_some_and(|a| a >= sweep_after) {
@@ -609,7 +638,7 @@ fn plan_garbage(
     let mut fresh: Vec<&&ObjectMeta> = packs
         .values()
         .filter(|p| {
-            !used.contains(&p.key)
+            !used.contains_key(&p.key)
                 && !was_marked.contains(p.key.as_str())
                 && !deleted_before.contains(p.key.as_str())
                 && age(p.modified).is_some_and(|a| a >= grace)
@@ -626,25 +655,16 @@ fn plan_garbage(
         report.bytes_waiting += p.size;
         changed = true;
     }
-    // Packs deleted by an earlier run that are still listed (it died
-    // between its record and its deletes): delete again.
-    for p in packs.keys().filter(|p| deleted_before.contains(**p)) {
-        delete_packs.push(p.to_string());
-        report.bytes_deleted += packs[p].size;
-        changed = true;
-    }
-    // Indexes whose every pack is deleted.
-    let gone: HashSet<&str> = deleted_before
-        .iter()
-        .copied()
-        .chain(delete_packs.iter().map(|s| s.as_str()))
-        .collect();
+    // Every index: which packs it lists, and the blob bytes each pack
+    // holds (padding and headers are not "unused": a pack is repacked for
+    // its dead blobs only).
     let deleted_idx_before: HashSet<&str> =
         old.deleted_indexes.iter().map(|s| s.as_str()).collect();
-    let mut delete_indexes = Vec::new();
+    let mut index_packs: Vec<(&ObjectMeta, Vec<String>)> = Vec::new();
+    let mut pack_blob_bytes: HashMap<String, u64> = HashMap::new();
     for o in listing.iter().filter(|o| o.key.starts_with("index/")) {
         if deleted_idx_before.contains(o.key.as_str()) {
-            delete_indexes.push(o.key.clone());
+            index_packs.push((o, Vec::new()));
             continue;
         }
         let index = match repo.cached_index(&o.key) {
@@ -659,7 +679,61 @@ fn plan_garbage(
                 }
             },
         };
-        if !index.packs.is_empty() && index.packs.iter().all(|p| gone.contains(p.pack.as_str())) {
+        for p in &index.packs {
+            let bytes: u64 = p.blobs.iter().map(|b| b.length).sum();
+            let e = pack_blob_bytes.entry(p.pack.clone()).or_default();
+            *e = (*e).max(bytes);
+        }
+        index_packs.push((o, index.packs.into_iter().map(|p| p.pack).collect()));
+    }
+    // Repack: used packs, old enough, mostly unused, up to the budget.
+    let mut candidates: Vec<(&String, u64, u64)> = used
+        .iter()
+        .filter(|(p, _)| !was_marked.contains(p.as_str()))
+        .filter_map(|(p, blobs)| {
+            let meta = packs.get(p.as_str())?;
+            let all = *pack_blob_bytes.get(p.as_str())?;
+            let live: u64 = blobs.iter().map(|b| b.1.length).sum();
+            let unused = all.saturating_sub(live) as f64 / all.max(1) as f64;
+            (unused > repack_unused && age(meta.modified).is_some_and(|a| a >= grace))
+                .then_some((p, live, all))
+        })
+        .collect();
+    // The emptiest first: most space back per byte moved.
+    candidates.sort_by(|a, b| {
+        (a.1 as f64 / a.2 as f64)
+            .total_cmp(&(b.1 as f64 / b.2 as f64))
+            .then(a.0.cmp(b.0))
+    });
+    let mut repack = Vec::new();
+    let mut budget = max_repack;
+    for (p, live, _) in candidates {
+        if live > budget {
+            continue;
+        }
+        budget -= live;
+        repack.push((p.clone(), used[p].clone()));
+    }
+    // Packs deleted by an earlier run that are still listed (it died
+    // between its record and its deletes): delete again.
+    for p in packs.keys().filter(|p| deleted_before.contains(**p)) {
+        delete_packs.push(p.to_string());
+        report.bytes_deleted += packs[p].size;
+        changed = true;
+    }
+    // Indexes whose every pack is deleted.
+    let gone: HashSet<&str> = deleted_before
+        .iter()
+        .copied()
+        .chain(delete_packs.iter().map(|s| s.as_str()))
+        .collect();
+    let mut delete_indexes = Vec::new();
+    for (o, listed) in &index_packs {
+        if deleted_idx_before.contains(o.key.as_str()) {
+            delete_indexes.push(o.key.clone());
+            continue;
+        }
+        if !listed.is_empty() && listed.iter().all(|p| gone.contains(p.as_str())) {
             delete_indexes.push(o.key.clone());
             report.indexes_deleted += 1;
             report.bytes_deleted += o.size;
@@ -684,6 +758,14 @@ fn plan_garbage(
     );
     deleted_indexes.sort();
     deleted_indexes.dedup();
+    // Repack indexes stay named while any pack they list is not deleted.
+    let indexes: Vec<String> = old
+        .indexes
+        .iter()
+        .filter(|i| !delete_indexes.contains(i) && !deleted_idx_before.contains(i.as_str()))
+        .cloned()
+        .collect();
+    changed |= indexes.len() != old.indexes.len();
     Ok(GarbagePlan {
         record: GarbageRecord {
             number: old.number + 1,
@@ -691,11 +773,44 @@ fn plan_garbage(
             marked,
             deleted_packs,
             deleted_indexes,
+            indexes,
         },
         delete_packs,
         delete_indexes,
+        repack,
         changed,
     })
+}
+
+/// Moves the used blobs of the plan's repack packs into new packs (and a
+/// new index, named by the garbage record), and marks the old packs: the
+/// next runs delete them once the mark is old enough. Before the record
+/// names the new index, nobody knows those packs: a crash leaves them as
+/// garbage for a later run.
+fn repack(repo: &Repository, plan: &mut GarbagePlan, now: SystemTime) -> Result<()> {
+    let mut writer = repo.repack_writer();
+    for (_, blobs) in &plan.repack {
+        for (id, loc) in blobs {
+            let plain = repo
+                .read_blob_from(id, loc.clone())
+                .with_context(|| format!("cannot repack blob {id} from {}", loc.pack))?;
+            writer.add(loc.kind, &plain)?;
+        }
+    }
+    writer.finish()?;
+    let names = repo.unnamed_written_indexes();
+    repo.indexes_named(&names);
+    plan.record.indexes.extend(names);
+    let at = rfc3339(now);
+    for (pack, _) in &plan.repack {
+        plan.record.marked.push(MarkedPack {
+            pack: pack.clone(),
+            at: at.clone(),
+        });
+    }
+    plan.changed = true;
+    repo.ship_done();
+    Ok(())
 }
 
 /// The objects at forgotten places of the share's chain that a level-1

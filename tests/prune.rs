@@ -14,6 +14,9 @@
 //! - `killed_prune_leaves_a_clean_repository`: prune killed with SIGKILL
 //!   at random points (`BTRSHIP_PRUNE_KILLS` iterations, default 8;
 //!   20 for the figure), `check --read-data` clean after each.
+//! - `repack_moves_what_is_used_and_frees_the_rest`: a pack mostly unused
+//!   after forgetting is repacked; its old copy goes, the moved blobs serve
+//!   restore and deduplication.
 //!
 //! `BTRSHIP_TEST_MIN_MARK_AGE=0` lets the first and third tests sweep at
 //! once; nothing ships beside those prunes, which is what the 60 s
@@ -485,4 +488,60 @@ fn prune_on_s3() {
         }
     }
     assert!(checked >= 2, "{checked} kept moments checked");
+}
+
+#[test]
+fn repack_moves_what_is_used_and_frees_the_rest() {
+    let fs_ = LoopBtrfs::new(1024);
+    let share = fs_.subvolume("share");
+    let refs = fs_.dir("refs");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    // Ten files in the start-up snapshot's one pack; eight change later.
+    for i in 0..10 {
+        fs::write(share.join(format!("f{i}")), random(64 << 10, &mut rng)).unwrap();
+    }
+    set_policy(&bs, "2s");
+    let daemon = bs.start_daemon("share");
+    for i in 0..8 {
+        fs::write(share.join(format!("f{i}")), random(64 << 10, &mut rng)).unwrap();
+        bs.sync("share");
+    }
+    // Then quiet past the 2 s window, a snapshot, and a few closes of
+    // another file: every moment before that snapshot is forgotten.
+    std::thread::sleep(Duration::from_millis(2500));
+    bs.ok(["snapshot", "share"]);
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        fs::write(share.join("g"), random(4 << 10, &mut rng)).unwrap();
+        bs.sync("share");
+        let r = refs.join(format!("r{i}"));
+        let t = now_text();
+        reference_snapshot(&share, &r);
+        acked.push((t, r));
+    }
+    drop(daemon);
+    let env = [("BTRSHIP_TEST_MIN_MARK_AGE", "0")];
+    let first = prune_json(&bs, &["--grace", "0s"], &env);
+    assert!(first["packs_repacked"].as_u64().unwrap() >= 1, "{first:#}");
+    let moved = first["bytes_repacked"].as_u64().unwrap();
+    assert!(moved >= 2 * (64 << 10), "the two unchanged files move: {first:#}");
+    assert!(moved < 6 * (64 << 10), "only what is used moves: {first:#}");
+    let second = prune_json(&bs, &["--grace", "0s"], &env);
+    assert!(second["packs_deleted"].as_u64().unwrap() >= 1, "{second:#}");
+    assert_eq!(second["packs_repacked"], 0, "nothing left to repack: {second:#}");
+    bs.ok(["check", "share", "--read-data"]);
+    // The newest moment needs the moved copies of f8 and f9.
+    let fresh = Btrship::new();
+    let (t, reference) = acked.last().unwrap();
+    let to = fs_.dir("out").join("newest");
+    restore_at(&fresh, &bs, t, &to);
+    assert_same_tree(reference, &to);
+    // And the shipping machine, which dedups against them, still ships.
+    let daemon = bs.start_daemon("share");
+    fs::write(share.join("f9b"), fs::read(share.join("f9")).unwrap()).unwrap();
+    bs.sync("share");
+    drop(daemon);
+    bs.ok(["check", "share", "--read-data"]);
 }

@@ -38,10 +38,25 @@ pub struct Args {
     /// before its pack is deleted (at least 60 s), e.g. 24h, 30m, 0s.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_grace)]
     grace: Duration,
+    /// Repack a used pack when more than this share of it is unused, in
+    /// percent (its used blobs move into new packs; the old pack goes).
+    #[arg(long, value_name = "PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=100))]
+    repack_unused: u8,
+    /// Bytes of blobs repacked per run at most, e.g. 1G, 500M; 0: none.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    max_repack: u64,
     /// Prune the share's history shipped under this host name [default:
     /// the share config's host].
     #[arg(long)]
     host: Option<String>,
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    btrship_upload::layers::parse_bwlimit(s)
+        .ok_or_else(|| format!("{s:?} is not a size like 1G, 500M or 0"))
 }
 
 fn parse_grace(s: &str) -> std::result::Result<Duration, String> {
@@ -57,6 +72,8 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
         dry_run,
         json,
         grace,
+        repack_unused,
+        max_repack,
         host,
     } = a;
     let _span = tracing::info_span!("prune", share = %name).entered();
@@ -91,7 +108,13 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
         windows: &windows,
         own_head,
     };
-    let mut report = prune::prune(&repo, &target, &Options { dry_run, grace })?;
+    let opts = Options {
+        dry_run,
+        grace,
+        repack_unused: f64::from(repack_unused) / 100.0,
+        max_repack,
+    };
+    let mut report = prune::prune(&repo, &target, &opts)?;
     if local && !dry_run {
         report.local = btrship::prune::clean_local(app.state_path(&name).as_path(), &cfg, &repo)?;
         let st = state::State::open(&app.state_path(&name))?;
@@ -178,10 +201,12 @@ fn print_text(r: &PruneReport) {
         r.share, r.host, r.moments, r.moments_kept, r.moments_forgotten
     );
     println!(
-        "  packs: {} deleted ({}), {} marked now, {} recovered, {} waiting for the grace period ({}); {} indexes and {} history objects deleted",
+        "  packs: {} deleted ({}), {} marked now, {} repacked ({} moved), {} recovered, {} waiting for the grace period ({}); {} indexes and {} history objects deleted",
         r.packs_deleted,
         mib(r.bytes_deleted),
         r.packs_marked,
+        r.packs_repacked,
+        mib(r.bytes_repacked),
         r.packs_recovered,
         r.packs_waiting,
         mib(r.bytes_waiting),

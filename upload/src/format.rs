@@ -486,6 +486,11 @@ pub struct GarbageRecord {
     pub marked: Vec<MarkedPack>,
     pub deleted_packs: Vec<String>,
     pub deleted_indexes: Vec<String>,
+    /// The indexes prune wrote for the packs it repacked (current: one
+    /// leaves when its packs are deleted). Everyone merges them like the
+    /// indexes history objects name.
+    #[serde(default)]
+    pub indexes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1438,9 +1438,26 @@ impl Repository {
         self.get_cbor(ObjectKind::KeyCheck, name)
     }
 
+    /// A writer that stores every blob added, even one stored already:
+    /// prune moves the used blobs of a mostly unused pack into new packs.
+    pub fn repack_writer(&self) -> PackWriter<'_> {
+        PackWriter {
+            force: true,
+            ..self.writer()
+        }
+    }
+
+    /// Reads one blob from one given copy (authenticated, its content id
+    /// checked).
+    pub fn read_blob_from(&self, id: &ContentId, loc: BlobLocation) -> Result<Vec<u8>> {
+        let kind = loc.kind;
+        self.read_blob_at(id, kind, loc)
+    }
+
     pub fn writer(&self) -> PackWriter<'_> {
         PackWriter {
             repo: self,
+            force: false,
             builder: PackBuilder::default(),
             pending: HashSet::new(),
             uploads: Vec::new(),
@@ -1459,6 +1476,8 @@ type Upload = JoinHandle<std::result::Result<(IndexPack, u64), RepoError>>;
 /// wrote; nothing it wrote is referenced by a record before that.
 pub struct PackWriter<'r> {
     repo: &'r Repository,
+    /// Repacking (prune): store every blob added, even when a copy exists.
+    force: bool,
     builder: PackBuilder,
     pending: HashSet<ContentId>,
     uploads: Vec<Upload>,
@@ -1525,7 +1544,7 @@ impl PackWriter<'_> {
         if self.pending.contains(&id) {
             return Ok(id);
         }
-        if self.repo.has_blob(&id) {
+        if !self.force && self.repo.has_blob(&id) {
             self.repo
                 .ship_use
                 .lock()

@@ -200,6 +200,9 @@ impl Repository {
             self.garbage.lock().unwrap_or_else(|p| p.into_inner()).read = true;
             return Ok(HashSet::new());
         };
+        // The copies prune made of blobs it moved out of mostly unused
+        // packs: known before those packs count as gone.
+        self.load_named_indexes(&rec.indexes)?;
         let gone: HashSet<String> = {
             let mut known = self
                 .garbage_packs
