@@ -526,11 +526,17 @@ fn repack_moves_what_is_used_and_frees_the_rest() {
     let first = prune_json(&bs, &["--grace", "0s"], &env);
     assert!(first["packs_repacked"].as_u64().unwrap() >= 1, "{first:#}");
     let moved = first["bytes_repacked"].as_u64().unwrap();
-    assert!(moved >= 2 * (64 << 10), "the two unchanged files move: {first:#}");
+    assert!(
+        moved >= 2 * (64 << 10),
+        "the two unchanged files move: {first:#}"
+    );
     assert!(moved < 6 * (64 << 10), "only what is used moves: {first:#}");
     let second = prune_json(&bs, &["--grace", "0s"], &env);
     assert!(second["packs_deleted"].as_u64().unwrap() >= 1, "{second:#}");
-    assert_eq!(second["packs_repacked"], 0, "nothing left to repack: {second:#}");
+    assert_eq!(
+        second["packs_repacked"], 0,
+        "nothing left to repack: {second:#}"
+    );
     bs.ok(["check", "share", "--read-data"]);
     // The newest moment needs the moved copies of f8 and f9.
     let fresh = Btrship::new();
