@@ -180,8 +180,8 @@ impl Repository {
     /// Returns the packs that became missing by it (empty when nothing
     /// changed). One LIST; a GET only for a new record.
     pub fn refresh_garbage(&self) -> Result<HashSet<String>> {
-        let newest_listed = self
-            .list("gc/")?
+        let listed = self.list("gc/")?;
+        let newest_listed = listed
             .iter()
             .filter_map(|m| number_of(&m.key))
             .max()
@@ -192,7 +192,10 @@ impl Repository {
                 return Ok(HashSet::new());
             }
         }
-        let (rec, skipped) = self.newest_garbage()?;
+        let (rec, skipped) =
+            self.newest_record(listed, ObjectKind::Garbage, |r: &GarbageRecord, n| {
+                r.number == n
+            })?;
         for (name, why) in skipped {
             tracing::warn!("skipping garbage record {name}: {why}");
         }
