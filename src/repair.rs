@@ -153,9 +153,14 @@ pub fn repair(repo: &Repository, local: Option<Local<'_>>) -> Result<RepairRepor
     let indexed = repo.packs_in_index();
     r.packs_in_store = in_store.len() as u64;
     r.packs_in_index = indexed.len() as u64;
+    // Packs prune deleted (FORMAT.md §5c) are gone on purpose, not lost.
+    let (garbage, _) = repo.newest_garbage()?;
+    let deleted: HashSet<String> = garbage
+        .map(|g| g.deleted_packs.into_iter().collect())
+        .unwrap_or_default();
     r.missing_packs = indexed
         .keys()
-        .filter(|p| !in_store.contains(*p))
+        .filter(|p| !in_store.contains(*p) && !deleted.contains(*p))
         .cloned()
         .collect();
     r.missing_packs.sort();
