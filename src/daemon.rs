@@ -844,6 +844,14 @@ impl Shipper {
             last_flush = Instant::now();
             match self.ship_batch(&repo, sizes, &ready) {
                 Ok(()) => backoff.ok(),
+                // A prune marked data this batch used (FORMAT.md §5c): not
+                // a failure; the next attempt uploads it anew.
+                Err(e)
+                    if e.downcast_ref::<crate::history::GarbageConflict>()
+                        .is_some() =>
+                {
+                    tracing::info!("{e:#}; shipping the batch again");
+                }
                 Err(e) if crate::exit::is_permanent_store(&e) => {
                     return Err(e.context(format!(
                         "shipping {} captures failed (they stay queued; permanent: fix it, then restart the daemon)",

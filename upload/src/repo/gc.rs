@@ -84,8 +84,8 @@ impl Repository {
         share: &str,
         host: &str,
     ) -> Result<(Option<ForgetRecord>, Skipped)> {
-        let listed = self.list(&forget_prefix(&self.key, share, host))?;
-        self.newest_record(listed, ObjectKind::Forget, |r: &ForgetRecord, n| {
+        let prefix = forget_prefix(&self.key, share, host);
+        self.newest_record(&prefix, None, ObjectKind::Forget, |r: &ForgetRecord, n| {
             r.share == share && r.host == host && r.number == n
         })
     }
@@ -100,8 +100,7 @@ impl Repository {
     /// The newest garbage record that opens, and the newer ones that did
     /// not. One LIST, and a GET unless cached.
     pub fn newest_garbage(&self) -> Result<(Option<GarbageRecord>, Skipped)> {
-        let listed = self.list("gc/")?;
-        self.newest_record(listed, ObjectKind::Garbage, |r: &GarbageRecord, n| {
+        self.newest_record("gc/", None, ObjectKind::Garbage, |r: &GarbageRecord, n| {
             r.number == n
         })
     }
@@ -127,14 +126,44 @@ impl Repository {
         Ok(outcome)
     }
 
-    /// The newest of `listed` (numbered records) that opens as `kind` and
-    /// that `fits` its name's number.
+    /// The newest record under `prefix` (numbered records; `listed`: its
+    /// listing when the caller has it) that opens as `kind` and that
+    /// `fits` its name's number. A listed record gone by the time it is
+    /// read was replaced by a newer one (prune keeps the newest two): the
+    /// prefix is listed again, so a reader never falls back to an older
+    /// record, nor to none, because of that race.
     fn newest_record<T: for<'de> serde::Deserialize<'de>>(
         &self,
-        listed: Vec<ObjectMeta>,
+        prefix: &str,
+        listed: Option<Vec<ObjectMeta>>,
         kind: ObjectKind,
         fits: impl Fn(&T, u64) -> bool,
     ) -> Result<(Option<T>, Skipped)> {
+        let mut listed = match listed {
+            Some(l) => l,
+            None => self.list(prefix)?,
+        };
+        for _ in 0..4 {
+            match self.newest_listed(listed, kind, &fits)? {
+                Some(found) => return Ok(found),
+                None => listed = self.list(prefix)?,
+            }
+        }
+        Err(RepoError::Format {
+            object: prefix.to_string(),
+            reason: "records vanished four times while being read (prunes running back to back?); try again".into(),
+        })
+    }
+
+    /// [`Repository::newest_record`] over one listing; None when a listed
+    /// record is gone.
+    #[allow(clippy::type_complexity)]
+    fn newest_listed<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        listed: Vec<ObjectMeta>,
+        kind: ObjectKind,
+        fits: &impl Fn(&T, u64) -> bool,
+    ) -> Result<Option<(Option<T>, Skipped)>> {
         let mut numbered: Vec<(u64, String)> = listed
             .into_iter()
             .filter_map(|m| number_of(&m.key).map(|n| (n, m.key)))
@@ -165,14 +194,15 @@ impl Repository {
                 })
             });
             match opened {
-                Ok(r) if fits(&r, n) => return Ok((Some(r), skipped)),
+                Ok(r) if fits(&r, n) => return Ok(Some((Some(r), skipped))),
                 Ok(_) => skipped.push((name, "a record under another record's name".into())),
                 Err(e) if e.is_wrong_key() => return Err(e),
-                Err(RepoError::Store(s)) if !s.is_not_found() => return Err(RepoError::Store(s)),
+                Err(RepoError::Store(s)) if s.is_not_found() => return Ok(None),
+                Err(RepoError::Store(s)) => return Err(RepoError::Store(s)),
                 Err(e) => skipped.push((name, e.to_string())),
             }
         }
-        Ok((None, skipped))
+        Ok(Some((None, skipped)))
     }
 
     /// Reads the newest garbage record when it is newer than the one this
@@ -192,10 +222,12 @@ impl Repository {
                 return Ok(HashSet::new());
             }
         }
-        let (rec, skipped) =
-            self.newest_record(listed, ObjectKind::Garbage, |r: &GarbageRecord, n| {
-                r.number == n
-            })?;
+        let (rec, skipped) = self.newest_record(
+            "gc/",
+            Some(listed),
+            ObjectKind::Garbage,
+            |r: &GarbageRecord, n| r.number == n,
+        )?;
         for (name, why) in skipped {
             tracing::warn!("skipping garbage record {name}: {why}");
         }
