@@ -235,7 +235,7 @@ fn run(
     let cat: Arc<Catalog> = own.catalog().clone();
     let listing = repo.list("")?;
     report.store_bytes_before = listing.iter().map(|o| o.size).sum();
-    check_no_stray_history(repo, &cat, &chains, &listing)?;
+    check_no_stray_history(repo, &chains, &listing)?;
 
     // 3. Forget.
     let rows = cat.moments(target.share, target.host)?;
@@ -372,7 +372,6 @@ fn refuse(why: String) -> anyhow::Error {
 /// fine: the sweep that could delete their data reads them first.
 fn check_no_stray_history(
     repo: &Repository,
-    cat: &Catalog,
     chains: &[((String, String), Arc<crate::history::ChainState>)],
     listing: &[ObjectMeta],
 ) -> Result<()> {
@@ -389,7 +388,6 @@ fn check_no_stray_history(
             }
         }
     }
-    let _ = cat;
     for o in listing {
         if HistoryKind::of_name(&o.key).is_some() && !known.contains(&o.key) {
             return Err(refuse(format!(
