@@ -72,6 +72,25 @@ fn prune_json(bs: &Btrship, extra: &[&str], env: &[(&str, &str)]) -> serde_json:
     serde_json::from_slice(&out.stdout).expect("prune --json is JSON")
 }
 
+/// (moment time, kept) of every verdict of a prune report.
+fn verdicts(report: &serde_json::Value) -> Vec<(i64, bool)> {
+    report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (ns(v["time"].as_str().unwrap()), v["keep"] == true))
+        .collect()
+}
+
+/// Is the newest moment at or before `t` a kept one?
+fn kept_at(verdicts: &[(i64, bool)], t: &str) -> bool {
+    verdicts
+        .iter()
+        .filter(|v| v.0 <= ns(t))
+        .max_by_key(|v| v.0)
+        .is_some_and(|v| v.1)
+}
+
 /// Every object of a local repository with its size.
 fn listing(repo: &Path) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = common::repo_objects(repo)
@@ -192,12 +211,7 @@ fn kept_moments_restore_exactly() {
     let size_after = dir_bytes(&bs.repo());
 
     // The verdicts: moment times, kept or not.
-    let verdicts: Vec<(i64, bool)> = first["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (ns(v["time"].as_str().unwrap()), v["keep"] == true))
-        .collect();
+    let verdicts = verdicts(&first);
     let kept_snapshot_times: Vec<i64> = first["verdicts"]
         .as_array()
         .unwrap()
@@ -224,7 +238,6 @@ fn kept_moments_restore_exactly() {
     let fresh = Btrship::new();
     let out_dir = fs_.dir("out");
     for (i, (t, reference)) in acked.iter().enumerate() {
-        let newest_before = verdicts.iter().filter(|v| v.0 <= ns(t)).max_by_key(|v| v.0);
         let to = out_dir.join(format!("m{i}"));
         let kept_before = verdicts.iter().any(|v| v.1 && v.0 <= ns(t));
         if !kept_before {
@@ -247,9 +260,9 @@ fn kept_moments_restore_exactly() {
             continue;
         }
         let out = restore_at(&fresh, &bs, t, &to);
-        match newest_before {
-            Some((_, true)) => assert_same_tree(reference, &to),
-            _ => {
+        match kept_at(&verdicts, t) {
+            true => assert_same_tree(reference, &to),
+            false => {
                 // Forgotten: the newest kept moment before it.
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 assert!(
@@ -354,18 +367,12 @@ fn prune_beside_the_daemon_loses_nothing() {
     );
     // The policy keeps 10 s back from the newest moment.
     let last = prune_json(&bs, &["--dry-run"], &[]);
-    let verdicts: Vec<(i64, bool)> = last["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (ns(v["time"].as_str().unwrap()), v["keep"] == true))
-        .collect();
+    let verdicts = verdicts(&last);
     let fresh = Btrship::new();
     let out_dir = fs_.dir("out");
     let mut checked = 0;
     for (i, (t, reference)) in acked.iter().enumerate() {
-        let newest_before = verdicts.iter().filter(|v| v.0 <= ns(t)).max_by_key(|v| v.0);
-        if let Some((_, true)) = newest_before {
+        if kept_at(&verdicts, t) {
             let to = out_dir.join(format!("m{i}"));
             restore_at(&fresh, &bs, t, &to);
             assert_same_tree(reference, &to);
@@ -455,12 +462,7 @@ fn prune_on_s3() {
     );
     let second = prune_json(&bs, &["--grace", "0s"], &env);
     assert!(second["packs_deleted"].as_u64().unwrap() > 0, "{second:#}");
-    let verdicts: Vec<(i64, bool)> = first["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (ns(v["time"].as_str().unwrap()), v["keep"] == true))
-        .collect();
+    let verdicts = verdicts(&first);
     let fresh = Btrship::new();
     let key = bs.key_file("share");
     fresh.ok(osargs![
@@ -474,8 +476,7 @@ fn prune_on_s3() {
     ]);
     let mut checked = 0;
     for (i, (t, reference)) in acked.iter().enumerate() {
-        let newest_before = verdicts.iter().filter(|v| v.0 <= ns(t)).max_by_key(|v| v.0);
-        if let Some((_, true)) = newest_before {
+        if kept_at(&verdicts, t) {
             let to = fs_.dir("out").join(format!("m{i}"));
             fresh.ok(osargs![
                 "restore",
