@@ -855,6 +855,7 @@ fn ns_text(ns: i64) -> String {
 pub fn clean_local(
     state_path: &std::path::Path,
     cfg: &crate::config::ShareConfig,
+    host: &str,
     repo: &Repository,
 ) -> Result<LocalCleanup> {
     let mut out = LocalCleanup::default();
@@ -863,16 +864,19 @@ pub fn clean_local(
         .object_cache()
         .and_then(|c| c.as_any().downcast::<Catalog>().ok());
     if let Some(cat) = cat {
+        // The chain's forgotten records, in one query.
+        let gone: HashSet<String> = cat
+            .moments(&cfg.name, host)?
+            .into_iter()
+            .filter(|m| m.forgotten)
+            .map(|m| m.name)
+            .collect();
         let shipped: Vec<_> = st.snapshots()?.into_iter().filter(|s| s.shipped).collect();
         let newest = shipped.last().map(|s| s.name.clone());
         let forgotten: Vec<String> = shipped
             .iter()
             .filter(|s| Some(&s.name) != newest.as_ref())
-            .filter(|s| {
-                s.record
-                    .as_ref()
-                    .is_some_and(|r| cat.is_forgotten(r).unwrap_or(false))
-            })
+            .filter(|s| s.record.as_ref().is_some_and(|r| gone.contains(r)))
             .map(|s| s.name.clone())
             .collect();
         if !forgotten.is_empty() {

@@ -51,6 +51,16 @@ fn random(len: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
     v
 }
 
+/// A btrfs share and a machine that ships it (`init`, no units).
+fn setup() -> (LoopBtrfs, std::path::PathBuf, std::path::PathBuf, Btrship) {
+    let fs_ = LoopBtrfs::new(1024);
+    let share = fs_.subvolume("share");
+    let refs = fs_.dir("refs");
+    let bs = Btrship::new();
+    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    (fs_, share, refs, bs)
+}
+
 fn set_policy(bs: &Btrship, all_within: &str) {
     let path = bs.config_dir.join("share.toml");
     let mut text = fs::read_to_string(&path).unwrap();
@@ -101,8 +111,10 @@ fn listing(repo: &Path) -> Vec<(String, u64)> {
     out
 }
 
-fn restore_at(fresh: &Btrship, bs: &Btrship, at: &str, to: &Path) -> std::process::Output {
-    let out = fresh.cmd(osargs![
+/// `restore share --at AT --to TO` from `bs`'s repository with only its
+/// address and key (a fresh machine's command line).
+fn restore_args(bs: &Btrship, at: &str, to: &Path) -> Vec<std::ffi::OsString> {
+    osargs![
         "restore",
         "share",
         "--at",
@@ -113,7 +125,11 @@ fn restore_at(fresh: &Btrship, bs: &Btrship, at: &str, to: &Path) -> std::proces
         bs.repo(),
         "--key-file",
         bs.key_file("share")
-    ]);
+    ]
+}
+
+fn restore_at(fresh: &Btrship, bs: &Btrship, at: &str, to: &Path) -> std::process::Output {
+    let out = fresh.cmd(restore_args(bs, at, to));
     assert!(
         out.status.success(),
         "restore --at {at}: {}",
@@ -157,11 +173,7 @@ fn make_rounds(
 
 #[test]
 fn kept_moments_restore_exactly() {
-    let fs_ = LoopBtrfs::new(1024);
-    let share = fs_.subvolume("share");
-    let refs = fs_.dir("refs");
-    let bs = Btrship::new();
-    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let (fs_, share, refs, bs) = setup();
     fs::write(share.join("keep.txt"), b"unchanged all along\n").unwrap();
     set_policy(&bs, "3s");
     let daemon = bs.start_daemon("share");
@@ -242,21 +254,7 @@ fn kept_moments_restore_exactly() {
         let kept_before = verdicts.iter().any(|v| v.1 && v.0 <= ns(t));
         if !kept_before {
             // Nothing kept at or before it: the not-found exit code.
-            fresh.fails(
-                osargs![
-                    "restore",
-                    "share",
-                    "--at",
-                    t,
-                    "--to",
-                    &to,
-                    "--repo",
-                    bs.repo(),
-                    "--key-file",
-                    bs.key_file("share")
-                ],
-                3,
-            );
+            fresh.fails(restore_args(&bs, t, &to), 3);
             continue;
         }
         let out = restore_at(&fresh, &bs, t, &to);
@@ -316,11 +314,7 @@ fn kept_moments_restore_exactly() {
 
 #[test]
 fn prune_beside_the_daemon_loses_nothing() {
-    let fs_ = LoopBtrfs::new(1024);
-    let share = fs_.subvolume("share");
-    let refs = fs_.dir("refs");
-    let bs = Btrship::new();
-    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let (fs_, share, refs, bs) = setup();
     set_policy(&bs, "10s");
     let daemon = bs.start_daemon("share");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -385,11 +379,7 @@ fn prune_beside_the_daemon_loses_nothing() {
 
 #[test]
 fn killed_prune_leaves_a_clean_repository() {
-    let fs_ = LoopBtrfs::new(1024);
-    let share = fs_.subvolume("share");
-    let refs = fs_.dir("refs");
-    let bs = Btrship::new();
-    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let (fs_, share, refs, bs) = setup();
     set_policy(&bs, "2s");
     let daemon = bs.start_daemon("share");
     let acked = make_history(&bs, &share, &refs, 12, 3);
@@ -499,11 +489,7 @@ fn prune_on_s3() {
 
 #[test]
 fn repack_moves_what_is_used_and_frees_the_rest() {
-    let fs_ = LoopBtrfs::new(1024);
-    let share = fs_.subvolume("share");
-    let refs = fs_.dir("refs");
-    let bs = Btrship::new();
-    bs.ok(osargs!["init", &share, "--no-systemd"]);
+    let (fs_, share, refs, bs) = setup();
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     // Ten files in the start-up snapshot's one pack; eight change later.
     for i in 0..10 {

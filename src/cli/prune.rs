@@ -116,7 +116,8 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
     };
     let mut report = prune::prune(&repo, &target, &opts)?;
     if local && !dry_run {
-        report.local = btrship::prune::clean_local(app.state_path(&name).as_path(), &cfg, &repo)?;
+        report.local =
+            btrship::prune::clean_local(app.state_path(&name).as_path(), &cfg, &host, &repo)?;
         let st = state::State::open(&app.state_path(&name))?;
         st.log_event("info", "pruned", &summary(&report))?;
         app.write_metrics(&cfg);
