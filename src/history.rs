@@ -164,6 +164,12 @@ impl ShareHistory {
         }))
     }
 
+    /// Every moment of this history the catalogue holds, by place
+    /// (forgotten ones flagged).
+    pub fn moments(&self) -> Result<Vec<crate::catalog::MomentRow>> {
+        self.catalog.moments(&self.share, &self.host)
+    }
+
     /// The version batches with an entry for `path`.
     pub fn batches_with_path(&self, path: &[u8]) -> Result<Vec<(String, VersionBatch)>> {
         self.catalog

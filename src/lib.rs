@@ -13,6 +13,7 @@ pub mod exit;
 pub mod history;
 pub mod metrics;
 pub mod moment;
+pub mod mount;
 pub mod open;
 pub mod progress;
 pub mod prune;

@@ -9,6 +9,7 @@ mod daemon;
 mod docs;
 mod init;
 mod ls;
+mod mount;
 mod prune;
 mod repair;
 mod restore;
@@ -118,6 +119,7 @@ enum Command {
     Snapshots(snapshots::Args),
     Ls(ls::Args),
     Versions(versions::Args),
+    Mount(mount::Args),
     Restore(restore::Args),
     Check(check::Args),
     Repair(repair::Args),
@@ -214,6 +216,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Snapshots(a) => snapshots::run(&app, a),
         Command::Ls(a) => ls::run(&app, a),
         Command::Versions(a) => versions::run(&app, a),
+        Command::Mount(a) => mount::run(&app, a),
         Command::Restore(a) => restore::run(&app, a),
         Command::Check(a) => check::run(&app, a),
         Command::Repair(a) => repair::run(&app, a),
@@ -237,6 +240,12 @@ pub fn warn(message: impl Into<String>) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(message.into().replace('\n', " "));
+}
+
+/// The warnings collected so far, emptied (a long-running command logs
+/// them as they come).
+fn take_warnings() -> Vec<String> {
+    std::mem::take(&mut *WARNINGS.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// `BTRSHIP_STATS=1`: every request this run sent to the store, as one
