@@ -3,9 +3,12 @@
 //! `btrship snapshot NAME` run) and `btrship-snapshot@.timer` (runs it every
 //! hour), `btrship-prune@.service` (one `btrship prune NAME` run: the
 //! share's retention policy, then garbage collection in the repository) and
-//! `btrship-prune@.timer` (runs it once a day). Template units: the instance
-//! is the share name. The snapshot timer is also what makes a snapshot
-//! backlog ship by itself once the store is back.
+//! `btrship-prune@.timer` (runs it once a day), `btrship-mount@.service`
+//! (`btrship mount NAME`: the share's moments as a read-only FUSE
+//! filesystem at `/run/btrship/NAME` for Samba's Previous Versions,
+//! `Type=notify`, optional). Template units: the instance is the share
+//! name. The snapshot timer is also what makes a snapshot backlog ship by
+//! itself once the store is back.
 //!
 //! One renderer for both ways they reach a machine: the Debian package
 //! ships them in `/lib/systemd/system` (rendered at build time by the hidden
@@ -29,13 +32,18 @@ pub const PACKAGE_UNIT_DIR: &str = "/lib/systemd/system";
 pub const DEFAULT_EVERY_SECS: u64 = 3600;
 
 /// The template units' file names.
-pub const TEMPLATES: [&str; 5] = [
+pub const TEMPLATES: [&str; 6] = [
     "btrship@.service",
     "btrship-snapshot@.service",
     "btrship-snapshot@.timer",
     "btrship-prune@.service",
     "btrship-prune@.timer",
+    "btrship-mount@.service",
 ];
+
+/// Where `btrship-mount@NAME.service` mounts share NAME's moments (the
+/// default directory of `btrship mount`).
+pub const MOUNT_DIR: &str = "/run/btrship";
 
 /// The per-share drop-in's file name (in `btrship-snapshot@NAME.timer.d/`).
 pub const DROPIN_FILE: &str = "btrship.conf";
@@ -72,9 +80,12 @@ pub fn parse_interval(s: &str) -> Option<u64> {
 /// option that is not there is not. The prune service runs under the
 /// snapshot service's file: it deletes local snapshots too (CAP_SYS_ADMIN),
 /// reads the share's tree, writes the state directory and talks to the
-/// store.
+/// store. The mount service's file has no option that gives it a mount
+/// namespace of its own: its FUSE mount must be in the host's, where smbd
+/// finds it.
 const HARDENING_DAEMON: &str = include_str!("../packaging/hardening-daemon.conf");
 const HARDENING_SNAPSHOT: &str = include_str!("../packaging/hardening-snapshot.conf");
+const HARDENING_MOUNT: &str = include_str!("../packaging/hardening-mount.conf");
 
 /// The option lines of a hardening file's `[Service]` section.
 fn sandbox(conf: &str) -> String {
@@ -83,6 +94,16 @@ fn sandbox(conf: &str) -> String {
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+/// The exit codes a service is not restarted after (`exit::PERMANENT`),
+/// for `RestartPreventExitStatus=`.
+fn permanent_codes() -> String {
+    crate::exit::PERMANENT
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// systemd wants command lines with special characters quoted.
@@ -178,11 +199,7 @@ impl Units {
             quote(&self.exe),
             quote(&self.config_dir),
             quote(&self.state_dir),
-            crate::exit::PERMANENT
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
+            permanent_codes(),
             sandbox(HARDENING_DAEMON)
         )
     }
@@ -273,13 +290,59 @@ impl Units {
             .to_string()
     }
 
-    fn templates(&self) -> [(&'static str, String); 5] {
+    /// `btrship mount NAME` at its default directory, `/run/btrship/NAME`:
+    /// every moment of the share as `@GMT-...` directories for Samba's
+    /// `vfs_shadow_copy2`. Started before smbd, restarted on failure; a
+    /// mount that a killed server left dead is detached after it stops.
+    /// Its sandbox has no mount namespace (packaging/hardening-mount.conf).
+    pub fn mount_service(&self) -> String {
+        format!(
+            "# btrship: every moment of share %i as a read-only FUSE filesystem at {MOUNT_DIR}/%i,\n\
+             # Windows Previous Versions through Samba (see btrship samba-conf NAME).\n\
+             # Enable: systemctl enable --now btrship-mount@NAME.service\n\
+             [Unit]\n\
+             Description=btrship: mount the moments of share %i at {MOUNT_DIR}/%i\n\
+             # Not After=btrship@%i.service: that one starts after smbd, and this one\n\
+             # before it (Samba must find the directory), which would be a cycle.\n\
+             After=network-online.target local-fs.target\n\
+             Wants=network-online.target\n\
+             Before=smbd.service\n\
+             \n\
+             [Service]\n\
+             Type=notify\n\
+             NotifyAccess=main\n\
+             ExecStart={} --config-dir {} --state-dir {} --no-progress mount %i\n\
+             # A killed FUSE server leaves a dead mount behind (\"Transport endpoint is\n\
+             # not connected\"): detach it. Fails harmlessly when nothing is mounted.\n\
+             ExecStopPost=-/bin/umount --lazy {MOUNT_DIR}/%i\n\
+             Restart=on-failure\n\
+             RestartSec=5s\n\
+             # Permanent errors (usage, not found, key, not btrfs, unsupported\n\
+             # format, access denied) are not retried: the unit shows failed.\n\
+             RestartPreventExitStatus={}\n\
+             Environment=BTRSHIP_LOG=info\n\
+             # Sandbox (packaging/hardening-mount.conf, verified by vm-tests/systemd):\n\
+             # no option that makes a mount namespace, or smbd would not see the mount.\n\
+             {}\
+             \n\
+             [Install]\n\
+             WantedBy=multi-user.target\n",
+            quote(&self.exe),
+            quote(&self.config_dir),
+            quote(&self.state_dir),
+            permanent_codes(),
+            sandbox(HARDENING_MOUNT)
+        )
+    }
+
+    fn templates(&self) -> [(&'static str, String); 6] {
         [
             (TEMPLATES[0], self.daemon_service()),
             (TEMPLATES[1], self.snapshot_service()),
             (TEMPLATES[2], self.snapshot_timer()),
             (TEMPLATES[3], self.prune_service()),
             (TEMPLATES[4], self.prune_timer()),
+            (TEMPLATES[5], self.mount_service()),
         ]
     }
 
@@ -350,6 +413,13 @@ mod tests {
         units.write(dir.path()).unwrap();
         std::fs::remove_file(dir.path().join("btrship-prune@.timer")).unwrap();
         assert!(!units.installed_in(dir.path()));
+        // Nor one without the mount unit.
+        let written = units.write(dir.path()).unwrap();
+        assert_eq!(written.len(), TEMPLATES.len());
+        assert!(written.contains(&dir.path().join("btrship-mount@.service")));
+        assert!(units.installed_in(dir.path()));
+        std::fs::remove_file(dir.path().join("btrship-mount@.service")).unwrap();
+        assert!(!units.installed_in(dir.path()));
     }
 
     #[test]
@@ -367,5 +437,82 @@ mod tests {
         assert!(sandbox.contains("CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_READ_SEARCH\n"));
         assert!(prune.ends_with(&sandbox), "{prune}");
         assert!(units.snapshot_service().ends_with(&sandbox));
+    }
+
+    #[test]
+    fn mount_service_runs_the_mount_in_the_host_mount_namespace() {
+        let units = Units {
+            exe: "/usr/bin/btrship".into(),
+            config_dir: "/etc/btrship".into(),
+            state_dir: "/var/lib/btrship".into(),
+        };
+        let mount = units.mount_service();
+        for line in [
+            "Type=notify",
+            "NotifyAccess=main",
+            "ExecStart=/usr/bin/btrship --config-dir /etc/btrship --state-dir /var/lib/btrship --no-progress mount %i",
+            "ExecStopPost=-/bin/umount --lazy /run/btrship/%i",
+            "Restart=on-failure",
+            "RestartSec=5s",
+            "RestartPreventExitStatus=2 3 4 6 11 12",
+            "After=network-online.target local-fs.target",
+            "Before=smbd.service",
+            "WantedBy=multi-user.target",
+        ] {
+            assert!(mount.contains(&format!("\n{line}\n")), "{line}: {mount}");
+        }
+        // The daemon starts after smbd: ordering the mount after the daemon
+        // and before smbd would be a cycle.
+        assert!(units.daemon_service().contains("smbd.service"));
+        assert!(
+            !mount
+                .lines()
+                .any(|l| l.starts_with("After=") && l.contains("btrship@")),
+            "{mount}"
+        );
+        let sandbox = sandbox(HARDENING_MOUNT);
+        assert!(mount.contains(&sandbox), "{mount}");
+        assert!(sandbox.contains(
+            "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_READ_SEARCH CAP_DAC_OVERRIDE CAP_FOWNER\n"
+        ));
+        assert!(sandbox.contains("DeviceAllow=/dev/fuse rw\n"));
+        // systemd.exec(5): each of these gives the service a mount
+        // namespace of its own, where the FUSE mount would be invisible to
+        // smbd (and go away with the service).
+        let namespaced = [
+            "ProtectSystem",
+            "ProtectHome",
+            "PrivateTmp",
+            "PrivateDevices",
+            "PrivateMounts",
+            "PrivateIPC",
+            "PrivateNetwork",
+            "ProtectKernelTunables",
+            "ProtectKernelModules",
+            "ProtectKernelLogs",
+            "ProtectControlGroups",
+            "ProtectProc",
+            "ProcSubset",
+            "ReadWritePaths",
+            "ReadOnlyPaths",
+            "InaccessiblePaths",
+            "ExecPaths",
+            "NoExecPaths",
+            "BindPaths",
+            "BindReadOnlyPaths",
+            "TemporaryFileSystem",
+            "MountFlags",
+            "RootDirectory",
+            "RootImage",
+            "MountImages",
+            "ExtensionImages",
+            "ExtensionDirectories",
+            "LogNamespace",
+            "MountAPIVFS",
+        ];
+        for l in mount.lines() {
+            let key = l.split('=').next().unwrap();
+            assert!(!namespaced.contains(&key), "{l}: {mount}");
+        }
     }
 }

@@ -14,12 +14,13 @@ use common::{Btrship, LoopBtrfs};
 use std::path::Path;
 use std::process::Command;
 
-const TEMPLATES: [&str; 5] = [
+const TEMPLATES: [&str; 6] = [
     "btrship@.service",
     "btrship-snapshot@.service",
     "btrship-snapshot@.timer",
     "btrship-prune@.service",
     "btrship-prune@.timer",
+    "btrship-mount@.service",
 ];
 
 /// `systemd-analyze verify` on instances of the templates in `templates`,

@@ -24,9 +24,9 @@ machine: without it nothing can be restored), creates the repository unless it e
 private snapshot area inside the share's filesystem and the state database, and writes the \
 systemd units: the share's snapshot interval as a drop-in \
 (btrship-snapshot@NAME.timer.d/btrship.conf), and the template units (the daemon, the snapshot \
-service and timer, the daily prune service and timer) unless the ones installed by the btrship \
-package (/lib/systemd/system) run this binary with these directories. Running it again with the \
-same settings changes nothing.",
+service and timer, the daily prune service and timer, the optional mount service for Windows \
+Previous Versions) unless the ones installed by the btrship package (/lib/systemd/system) run \
+this binary with these directories. Running it again with the same settings changes nothing.",
     after_help = "Examples:
   btrship init /srv/samba/office
   btrship init /srv/samba/office --repo s3://backups/office --snapshot-every 30m
@@ -240,6 +240,9 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     println!("next: systemctl daemon-reload && systemctl enable --now btrship@{name}.service btrship-snapshot@{name}.timer btrship-prune@{name}.timer");
     println!(
         "      (the daemon ships every closed file; the snapshot timer takes a snapshot every {every} s; the prune timer applies the retention policy once a day)"
+    );
+    println!(
+        "optional, for Windows Previous Versions: systemctl enable --now btrship-mount@{name}.service and see btrship samba-conf {name}"
     );
     Ok(exit::OK)
 }

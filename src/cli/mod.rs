@@ -13,6 +13,7 @@ mod mount;
 mod prune;
 mod repair;
 mod restore;
+mod samba_conf;
 mod snapshot;
 mod snapshots;
 mod status;
@@ -120,6 +121,7 @@ enum Command {
     Ls(ls::Args),
     Versions(versions::Args),
     Mount(mount::Args),
+    SambaConf(samba_conf::Args),
     Restore(restore::Args),
     Check(check::Args),
     Repair(repair::Args),
@@ -217,6 +219,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ls(a) => ls::run(&app, a),
         Command::Versions(a) => versions::run(&app, a),
         Command::Mount(a) => mount::run(&app, a),
+        Command::SambaConf(a) => samba_conf::run(&app, a),
         Command::Restore(a) => restore::run(&app, a),
         Command::Check(a) => check::run(&app, a),
         Command::Repair(a) => repair::run(&app, a),

@@ -17,6 +17,7 @@
 pub mod faultproxy;
 pub mod s3env;
 pub mod samba;
+pub mod smbuser;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CString, OsStr, OsString};

@@ -26,6 +26,14 @@
 //! stdin is a pipe held by the test process, and `smbd --foreground` quits
 //! on EOF there (only the private directory is then left in `$TMPDIR`).
 //!
+//! [`Samba::start_with_conf`] is the variant for tests that need real
+//! permission checks: the caller gives the whole share section, and smbclient
+//! logs in as an existing Unix user, added to a private passdb
+//! (`passdb backend = tdbsam` in the private directory, `map to guest =
+//! Never`); smbd then opens files with that user's uid, so the kernel checks
+//! modes, owners and POSIX ACLs, and `acl_xattr` checks `security.NTACL`.
+//! tests/common/smbuser.rs builds on it.
+//!
 //! Needs root and the Debian packages `samba`, `samba-vfs-modules` (provides
 //! `acl_xattr`; only a Recommends of `samba`) and `smbclient`.
 
@@ -65,6 +73,33 @@ pub struct Samba {
     child: Option<Child>,
     smbclient: PathBuf,
     scratch_seq: AtomicU64,
+    /// `Some`: smbclient logs in as this passdb user (see
+    /// [`Samba::start_with_conf`]); `None`: a guest session (`-N`).
+    login: Option<Login>,
+}
+
+/// A user of the private passdb that smbclient logs in as.
+struct Login {
+    user: String,
+    password: String,
+    /// Found when the user is added, so that Drop never has to search.
+    smbpasswd: PathBuf,
+}
+
+/// The share section of the private smb.conf, after its `path = ...` line.
+enum ShareSection<'a> {
+    /// The guest share's defaults, then these extra lines.
+    Defaults(&'a [&'a str]),
+    /// Exactly these lines (nothing added).
+    Custom(&'a [&'a str]),
+}
+
+/// What a finished smbclient run printed (see [`Samba::client_output`]).
+#[derive(Debug)]
+pub struct ClientOutput {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 enum StartError {
@@ -88,6 +123,61 @@ impl Samba {
     /// share section (they override the defaults), for example
     /// `&["vfs objects = acl_xattr streams_xattr"]`.
     pub fn start_with_options(path: &Path, share_name: &str, share_options: &[&str]) -> Samba {
+        Samba::start_inner(
+            path,
+            share_name,
+            ShareSection::Defaults(share_options),
+            None,
+        )
+    }
+
+    /// Starts smbd serving `path` as share `share_name` with exactly the
+    /// share section lines `share_lines` (after a `path = PATH` line the
+    /// harness writes; no `read only`, `vfs objects`, ... defaults are
+    /// added), for example the lines `btrship samba-conf` prints.
+    ///
+    /// With `login = Some((user, password))`, `user` (an existing Unix user
+    /// whose name is also a valid Samba name) is added to the private passdb
+    /// with `password` before smbd starts, the global section has `map to
+    /// guest = Never` and no guest account, and every smbclient run of this
+    /// instance logs in as `user` (`-U`). The passdb entry is removed on
+    /// drop (`smbpasswd -x`), before the private directory goes. With
+    /// `None`, the guest global settings of [`Samba::start`] apply; the
+    /// share section then needs `guest ok = yes` itself.
+    ///
+    /// `user` needs `x` on every parent directory of `path` and read access
+    /// to `path` itself, or the readiness probe fails after 20 s.
+    pub fn start_with_conf(
+        path: &Path,
+        share_name: &str,
+        share_lines: &[&str],
+        login: Option<(&str, &str)>,
+    ) -> Samba {
+        Samba::start_inner(path, share_name, ShareSection::Custom(share_lines), login)
+    }
+
+    fn start_inner(
+        path: &Path,
+        share_name: &str,
+        section: ShareSection<'_>,
+        login: Option<(&str, &str)>,
+    ) -> Samba {
+        let share_options = match section {
+            ShareSection::Defaults(lines) | ShareSection::Custom(lines) => lines,
+        };
+        if let Some((user, password)) = login {
+            assert!(
+                !user.is_empty()
+                    && user
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+                "SMB user {user:?}: use ASCII letters, digits, '-', '_', '.'"
+            );
+            assert!(
+                !password.is_empty() && !password.contains(['\n', '\r', '%']),
+                "SMB password must be one non-empty line without '%'"
+            );
+        }
         assert!(
             !share_name.is_empty()
                 && share_name
@@ -133,10 +223,20 @@ impl Samba {
             child: None,
             smbclient,
             scratch_seq: AtomicU64::new(0),
+            login: login.map(|(user, password)| Login {
+                user: user.to_string(),
+                password: password.to_string(),
+                smbpasswd: find_program("smbpasswd"),
+            }),
         };
         for attempt in 1..=PORT_ATTEMPTS {
             samba.port = free_port();
-            samba.write_conf(path_str, share_options);
+            samba.write_conf(path_str, &section);
+            if attempt == 1 {
+                // The passdb lives in the private directory: one entry for
+                // all attempts.
+                samba.add_passdb_user();
+            }
             samba.spawn(&smbd);
             match samba.wait_ready() {
                 Ok(()) => return samba,
@@ -206,20 +306,52 @@ impl Samba {
         self.run_client(cmds, CLIENT_TIMEOUT)
     }
 
-    fn run_client(&self, cmds: &[&str], timeout: Duration) -> Result<String, String> {
+    /// Runs smbclient like [`Samba::client`] but judges nothing: returns
+    /// its exit status, stdout and stderr, also when they report
+    /// `NT_STATUS_` errors (smbclient's `allinfo` prints one on stderr for
+    /// each snapshot that lacks the file, and still exits 0). Err only when
+    /// smbclient cannot run or times out.
+    pub fn client_output(&self, cmds: &[&str]) -> Result<ClientOutput, String> {
         let script = cmds.join("; ");
+        let out = self.spawn_client(&script, CLIENT_TIMEOUT)?;
+        Ok(ClientOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// The user smbclient logs in as ([`Samba::start_with_conf`]), or
+    /// `None` for guest sessions.
+    pub fn login_user(&self) -> Option<&str> {
+        self.login.as_ref().map(|l| l.user.as_str())
+    }
+
+    fn spawn_client(&self, script: &str, timeout: Duration) -> Result<Output, String> {
         let mut cmd = Command::new(&self.smbclient);
         cmd.arg(format!("--configfile={}", self.conf.display()))
             .arg(format!("//127.0.0.1/{}", self.share))
             .arg("-p")
-            .arg(self.port.to_string())
-            .args(["-N", "-m", "SMB3", "-c"])
-            .arg(&script)
+            .arg(self.port.to_string());
+        match &self.login {
+            None => {
+                cmd.arg("-N");
+            }
+            Some(Login { user, password, .. }) => {
+                cmd.arg("-U").arg(format!("{user}%{password}"));
+            }
+        }
+        cmd.args(["-m", "SMB3", "-c"])
+            .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let out = output_with_timeout(&mut cmd, timeout)
-            .map_err(|e| format!("smbclient -c {script:?}: {e}"))?;
+        output_with_timeout(&mut cmd, timeout).map_err(|e| format!("smbclient -c {script:?}: {e}"))
+    }
+
+    fn run_client(&self, cmds: &[&str], timeout: Duration) -> Result<String, String> {
+        let script = cmds.join("; ");
+        let out = self.spawn_client(&script, timeout)?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
         let failed = !out.status.success()
@@ -313,7 +445,135 @@ impl Samba {
         self.dir.path().join("scratch").join(format!("{what}-{n}"))
     }
 
-    fn write_conf(&self, share_path: &str, share_options: &[&str]) {
+    fn write_conf(&self, share_path: &str, section: &ShareSection<'_>) {
+        match (section, &self.login) {
+            (ShareSection::Defaults(share_options), None) => {
+                self.write_default_conf(share_path, share_options)
+            }
+            (ShareSection::Defaults(_), Some(_)) => {
+                unreachable!("a login comes with start_with_conf")
+            }
+            (ShareSection::Custom(lines), _) => self.write_custom_conf(share_path, lines),
+        }
+    }
+
+    /// The global section of [`Samba::start_with_conf`] and its share
+    /// section: `path`, then exactly `lines`.
+    fn write_custom_conf(&self, share_path: &str, lines: &[&str]) {
+        let d = self.dir.path().display();
+        let auth = if self.login.is_some() {
+            format!(
+                "    map to guest = Never
+    passdb backend = tdbsam:{d}/private/passdb.tdb
+"
+            )
+        } else {
+            "    map to guest = Bad User
+    guest account = root
+"
+            .to_string()
+        };
+        let mut conf = format!(
+            "# Private smbd for one btrship integration test (tests/common/samba.rs,
+# start_with_conf).
+[global]
+    server role = standalone server
+    smb ports = {port}
+    interfaces = 127.0.0.1
+    bind interfaces only = yes
+    disable netbios = yes
+    server min protocol = SMB2
+    client min protocol = SMB2
+    pid directory = {d}/pid
+    lock directory = {d}/lock
+    state directory = {d}/state
+    cache directory = {d}/cache
+    private dir = {d}/private
+    ncalrpc dir = {d}/ncalrpc
+    log file = {d}/log/log.%m
+    log level = 1
+    max log size = 0
+{auth}    load printers = no
+    printing = bsd
+    printcap name = /dev/null
+    disable spoolss = yes
+    rpc start on demand helpers = no
+
+[{share}]
+    path = {share_path}
+",
+            port = self.port,
+            share = self.share,
+        );
+        for line in lines {
+            conf.push_str("    ");
+            conf.push_str(line.trim());
+            conf.push('\n');
+        }
+        fs::write(&self.conf, conf).expect("write the private smb.conf");
+    }
+
+    /// Adds the login user, if any, to the private passdb (`smbpasswd -a`).
+    fn add_passdb_user(&self) {
+        let Some(Login {
+            user,
+            password,
+            smbpasswd,
+        }) = &self.login
+        else {
+            return;
+        };
+        let mut child = Command::new(smbpasswd)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-a", "-s"])
+            .arg(user)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run smbpasswd: {e}"));
+        child
+            .stdin
+            .take()
+            .expect("smbpasswd stdin")
+            .write_all(format!("{password}\n{password}\n").as_bytes())
+            .expect("write the password to smbpasswd");
+        let out = child.wait_with_output().expect("wait for smbpasswd");
+        assert!(
+            out.status.success(),
+            "smbpasswd -a {user} failed ({}); does the Unix user exist?\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Removes the login user's passdb entry (`smbpasswd -x`); never panics.
+    fn remove_passdb_user(&self) {
+        let Some(Login {
+            user, smbpasswd, ..
+        }) = &self.login
+        else {
+            return;
+        };
+        let ok = Command::new(smbpasswd)
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-x")
+            .arg(user)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("samba harness: smbpasswd -x {user} failed");
+        }
+    }
+
+    fn write_default_conf(&self, share_path: &str, share_options: &[&str]) {
         let d = self.dir.path().display();
         let mut conf = format!(
             "# Private smbd for one btrship integration test (tests/common/samba.rs).
@@ -528,6 +788,7 @@ impl Samba {
 impl Drop for Samba {
     fn drop(&mut self) {
         self.stop();
+        self.remove_passdb_user();
         // The TempDir field then removes the private directory.
     }
 }

@@ -8,7 +8,8 @@
 # or btrship_vm=explore-caps (the search for the minimal capability sets).
 # Disks: vda the root (ext4), vdb the share's btrfs (mounted at /srv).
 # Files from the host (the initramfs copied them): /usr/bin/btrship,
-# /usr/lib/btrship-vm/{test.sh,hardening-daemon.conf,hardening-snapshot.conf}.
+# /usr/lib/btrship-vm/{test.sh,hardening-daemon.conf,hardening-snapshot.conf,
+# hardening-mount.conf}.
 
 set -uo pipefail
 if [ -z "${VMTEST_INNER:-}" ]; then
@@ -80,7 +81,7 @@ setup() {
 	indent < /tmp/init.out
 	local u
 	for u in btrship@.service btrship-snapshot@.service btrship-snapshot@.timer \
-		btrship-prune@.service btrship-prune@.timer; do
+		btrship-prune@.service btrship-prune@.timer btrship-mount@.service; do
 		if [ -f "$SD/$u" ] || [ -f "/lib/systemd/system/$u" ]; then
 			pass "unit $u installed ($(ls "$SD/$u" "/lib/systemd/system/$u" 2> /dev/null | tr '\n' ' '))"
 		else
@@ -88,6 +89,8 @@ setup() {
 		fi
 	done
 	install_dropins "$D/hardening-daemon.conf" "$D/hardening-snapshot.conf"
+	mkdir -p "$SD/btrship-mount@.service.d"
+	cp "$D/hardening-mount.conf" "$SD/btrship-mount@.service.d/hardening.conf"
 	# the snapshot service ends before it can be looked at: a probe records
 	# the sandbox it runs in (same unit, same drop-ins)
 	mkdir -p "$SD/btrship-snapshot@.service.d"
@@ -175,6 +178,8 @@ check_props() {
 		# systemctl shows the namespaces still allowed: none
 		RestrictNamespaces=yes) [ "$got" = "" ] || [ "$got" = yes ] && got=yes ;;
 		SystemCallArchitectures=native) [ "$got" = native ] || [ "$got" = x86-64 ] && got=native ;;
+		# one line per rule (ProtectClock adds char-rtc r): this rule among them
+		DeviceAllow=*) echo "$got" | grep -qxF "$v" && got=$v ;;
 		esac
 		if [ "$(norm "$v")" = "$(norm "$got")" ]; then
 			pass "$1 applies $k=$v"
@@ -383,6 +388,149 @@ check_prune_timer() {
 	systemctl disable --now $t > /dev/null 2>&1
 }
 
+# ---------------------------------------------------------------- (m)
+# The mount service, never started here (the FUSE server is btrship mount's
+# own test): systemd-analyze verify, the properties the renderer promises,
+# no option that makes a mount namespace, and its sandbox shown to work by a
+# probe: the same unit file (same drop-in) with a shell in place of btrship
+# mount that opens /dev/fuse, mounts a FUSE filesystem at /run/btrship/share
+# and exits, as a killed server would. The host's namespace sees the mount
+# (smbd would), dead; stopping the probe runs the unit's ExecStopPost, which
+# detaches it. The probe also mounts the share's btrfs top level from its
+# block device (what btrship's private snapshot area does) under the
+# unit's device policy.
+check_mount_unit() {
+	local u=btrship-mount@share.service p=btrship-vmtest-mountprobe@share.service
+	local dir=/run/btrship/share probe=/run/btrship-vmtest-mount-probe out rc k want got
+	say "(m) the mount service (not started: static checks and a sandbox probe)"
+	out=$(systemd-analyze verify $u 2>&1)
+	rc=$?
+	if [ $rc = 0 ] && ! echo "$out" | grep -q 'btrship'; then
+		pass "(m) systemd-analyze verify $u: clean"
+	else
+		fail "(m) systemd-analyze verify $u exited $rc"
+	fi
+	[ -n "$out" ] && echo "$out" | indent
+	expect "(m) Type" "$(prop $u Type)" notify
+	expect "(m) NotifyAccess" "$(prop $u NotifyAccess)" main
+	expect "(m) Restart" "$(prop $u Restart)" on-failure
+	expect "(m) RestartUSec" "$(prop $u RestartUSec)" 5s
+	expect "(m) RestartPreventExitStatus" "$(norm "$(prop $u RestartPreventExitStatus)")" "$(norm "2 3 4 6 11 12")"
+	expect "(m) ExecStart runs /usr/bin/btrship" "$(prop $u ExecStart | grep -o 'path=[^ ;]*' | head -n 1)" path=/usr/bin/btrship
+	if prop $u ExecStart | grep -q 'argv\[\]=/usr/bin/btrship .* --no-progress mount \(share\|%i\) ;'; then
+		pass "(m) ExecStart runs btrship mount share (the default directory)"
+	else
+		fail "(m) ExecStart: $(prop $u ExecStart)"
+	fi
+	if prop $u ExecStopPost | grep -q 'path=/bin/umount ; argv\[\]=/bin/umount --lazy /run/btrship/\(share\|%i\) ; ignore_errors=yes'; then
+		pass "(m) ExecStopPost detaches /run/btrship/share, errors ignored"
+	else
+		fail "(m) ExecStopPost: $(prop $u ExecStopPost)"
+	fi
+	got=$(prop $u After)
+	for k in network-online.target local-fs.target; do
+		echo " $got " | grep -q " $k " && pass "(m) After has $k" || fail "(m) After lacks $k: $got"
+	done
+	echo " $got " | grep -q ' btrship@share.service ' && fail "(m) After has btrship@share.service (a cycle with smbd): $got"
+	echo " $(prop $u Before) " | grep -q ' smbd.service ' && pass "(m) Before has smbd.service" ||
+		fail "(m) Before lacks smbd.service: $(prop $u Before)"
+	expect "(m) drop-in hardening.conf loaded" "$(prop $u DropInPaths | grep -o "$SD/btrship-mount@.service.d/hardening.conf")" "$SD/btrship-mount@.service.d/hardening.conf"
+	check_props $u "$D/hardening-mount.conf"
+	# what systemctl show says when none of the options that make a
+	# mount namespace (systemd.exec(5)) is set
+	for k in ProtectSystem=no ProtectHome=no PrivateTmp=no PrivateDevices=no PrivateMounts=no \
+		PrivateIPC=no PrivateNetwork=no ProtectKernelTunables=no ProtectKernelModules=no \
+		ProtectKernelLogs=no ProtectControlGroups=no ProtectProc=default ProcSubset=all \
+		ReadWritePaths= ReadOnlyPaths= InaccessiblePaths= ExecPaths= NoExecPaths= BindPaths= \
+		BindReadOnlyPaths= TemporaryFileSystem= RootDirectory= RootImage= MountImages= \
+		LogNamespace= MountAPIVFS=no; do
+		expect "(m) no mount namespace: ${k%%=*}" "$(prop $u "${k%%=*}")" "${k#*=}"
+	done
+
+	# the probe: the unit as rendered, the same drop-in
+	sed -e 's/^Type=notify$/Type=oneshot\nRemainAfterExit=yes/' -e '/^NotifyAccess=/d' -e '/^Restart/d' \
+		-e 's|^ExecStart=.*|ExecStart=/usr/lib/btrship-vm/mount-probe %i|' \
+		"$SD/btrship-mount@.service" > "$SD/btrship-vmtest-mountprobe@.service"
+	mkdir -p "$SD/btrship-vmtest-mountprobe@.service.d"
+	cp "$SD/btrship-mount@.service.d/hardening.conf" "$SD/btrship-vmtest-mountprobe@.service.d/"
+	cat > /usr/lib/btrship-vm/mount-probe <<-'EOF'
+		#!/bin/sh
+		# in the mount service's sandbox: what the kernel says, then a FUSE
+		# mount whose server (this shell) goes away, and the btrfs top level
+		exec > /run/btrship-vmtest-mount-probe 2>&1
+		echo "ns $(readlink /proc/self/ns/mnt)"
+		grep -E '^(CapBnd|NoNewPrivs|Seccomp|Umask):' /proc/self/status
+		mkdir -p "/run/btrship/$1"
+		exec 3<> /dev/fuse && echo "fuse-open ok"
+		mount -i -t fuse.btrship -o ro,nosuid,nodev,noexec,fd=3,rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions \
+			"btrship:$1" "/run/btrship/$1" && echo "fuse-mount ok"
+		mkdir -p /run/btrship-vmtest-top
+		mount -o subvolid=5 /dev/vdb /run/btrship-vmtest-top && echo "btrfs-top ok" && umount /run/btrship-vmtest-top
+		exit 0
+	EOF
+	chmod 755 /usr/lib/btrship-vm/mount-probe
+	systemctl daemon-reload
+	out=$(systemd-analyze verify $p 2>&1)
+	[ -n "$out" ] && echo "$out" | indent
+	rm -f $probe
+	if timeout 60 systemctl start $p; then
+		pass "(m) the probe ran in the mount service's sandbox"
+	else
+		fail "(m) the probe failed"
+		journal $p 10
+	fi
+	indent < $probe
+	grep -E '^(CapBnd|NoNewPrivs|Seccomp|Umask):' $probe > /tmp/mount.status
+	expect "(m) probe in the host's mount namespace (as PID 1)" "$(sed -n 's/^ns //p' $probe)" "$(readlink /proc/1/ns/mnt)"
+	# shellcheck disable=SC2046
+	want=$(capmask $(conf_value "$D/hardening-mount.conf" CapabilityBoundingSet))
+	expect "(m) probe: CapBnd (bounding set)" "$(sed -n 's/^CapBnd:[[:space:]]*//p' /tmp/mount.status)" "$want"
+	expect "(m) probe: NoNewPrivs" "$(sed -n 's/^NoNewPrivs:[[:space:]]*//p' /tmp/mount.status)" 1
+	expect "(m) probe: Seccomp (filter mode)" "$(sed -n 's/^Seccomp:[[:space:]]*//p' /tmp/mount.status)" 2
+	expect "(m) probe: Umask" "$(sed -n 's/^Umask:[[:space:]]*//p' /tmp/mount.status)" "$(conf_value "$D/hardening-mount.conf" UMask)"
+	grep -qx 'fuse-open ok' $probe && pass "(m) probe opened /dev/fuse (DeviceAllow)" || fail "(m) probe could not open /dev/fuse"
+	grep -qx 'fuse-mount ok' $probe && pass "(m) probe mounted a FUSE filesystem" || fail "(m) probe could not mount a FUSE filesystem"
+	grep -qx 'btrfs-top ok' $probe && pass "(m) probe mounted the btrfs top level from /dev/vdb (the private snapshot area's way)" ||
+		fail "(m) probe could not mount the btrfs top level from /dev/vdb (device policy?)"
+	expect "(m) the host sees the FUSE mount at $dir" "$(findmnt -n -o FSTYPE,SOURCE "$dir" | tr -s ' ')" "fuse.btrship btrship:share"
+	expect "(m) its server gone, the mount is dead" "$(stat -c %n "$dir" 2>&1 | grep -o 'Transport endpoint is not connected')" "Transport endpoint is not connected"
+	expect "(m) mode of /run/btrship (UMask)" "$(stat -c %a /run/btrship)" 755
+	systemctl stop $p
+	expect "(m) stopping the unit ran ExecStopPost: nothing mounted at $dir" "$(findmnt -n -o FSTYPE "$dir")" ""
+	expect "(m) $dir usable again" "$(stat -c %F "$dir" 2>&1)" directory
+}
+
+# no ordering cycle at boot with Samba and the daemon: a stand-in smbd and a
+# target that wants all three, as multi-user.target does when all are enabled
+check_mount_order() {
+	local out rc
+	say "(m) boot order of the mount service, the daemon and smbd"
+	if [ ! -e /lib/systemd/system/smbd.service ] && [ ! -e "$SD/smbd.service" ]; then
+		printf '[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n' > "$SD/smbd.service"
+	fi
+	printf '[Unit]\nWants=smbd.service btrship@share.service btrship-mount@share.service\n' > "$SD/btrship-vmtest-boot.target"
+	systemctl daemon-reload
+	out=$(systemd-analyze verify btrship-vmtest-boot.target 2>&1)
+	rc=$?
+	if [ $rc = 0 ] && ! echo "$out" | grep -qi 'cycle'; then
+		pass "(m) systemd-analyze verify of smbd, btrship@share and btrship-mount@share together: no ordering cycle"
+	else
+		fail "(m) systemd-analyze verify of smbd, btrship@share and btrship-mount@share together exited $rc"
+	fi
+	[ -n "$out" ] && echo "$out" | indent
+	# the check sees a cycle when there is one: ordered after the daemon
+	mkdir -p "$SD/btrship-mount@share.service.d"
+	printf '[Unit]\nAfter=btrship@share.service\n' > "$SD/btrship-mount@share.service.d/vmtest-cycle.conf"
+	systemctl daemon-reload
+	if systemd-analyze verify btrship-vmtest-boot.target 2>&1 | grep -qi 'ordering cycle'; then
+		pass "(m) ... and it does with After=btrship@share.service added (the check can fail)"
+	else
+		fail "(m) no ordering cycle reported with After=btrship@share.service added: the check cannot see one"
+	fi
+	rm -rf "$SD/btrship-mount@share.service.d" "$SD/btrship-vmtest-boot.target"
+	systemctl daemon-reload
+}
+
 # ---------------------------------------------------------------- (b)
 check_wrong_key() {
 	local u=btrship@share.service t0 rc ms
@@ -577,6 +725,8 @@ if setup; then
 		check_wrong_key
 		check_timer
 		check_prune_timer
+		check_mount_unit
+		check_mount_order
 		;;
 	esac
 else
