@@ -798,9 +798,59 @@ impl Filesystem for MomentFs {
         xattr_reply(&names, size, reply);
     }
 
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        let inode = match self.inode(ino.0) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        match seek_data_hole(&inode.node, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: fuser::ReplyStatfs) {
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
+}
+
+/// `SEEK_DATA` / `SEEK_HOLE` from a file's data regions (holes are the
+/// gaps between them), as the file restores.
+fn seek_data_hole(n: &Node, offset: i64, whence: i32) -> Result<i64, Errno> {
+    let Ok(off) = u64::try_from(offset) else {
+        return Err(Errno::EINVAL);
+    };
+    if off >= n.size {
+        return Err(Errno::ENXIO);
+    }
+    let ends = |e: &btrship_upload::format::Extent| e.0.saturating_add(e.2);
+    let from = n.content.partition_point(|e| ends(e) <= off);
+    let pos = match whence {
+        libc::SEEK_DATA => match n.content.get(from) {
+            Some(e) => e.0.max(off),
+            None => return Err(Errno::ENXIO),
+        },
+        libc::SEEK_HOLE => {
+            let mut pos = off;
+            for e in &n.content[from..] {
+                if e.0 > pos {
+                    break;
+                }
+                pos = pos.max(ends(e));
+            }
+            pos.min(n.size)
+        }
+        _ => return Err(Errno::EINVAL),
+    };
+    i64::try_from(pos).map_err(|_| Errno::EINVAL)
 }
 
 fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
