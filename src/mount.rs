@@ -1001,3 +1001,58 @@ pub fn serve(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use btrship_upload::format::{BlobId, Extent};
+
+    fn file(size: u64, regions: &[(u64, u64)]) -> Node {
+        let mut n = Node::empty_dir(b"f", 0o644);
+        n.kind = NodeKind::File;
+        n.size = size;
+        n.content = regions
+            .iter()
+            .map(|&(o, l)| Extent(o, BlobId(ContentId([o as u8; 32])), l))
+            .collect();
+        n
+    }
+
+    #[test]
+    fn data_and_holes_follow_the_extents() {
+        // data [0,10) [10,20) hole [20,50) data [50,60) hole [60,100)
+        let n = file(100, &[(0, 10), (10, 10), (50, 10)]);
+        let data = |o| seek_data_hole(&n, o, libc::SEEK_DATA);
+        let hole = |o| seek_data_hole(&n, o, libc::SEEK_HOLE);
+        assert_eq!(data(0), Ok(0));
+        assert_eq!(data(15), Ok(15));
+        assert_eq!(data(20), Ok(50));
+        assert_eq!(data(60), Err(Errno::ENXIO));
+        assert_eq!(hole(0), Ok(20));
+        assert_eq!(hole(25), Ok(25));
+        assert_eq!(hole(55), Ok(60));
+        assert_eq!(hole(100), Err(Errno::ENXIO));
+        assert_eq!(data(-1), Err(Errno::EINVAL));
+        // A file that is all data ends in the implicit hole at EOF.
+        let full = file(10, &[(0, 10)]);
+        assert_eq!(seek_data_hole(&full, 3, libc::SEEK_HOLE), Ok(10));
+        // An empty-content file is one hole.
+        let sparse = file(10, &[]);
+        assert_eq!(seek_data_hole(&sparse, 0, libc::SEEK_DATA), Err(Errno::ENXIO));
+        assert_eq!(seek_data_hole(&sparse, 0, libc::SEEK_HOLE), Ok(0));
+    }
+
+    #[test]
+    fn inode_numbers_are_stable_distinct_and_shared_by_hard_links() {
+        let mut a = file(1, &[]);
+        a.name = b"a".to_vec();
+        let mut b = a.clone();
+        b.name = b"b".to_vec();
+        assert_ne!(child_ino(1, 5, &a), child_ino(1, 5, &b));
+        assert_eq!(child_ino(1, 5, &a), child_ino(1, 5, &a.clone()));
+        assert_ne!(child_ino(1, 5, &a), child_ino(2, 5, &a), "another moment");
+        (a.nlink, a.ino, b.nlink, b.ino) = (2, 77, 2, 77);
+        assert_eq!(child_ino(1, 5, &a), child_ino(1, 9, &b), "one inode, two names");
+        assert!(child_ino(1, 5, &a) > ROOT && moment_ino(1) > ROOT);
+    }
+}
