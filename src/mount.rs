@@ -1038,7 +1038,10 @@ mod tests {
         assert_eq!(seek_data_hole(&full, 3, libc::SEEK_HOLE), Ok(10));
         // An empty-content file is one hole.
         let sparse = file(10, &[]);
-        assert_eq!(seek_data_hole(&sparse, 0, libc::SEEK_DATA), Err(Errno::ENXIO));
+        assert_eq!(
+            seek_data_hole(&sparse, 0, libc::SEEK_DATA),
+            Err(Errno::ENXIO)
+        );
         assert_eq!(seek_data_hole(&sparse, 0, libc::SEEK_HOLE), Ok(0));
     }
 
@@ -1052,7 +1055,11 @@ mod tests {
         assert_eq!(child_ino(1, 5, &a), child_ino(1, 5, &a.clone()));
         assert_ne!(child_ino(1, 5, &a), child_ino(2, 5, &a), "another moment");
         (a.nlink, a.ino, b.nlink, b.ino) = (2, 77, 2, 77);
-        assert_eq!(child_ino(1, 5, &a), child_ino(1, 9, &b), "one inode, two names");
+        assert_eq!(
+            child_ino(1, 5, &a),
+            child_ino(1, 9, &b),
+            "one inode, two names"
+        );
         assert!(child_ino(1, 5, &a) > ROOT && moment_ino(1) > ROOT);
     }
 }

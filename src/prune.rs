@@ -13,7 +13,7 @@
 use crate::catalog::{Catalog, MomentRow};
 use crate::exit::{UserError, DAMAGED, USAGE};
 use crate::history::sync_chain;
-use crate::retention::{self, Decision, Moment, MomentKind};
+use crate::retention::{self, Decision, Moment};
 use anyhow::{Context, Result};
 use btrship_crypto::ContentId;
 use btrship_upload::format::{BlobKind, ForgetRecord, GarbageRecord, MarkedPack};
@@ -407,19 +407,7 @@ fn plan_forgets(
     report: &mut PruneReport,
 ) -> Result<Vec<u64>> {
     let live: Vec<&MomentRow> = rows.iter().filter(|m| !m.forgotten).collect();
-    let moments: Vec<Moment> = live
-        .iter()
-        .map(|m| Moment {
-            seq: m.seq,
-            kind: if m.snapshot {
-                MomentKind::Snapshot
-            } else {
-                MomentKind::Batch
-            },
-            t_first: m.t_first,
-            t_last: m.t_last,
-        })
-        .collect();
+    let moments: Vec<Moment> = live.iter().map(|m| Moment::from(*m)).collect();
     let decisions: Vec<Decision> = retention::plan(target.windows, &moments);
     // The chain's newest place stays whatever its time (the append
     // protocol reads it).

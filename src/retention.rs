@@ -174,6 +174,21 @@ pub struct Moment {
     pub t_last: i64,
 }
 
+impl From<&crate::catalog::MomentRow> for Moment {
+    fn from(r: &crate::catalog::MomentRow) -> Moment {
+        Moment {
+            seq: r.seq,
+            kind: if r.snapshot {
+                MomentKind::Snapshot
+            } else {
+                MomentKind::Batch
+            },
+            t_first: r.t_first,
+            t_last: r.t_last,
+        }
+    }
+}
+
 impl Moment {
     /// The moment's time: the state it restores to is the share at `t_last`.
     pub fn time(&self) -> i64 {

@@ -59,19 +59,7 @@ pub fn choose(windows: &Windows, rows: &[MomentRow], max: usize) -> (Vec<Listed>
     let Some(first_snapshot) = live.iter().filter(|r| r.snapshot).map(|r| r.t_last).min() else {
         return (Vec::new(), 0);
     };
-    let moments: Vec<Moment> = live
-        .iter()
-        .map(|r| Moment {
-            seq: r.seq,
-            kind: if r.snapshot {
-                MomentKind::Snapshot
-            } else {
-                MomentKind::Batch
-            },
-            t_first: r.t_first,
-            t_last: r.t_last,
-        })
-        .collect();
+    let moments: Vec<Moment> = live.iter().map(|r| Moment::from(*r)).collect();
     let decisions = retention::plan(windows, &moments);
     // label -> (best rank, the moment shown: the latest in that second)
     let mut by_label: std::collections::BTreeMap<String, (u8, Moment)> = Default::default();
