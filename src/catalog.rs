@@ -17,7 +17,7 @@
 //! cannot be opened is removed and started again.
 
 use anyhow::{Context, Result};
-use btrship_crypto::{ContentId, MasterKey};
+use btrship_crypto::{ContentId, RepoKey};
 use btrship_upload::format::{
     from_cbor, to_cbor, BlobKind, Index, Node, SnapshotRecord, VersionBatch,
 };
@@ -765,7 +765,7 @@ fn batch(b: HistoryBody) -> Option<VersionBatch> {
 /// log, never fatal).
 pub fn open_repository(
     store: Arc<dyn Store>,
-    key: Arc<MasterKey>,
+    key: Arc<RepoKey>,
     rt: tokio::runtime::Handle,
     state_dir: &Path,
     own: Option<(&str, &str, u64)>,

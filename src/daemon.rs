@@ -478,7 +478,7 @@ impl Capturer<'_> {
             "{}-{:08x}-{}",
             std::process::id(),
             self.counter,
-            &btrship_crypto::MasterKey::random_id().to_hex()[..8]
+            &btrship_crypto::RepoKey::random_id().to_hex()[..8]
         );
         let f = File::options()
             .read(true)

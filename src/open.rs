@@ -7,7 +7,7 @@
 use crate::config::RepoAddress;
 use crate::exit::{self, UserError};
 use anyhow::Result;
-use btrship_crypto::MasterKey;
+use btrship_crypto::RepoKey;
 use btrship_upload::layers;
 use btrship_upload::local::LocalStore;
 use btrship_upload::s3::{S3Config, S3Store};
@@ -139,7 +139,7 @@ fn once() -> layers::RetryPolicy {
 }
 
 /// Reads a key file; a missing one is a key error (exit 4) naming it.
-pub fn read_key(path: &Path) -> Result<Arc<MasterKey>> {
+pub fn read_key(path: &Path) -> Result<Arc<RepoKey>> {
     let key = btrship_crypto::read_key_file(path).map_err(|e| {
         let missing = matches!(&e, btrship_crypto::KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
         if missing {

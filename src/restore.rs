@@ -443,7 +443,7 @@ pub fn restore(
         b".",
         base,
         b".btrship-partial-",
-        &btrship_crypto::MasterKey::random_id().to_hex().as_bytes()[..8],
+        &btrship_crypto::RepoKey::random_id().to_hex().as_bytes()[..8],
     ]
     .concat();
     let staging_shown = parent.join(OsStr::from_bytes(&staging_name));

@@ -9,7 +9,7 @@
 use btrship::catalog::Catalog;
 use btrship::history::{self, Select};
 use btrship::state::State;
-use btrship_crypto::MasterKey;
+use btrship_crypto::RepoKey;
 use btrship_upload::format::{BlobKind, VersionBatch, VersionEntry, VersionKind};
 use btrship_upload::history::{history_name, summary_name, ChainProblem, HistoryBody, HistoryKind};
 use btrship_upload::layers::{Counters, Counting};
@@ -23,7 +23,7 @@ const HOST: &str = "h";
 struct Setup {
     _dir: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
-    key: Arc<MasterKey>,
+    key: Arc<RepoKey>,
     store: Arc<LocalStore>,
     state_dir: std::path::PathBuf,
 }
@@ -37,7 +37,7 @@ fn setup() -> Setup {
     Setup {
         _dir: dir,
         rt,
-        key: Arc::new(MasterKey::generate()),
+        key: Arc::new(RepoKey::generate()),
         store,
         state_dir,
     }

@@ -16,7 +16,7 @@ mod common;
 use btrship::progress::Progress;
 use btrship::ship::{self, ChangeDetection, Parent, ShipInput};
 use btrship::state::State;
-use btrship_crypto::{ContentId, MasterKey};
+use btrship_crypto::{ContentId, RepoKey};
 use btrship_upload::local::LocalStore;
 use btrship_upload::Repository;
 use common::{assert_same_tree, reference_snapshot, run, LoopBtrfs, Mutator};
@@ -276,7 +276,7 @@ fn random_histories_restore_exactly_and_match_a_full_walk() {
     let store = Arc::new(LocalStore::create(fs_.tmp_path().join("repo")).unwrap());
     let (repo, _) = Repository::open_or_create(
         store,
-        Arc::new(MasterKey::generate()),
+        Arc::new(RepoKey::generate()),
         rt.handle().clone(),
         "test",
     )

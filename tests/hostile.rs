@@ -5,7 +5,7 @@
 //! through the real binary. Restore must refuse with a one-line error, exit
 //! 5, and leave nothing anywhere: not in the target, not beside it.
 
-use btrship_crypto::{write_key_file, MasterKey, ObjectKind};
+use btrship_crypto::{write_key_file, RepoKey, ObjectKind};
 use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree,
 };
@@ -48,7 +48,7 @@ fn craft(build: impl FnOnce(&mut btrship_upload::PackWriter<'_>) -> Vec<Node>) -
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let key_path = root.join("k.key");
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     write_key_file(&key_path, &key).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = Arc::new(LocalStore::create(root.join("repo")).unwrap());

@@ -4,34 +4,49 @@ use std::fmt;
 use std::io::Read;
 
 use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{Tag, XNonce};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
 
-use crate::key::{KeyId, MasterKey};
+use crate::key::{KeyId, RepoKey};
 
-/// Version byte written into every envelope; the only version this crate reads.
+/// Envelope version written by the master key (symmetric, §4); the newest
+/// the config's `version` names. [`ENVELOPE_SHIP`] and [`ENVELOPE_SIGNED`]
+/// are the other two this crate reads.
 pub const FORMAT_VERSION: u8 = 1;
+/// Envelope version written by ship-only keys: sealed to the master's
+/// X25519 public key under a session key (FORMAT.md §12).
+pub const ENVELOPE_SHIP: u8 = 2;
+/// Envelope version the master writes for what ship-only keys must read:
+/// encrypted under the shared key and signed with Ed25519 (FORMAT.md §12).
+pub const ENVELOPE_SIGNED: u8 = 3;
 
 const MAGIC: &[u8; 4] = b"BSHP";
 /// magic + version + kind + key id + nonce.
 const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 24;
 /// The part of the header that goes into the associated data.
 const AAD_HEADER_LEN: usize = 4 + 1 + 1 + 8;
+#[cfg(test)]
 const NONCE_OFFSET: usize = AAD_HEADER_LEN;
+/// Version 2: magic + version + kind + key id + ephemeral public key + nonce.
+const SHIP_AAD_HEADER_LEN: usize = AAD_HEADER_LEN + 32;
+const SHIP_HEADER_LEN: usize = SHIP_AAD_HEADER_LEN + 24;
 const TAG_LEN: usize = 16;
+const SIGNATURE_LEN: usize = 64;
+/// Prefix of the message a version-3 signature covers.
+const SIGNED_CONTEXT: &[u8] = b"btrship signed object v3\0";
 
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const ZSTD_LEVEL: i32 = 3;
 
 /// Bytes a sealed object adds to its plaintext when stored uncompressed
-/// (header + tag + codec byte). It is also the smallest valid sealed object,
-/// and `plaintext.len() + ENVELOPE_OVERHEAD` bounds every sealed size.
+/// (header + tag + codec byte) under the master key (version 1). It is also
+/// the smallest valid sealed object; versions 2 and 3 add 32 and 64 bytes.
 pub const ENVELOPE_OVERHEAD: usize = HEADER_LEN + TAG_LEN + 1;
 
-/// Largest body [`MasterKey::open`] will decompress (256 MiB). Larger
-/// plaintexts are still sealed fine: [`MasterKey::seal`] stores them raw, so
+/// Largest body [`RepoKey::open`] will decompress (256 MiB). Larger
+/// plaintexts are still sealed fine: [`RepoKey::seal`] stores them raw, so
 /// everything it seals can be opened again.
 pub const MAX_DECOMPRESSED_LEN: usize = 256 << 20;
 
@@ -104,7 +119,7 @@ impl fmt::Display for ObjectKind {
 pub enum CryptoError {
     #[error("not a btrship object (bad magic or too short: {len} bytes)")]
     Malformed { len: usize },
-    #[error("object format version {found} is not supported (this btrship reads version 1); upgrade btrship")]
+    #[error("object format version {found} is not supported (this btrship reads versions 1 to 3); upgrade btrship")]
     UnsupportedVersion { found: u8 },
     /// `found` is the kind's name, or `kind-N` for an unknown kind byte N.
     #[error("object is a {found} object, expected {expected}")]
@@ -118,6 +133,10 @@ pub enum CryptoError {
     Corrupt,
     #[error("decompression failed after authentication: {0}")]
     Decompress(String),
+    /// A ship-only key met an object only the master key opens, or was
+    /// asked to sign.
+    #[error("this is a ship-only key: it adds history to the repository but cannot {what}; use the master key")]
+    ShipOnly { what: &'static str },
 }
 
 impl CryptoError {
@@ -125,80 +144,103 @@ impl CryptoError {
     pub fn is_wrong_key(&self) -> bool {
         matches!(self, CryptoError::WrongKey { .. })
     }
+
+    /// True if a ship-only key was asked for what only the master key does.
+    pub fn is_ship_only(&self) -> bool {
+        matches!(self, CryptoError::ShipOnly { .. })
+    }
 }
 
-impl MasterKey {
+impl RepoKey {
     /// Seals `plaintext` as an object of `kind` named `id`.
     ///
     /// The body is zstd-compressed (level 3) if that makes it smaller, then
-    /// encrypted with a fresh random nonce. `id` (the object's name, or a
-    /// blob's content id) and the header are bound as associated data, so the
-    /// result only opens under the same `kind` and `id`.
+    /// encrypted with a fresh random nonce: by the master key under its enc
+    /// key (envelope version 1), by a ship-only key under its current
+    /// session key (version 2, FORMAT.md §12). `id` (the object's name, or a
+    /// blob's content id) and the header are bound as associated data, so
+    /// the result only opens under the same `kind` and `id`.
     ///
     /// # Panics
     ///
     /// Only if `plaintext` exceeds XChaCha20-Poly1305's message limit of
     /// 256 GiB, which no caller can hold in memory in practice.
     pub fn seal(&self, kind: ObjectKind, id: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; 24];
-        OsRng.fill_bytes(&mut nonce);
-
-        let compressed = compress(plaintext);
-        let body = compressed.as_deref().unwrap_or(plaintext);
-
-        let mut out = Vec::with_capacity(HEADER_LEN + 1 + body.len() + TAG_LEN);
-        out.extend_from_slice(MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(kind as u8);
-        out.extend_from_slice(&self.key_id.0);
-        out.extend_from_slice(&nonce);
-        out.push(if compressed.is_some() {
-            CODEC_ZSTD
-        } else {
-            CODEC_RAW
-        });
-        out.extend_from_slice(body);
-
-        let (header, payload) = out.split_at_mut(HEADER_LEN);
-        let aad = associated_data(&header[..AAD_HEADER_LEN], id);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, payload)
-            .expect("XChaCha20-Poly1305 encrypts messages up to 256 GiB");
-        out.extend_from_slice(&tag);
-        out
+        match &self.master {
+            Some(m) => seal_with(
+                &m.cipher,
+                &self.header(FORMAT_VERSION, kind, None),
+                AAD_HEADER_LEN,
+                id,
+                plaintext,
+            ),
+            None => self.with_session(|eph, cipher| {
+                let header = self.header(ENVELOPE_SHIP, kind, Some(eph));
+                seal_with(cipher, &header, SHIP_AAD_HEADER_LEN, id, plaintext)
+            }),
+        }
     }
 
-    /// Opens an object sealed by [`seal`](Self::seal) with the same `kind` and
-    /// `id`, returning the original plaintext.
+    /// Master only: seals `plaintext` so that its ship-only keys can open
+    /// it too, and only the master can have made it (envelope version 3:
+    /// the shared key encrypts, the master's Ed25519 key signs).
+    pub fn seal_signed(
+        &self,
+        kind: ObjectKind,
+        id: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let master = self.master.as_ref().ok_or(CryptoError::ShipOnly {
+            what: "sign the records prune writes",
+        })?;
+        let header = self.header(ENVELOPE_SIGNED, kind, None);
+        let mut out = seal_with(&self.shared, &header, AAD_HEADER_LEN, id, plaintext);
+        let signature = ed25519_dalek::Signer::sign(&master.signing, &signed_message(&out, id));
+        out.extend_from_slice(&signature.to_bytes());
+        Ok(out)
+    }
+
+    fn header(&self, version: u8, kind: ObjectKind, eph: Option<&[u8; 32]>) -> Vec<u8> {
+        let mut header = Vec::with_capacity(SHIP_HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.push(version);
+        header.push(kind as u8);
+        header.extend_from_slice(&self.key_id.0);
+        if let Some(eph) = eph {
+            header.extend_from_slice(eph);
+        }
+        header
+    }
+
+    /// Opens an object sealed by [`seal`](Self::seal) or
+    /// [`seal_signed`](Self::seal_signed) with the same `kind` and `id`,
+    /// returning the original plaintext.
     ///
     /// Checks run in the order documented at the crate root, so a wrong key
     /// ([`CryptoError::WrongKey`]) and a wrong kind
     /// ([`CryptoError::KindMismatch`]) are told apart from tampering
-    /// ([`CryptoError::Corrupt`]). Never panics, whatever `sealed` contains.
+    /// ([`CryptoError::Corrupt`]). A ship-only key opens only version 3
+    /// and says [`CryptoError::ShipOnly`] for the others. Never panics,
+    /// whatever `sealed` contains.
     pub fn open(&self, kind: ObjectKind, id: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let malformed = CryptoError::Malformed { len: sealed.len() };
-        if sealed.len() < ENVELOPE_OVERHEAD {
+        if sealed.len() < ENVELOPE_OVERHEAD || &sealed[0..4] != MAGIC {
             return Err(malformed);
         }
         // Indexing below is within the length checked above.
-        let (header, rest) = sealed.split_at(HEADER_LEN);
-        if &header[0..4] != MAGIC {
-            return Err(malformed);
-        }
-        let version = header[4];
-        if version != FORMAT_VERSION {
+        let version = sealed[4];
+        if !matches!(version, FORMAT_VERSION | ENVELOPE_SHIP | ENVELOPE_SIGNED) {
             return Err(CryptoError::UnsupportedVersion { found: version });
         }
         let mut found_key = [0u8; 8];
-        found_key.copy_from_slice(&header[6..14]);
+        found_key.copy_from_slice(&sealed[6..14]);
         if found_key != self.key_id.0 {
             return Err(CryptoError::WrongKey {
                 found: KeyId(found_key),
                 expected: self.key_id,
             });
         }
-        let found_kind = header[5];
+        let found_kind = sealed[5];
         if found_kind != kind as u8 {
             return Err(CryptoError::KindMismatch {
                 found: ObjectKind::from_u8(found_kind)
@@ -206,30 +248,125 @@ impl MasterKey {
                 expected: kind.name(),
             });
         }
-
-        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let aad = associated_data(&header[..AAD_HEADER_LEN], id);
-        let mut plain = ciphertext.to_vec();
-        self.cipher
-            .decrypt_in_place_detached(
-                XNonce::from_slice(&header[NONCE_OFFSET..HEADER_LEN]),
-                &aad,
-                &mut plain,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| CryptoError::Corrupt)?;
-
-        // `plain` holds at least the codec byte: ENVELOPE_OVERHEAD counts it.
-        match plain.first().copied() {
-            Some(CODEC_RAW) => {
-                plain.remove(0);
-                Ok(plain)
+        let ship_only = CryptoError::ShipOnly {
+            what: "read what is in it",
+        };
+        match version {
+            FORMAT_VERSION => {
+                let master = self.master.as_ref().ok_or(ship_only)?;
+                open_with(&master.cipher, sealed, AAD_HEADER_LEN, id)
             }
-            Some(CODEC_ZSTD) => decompress(&plain[1..], MAX_DECOMPRESSED_LEN),
-            Some(codec) => Err(CryptoError::Decompress(format!("unknown codec {codec}"))),
-            None => Err(CryptoError::Corrupt),
+            ENVELOPE_SHIP => {
+                if self.master.is_none() {
+                    return Err(ship_only);
+                }
+                if sealed.len() < SHIP_HEADER_LEN + TAG_LEN + 1 {
+                    return Err(malformed);
+                }
+                let mut eph = [0u8; 32];
+                eph.copy_from_slice(&sealed[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN]);
+                let cipher = self.master_session(&eph).ok_or(CryptoError::Corrupt)?;
+                open_with(&cipher, sealed, SHIP_AAD_HEADER_LEN, id)
+            }
+            _ => {
+                if sealed.len() < ENVELOPE_OVERHEAD + SIGNATURE_LEN {
+                    return Err(malformed);
+                }
+                let (body, sig) = sealed.split_at(sealed.len() - SIGNATURE_LEN);
+                let mut sig_bytes = [0u8; SIGNATURE_LEN];
+                sig_bytes.copy_from_slice(sig);
+                let signature = ed25519_dalek::Signature::from_bytes(&sig_bytes);
+                self.verifying
+                    .verify_strict(&signed_message(body, id), &signature)
+                    .map_err(|_| CryptoError::Corrupt)?;
+                open_with(&self.shared, body, AAD_HEADER_LEN, id)
+            }
         }
     }
+}
+
+/// The header (everything before the nonce in `header`'s first
+/// `aad_len` bytes), a fresh nonce, the codec byte and body, encrypted, and
+/// the tag.
+fn seal_with(
+    cipher: &XChaCha20Poly1305,
+    header: &[u8],
+    aad_len: usize,
+    id: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    debug_assert_eq!(header.len(), aad_len);
+    let mut nonce = [0u8; 24];
+    OsRng.fill_bytes(&mut nonce);
+
+    let compressed = compress(plaintext);
+    let body = compressed.as_deref().unwrap_or(plaintext);
+
+    let mut out = Vec::with_capacity(aad_len + 24 + 1 + body.len() + TAG_LEN + SIGNATURE_LEN);
+    out.extend_from_slice(header);
+    out.extend_from_slice(&nonce);
+    out.push(if compressed.is_some() {
+        CODEC_ZSTD
+    } else {
+        CODEC_RAW
+    });
+    out.extend_from_slice(body);
+
+    let (head, payload) = out.split_at_mut(aad_len + 24);
+    let aad = associated_data(&head[..aad_len], id);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, payload)
+        .expect("XChaCha20-Poly1305 encrypts messages up to 256 GiB");
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// Decrypts and decompresses `sealed` (header of `aad_len` bytes, nonce,
+/// ciphertext, tag), already checked for magic, version, key and kind.
+fn open_with(
+    cipher: &XChaCha20Poly1305,
+    sealed: &[u8],
+    aad_len: usize,
+    id: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let header_len = aad_len + 24;
+    if sealed.len() < header_len + TAG_LEN + 1 {
+        return Err(CryptoError::Malformed { len: sealed.len() });
+    }
+    let (header, rest) = sealed.split_at(header_len);
+    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let aad = associated_data(&header[..aad_len], id);
+    let mut plain = ciphertext.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(&header[aad_len..header_len]),
+            &aad,
+            &mut plain,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CryptoError::Corrupt)?;
+
+    // `plain` holds at least the codec byte: the length check counts it.
+    match plain.first().copied() {
+        Some(CODEC_RAW) => {
+            plain.remove(0);
+            Ok(plain)
+        }
+        Some(CODEC_ZSTD) => decompress(&plain[1..], MAX_DECOMPRESSED_LEN),
+        Some(codec) => Err(CryptoError::Decompress(format!("unknown codec {codec}"))),
+        None => Err(CryptoError::Corrupt),
+    }
+}
+
+/// What a version-3 signature covers: a context string, the id (length
+/// first) and every byte of the object before the signature.
+fn signed_message(sealed: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(SIGNED_CONTEXT.len() + 4 + id.len() + sealed.len());
+    msg.extend_from_slice(SIGNED_CONTEXT);
+    msg.extend_from_slice(&u32::try_from(id.len()).unwrap_or(u32::MAX).to_le_bytes());
+    msg.extend_from_slice(id);
+    msg.extend_from_slice(sealed);
+    msg
 }
 
 /// `header[0..14] || u32 LE id length || id`.
@@ -314,9 +451,120 @@ mod tests {
     fn overhead_matches_layout() {
         assert_eq!(HEADER_LEN, 38);
         assert_eq!(ENVELOPE_OVERHEAD, 55);
-        let key = MasterKey::from_secret([1; 32]);
+        let key = RepoKey::from_secret([1; 32]);
         let sealed = key.seal(ObjectKind::Index, b"x", b"");
         assert_eq!(sealed.len(), ENVELOPE_OVERHEAD);
+    }
+
+    #[test]
+    fn a_ship_only_key_seals_for_the_master_and_opens_nothing() {
+        let master = RepoKey::from_secret([4; 32]);
+        let ship = master.ship_only(b"p").unwrap();
+        let sealed = ship.seal(ObjectKind::Snapshot, b"snapshots/a", b"record");
+        assert_eq!(sealed[4], ENVELOPE_SHIP);
+        assert_eq!(sealed.len(), ENVELOPE_OVERHEAD + 32 + b"record".len());
+        assert_eq!(
+            master
+                .open(ObjectKind::Snapshot, b"snapshots/a", &sealed)
+                .unwrap(),
+            b"record"
+        );
+        // Bound to its name and kind like any envelope.
+        assert!(matches!(
+            master.open(ObjectKind::Snapshot, b"snapshots/b", &sealed),
+            Err(CryptoError::Corrupt)
+        ));
+        // The ship-only key cannot open its own object, nor the master's.
+        for sealed in [
+            sealed,
+            master.seal(ObjectKind::Snapshot, b"snapshots/a", b"x"),
+        ] {
+            let err = ship
+                .open(ObjectKind::Snapshot, b"snapshots/a", &sealed)
+                .unwrap_err();
+            assert!(err.is_ship_only(), "{err}");
+        }
+        // Another repository's master cannot open it.
+        let other = RepoKey::from_secret([5; 32]);
+        let sealed = ship.seal(ObjectKind::Index, b"i", b"x");
+        assert!(other
+            .open(ObjectKind::Index, b"i", &sealed)
+            .unwrap_err()
+            .is_wrong_key());
+    }
+
+    #[test]
+    fn one_session_per_hour_and_ended_sessions_are_new() {
+        let master = RepoKey::from_secret([6; 32]);
+        let ship = master.ship_only(b"p").unwrap();
+        let eph = |s: &[u8]| s[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN].to_vec();
+        let a = ship.seal(ObjectKind::DataBlob, b"1", b"a");
+        let b = ship.seal(ObjectKind::DataBlob, b"2", b"b");
+        assert_eq!(eph(&a), eph(&b));
+        ship.end_session();
+        let c = ship.seal(ObjectKind::DataBlob, b"3", b"c");
+        assert_ne!(eph(&a), eph(&c));
+        // An old session's start time past the lifetime rotates too.
+        if let Some(s) = ship.session.lock().unwrap().as_mut() {
+            s.started -= crate::SESSION_LIFETIME;
+        }
+        let d = ship.seal(ObjectKind::DataBlob, b"4", b"d");
+        assert_ne!(eph(&c), eph(&d));
+        for (id, sealed, plain) in [(b"1", a, b"a"), (b"3", c, b"c"), (b"4", d, b"d")] {
+            assert_eq!(
+                master.open(ObjectKind::DataBlob, id, &sealed).unwrap(),
+                plain
+            );
+        }
+    }
+
+    #[test]
+    fn a_forged_session_key_does_not_open() {
+        // Anyone can make an X25519 key pair; without the ship secret the
+        // session key differs, and a low-order point is refused outright.
+        let master = RepoKey::from_secret([7; 32]);
+        let ship = master.ship_only(b"p").unwrap();
+        let mut sealed = ship.seal(ObjectKind::Index, b"i", b"x");
+        sealed[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN].copy_from_slice(&[0u8; 32]);
+        assert!(matches!(
+            master.open(ObjectKind::Index, b"i", &sealed),
+            Err(CryptoError::Corrupt)
+        ));
+    }
+
+    #[test]
+    fn signed_objects_open_for_both_and_only_the_master_signs() {
+        let master = RepoKey::from_secret([8; 32]);
+        let ship = master.ship_only(b"p").unwrap();
+        let sealed = master
+            .seal_signed(ObjectKind::Garbage, b"gc/1", b"marks")
+            .unwrap();
+        assert_eq!(sealed[4], ENVELOPE_SIGNED);
+        assert_eq!(
+            ship.open(ObjectKind::Garbage, b"gc/1", &sealed).unwrap(),
+            b"marks"
+        );
+        assert_eq!(
+            master.open(ObjectKind::Garbage, b"gc/1", &sealed).unwrap(),
+            b"marks"
+        );
+        assert!(ship
+            .seal_signed(ObjectKind::Garbage, b"gc/1", b"x")
+            .unwrap_err()
+            .is_ship_only());
+        // A ship-only key can encrypt under the shared key but not sign: an
+        // object it makes with a wrong signature is refused.
+        let mut forged = sealed.clone();
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        assert!(matches!(
+            ship.open(ObjectKind::Garbage, b"gc/1", &forged),
+            Err(CryptoError::Corrupt)
+        ));
+        assert!(matches!(
+            ship.open(ObjectKind::Garbage, b"gc/2", &sealed),
+            Err(CryptoError::Corrupt)
+        ));
     }
 
     #[test]
@@ -361,7 +609,7 @@ mod tests {
 
     #[test]
     fn codec_bytes_are_as_documented() {
-        let key = MasterKey::from_secret([2; 32]);
+        let key = RepoKey::from_secret([2; 32]);
         for (data, codec) in [
             (vec![9u8; 4096], CODEC_ZSTD),
             (b"short".to_vec(), CODEC_RAW),
@@ -370,7 +618,10 @@ mod tests {
             let (header, rest) = sealed.split_at(HEADER_LEN);
             let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
             let mut plain = ct.to_vec();
-            key.cipher
+            key.master
+                .as_ref()
+                .unwrap()
+                .cipher
                 .decrypt_in_place_detached(
                     XNonce::from_slice(&header[NONCE_OFFSET..]),
                     &associated_data(&header[..AAD_HEADER_LEN], b"id"),
@@ -384,12 +635,15 @@ mod tests {
 
     #[test]
     fn unknown_codec_is_reported() {
-        let key = MasterKey::from_secret([3; 32]);
+        let key = RepoKey::from_secret([3; 32]);
         let mut sealed = key.seal(ObjectKind::Config, b"config", b"hello");
         // Re-encrypt the same header with a bogus codec byte.
         let (header, _) = sealed.split_at(HEADER_LEN);
         let mut payload = b"\x07hello".to_vec();
         let tag = key
+            .master
+            .as_ref()
+            .unwrap()
             .cipher
             .encrypt_in_place_detached(
                 XNonce::from_slice(&header[NONCE_OFFSET..]),

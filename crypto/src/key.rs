@@ -1,15 +1,41 @@
-//! The master key, its derived sub-keys, key ids and content ids.
+//! Repository keys: the master key, the ship-only key derived from it, their
+//! sub-keys, key ids and content ids.
+//!
+//! A [`RepoKey`] is either the **master key** (can seal and open everything)
+//! or a **ship-only key** (FORMAT.md §12): it computes content ids and object
+//! names and seals new objects to the master's X25519 public key under a
+//! session key it forgets within the hour, so it can add history but never
+//! open any of it, its own earlier shipments included. It can open only the
+//! objects the master signs for it (garbage records).
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::rngs::OsRng;
 use rand::RngCore;
+use x25519_dalek::{EphemeralSecret, PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 const ENC_KEY_CONTEXT: &str = "btrship 2026-11 encryption key v1";
 const ID_KEY_CONTEXT: &str = "btrship 2026-11 content id key v1";
 const KEY_ID_CONTEXT: &str = "btrship 2026-11 key id v1";
+const X25519_CONTEXT: &str = "btrship 2026-12 x25519 secret v1";
+const SHIP_SECRET_CONTEXT: &str = "btrship 2026-12 ship secret v1";
+const SIGNING_CONTEXT: &str = "btrship 2026-12 signing key v1";
+const SHARED_KEY_CONTEXT: &str = "btrship 2026-12 shared key v1";
+const SESSION_KEY_CONTEXT: &str = "btrship 2026-12 session key v1";
+
+/// How long a ship-only key seals with one session key before it draws a
+/// new ephemeral key pair and forgets the old session (FORMAT.md §12).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Session ciphers a master key keeps derived (one X25519 each); past this
+/// the cache starts again. A restore meets one session per ship hour.
+const SESSION_CACHE: usize = 4096;
 
 /// 32-byte keyed content id (BLAKE3 keyed hash under the id sub-key).
 ///
@@ -64,48 +90,151 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// The repository master key and the sub-keys derived from it.
-///
-/// Secret material is wiped from memory when the key is dropped. `Debug`
-/// prints only the public [`KeyId`]; there is deliberately no `Display` and
-/// no `Clone` (share it with `Arc` instead of copying the secret around).
-pub struct MasterKey {
+/// What only the master key holds.
+pub(crate) struct MasterPart {
     /// The 32-byte secret, as stored in the key file.
     pub(crate) secret: Zeroizing<[u8; 32]>,
-    /// AEAD instance keyed with the enc sub-key (zeroizes its key on drop).
+    /// AEAD keyed with the enc sub-key (envelope version 1).
     pub(crate) cipher: XChaCha20Poly1305,
-    /// Key for content ids.
-    pub(crate) id_key: Zeroizing<[u8; 32]>,
-    pub(crate) key_id: KeyId,
+    /// X25519 secret that opens what ship-only keys seal (version 2).
+    pub(crate) x_secret: StaticSecret,
+    /// Ed25519 key that signs what ship-only keys may read (version 3).
+    pub(crate) signing: SigningKey,
+    /// Session ciphers already derived, by ephemeral public key.
+    pub(crate) sessions: Mutex<HashMap<[u8; 32], XChaCha20Poly1305>>,
 }
 
-impl MasterKey {
-    /// A new key from 32 random bytes from the operating system's CSPRNG.
+/// A ship-only key's current session: the ephemeral public key written into
+/// every envelope it seals and the cipher derived for it. The ephemeral
+/// secret itself is dropped as soon as the cipher is derived.
+pub(crate) struct Session {
+    pub(crate) eph_public: [u8; 32],
+    pub(crate) cipher: XChaCha20Poly1305,
+    pub(crate) started: Instant,
+}
+
+/// A repository key: the master key, or a ship-only key derived from it.
+///
+/// Secret material is wiped from memory when the key is dropped. `Debug`
+/// prints only the public [`KeyId`] and the kind; there is deliberately no
+/// `Display` and no `Clone` (share it with `Arc`).
+pub struct RepoKey {
+    pub(crate) key_id: KeyId,
+    /// Key for content ids and keyed object names.
+    pub(crate) id_key: Zeroizing<[u8; 32]>,
+    /// Shared by the master and its ship-only keys: mixed into every
+    /// session key, so only they can make objects the master accepts.
+    pub(crate) ship_secret: Zeroizing<[u8; 32]>,
+    /// The master's X25519 public key, to which sessions are sealed.
+    pub(crate) master_public: PublicKey,
+    /// The master's Ed25519 public key, which signs version-3 objects.
+    pub(crate) verifying: VerifyingKey,
+    /// AEAD for version-3 objects (keyed from the ship secret).
+    pub(crate) shared: XChaCha20Poly1305,
+    /// `Some` for the master key.
+    pub(crate) master: Option<MasterPart>,
+    /// Ship-only keys: the session in use (rotated after
+    /// [`SESSION_LIFETIME`]).
+    pub(crate) session: Mutex<Option<Session>>,
+    /// Ship-only keys: the repository parameters the key file carries (the
+    /// `config` body, which a ship-only key cannot open in the store).
+    pub(crate) params: Vec<u8>,
+}
+
+impl RepoKey {
+    /// A new master key from 32 random bytes from the OS CSPRNG.
     pub fn generate() -> Self {
         let mut secret = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(secret.as_mut());
         Self::from_zeroizing(secret)
     }
 
-    /// The key with the given secret (as read from a key file).
+    /// The master key with the given secret (as read from a key file).
     pub fn from_secret(secret: [u8; 32]) -> Self {
         Self::from_zeroizing(Zeroizing::new(secret))
     }
 
     pub(crate) fn from_zeroizing(secret: Zeroizing<[u8; 32]>) -> Self {
-        let enc_key = Zeroizing::new(blake3::derive_key(ENC_KEY_CONTEXT, secret.as_ref()));
-        let id_key = Zeroizing::new(blake3::derive_key(ID_KEY_CONTEXT, secret.as_ref()));
+        let derive = |context| Zeroizing::new(blake3::derive_key(context, secret.as_ref()));
+        let enc_key = derive(ENC_KEY_CONTEXT);
+        let id_key = derive(ID_KEY_CONTEXT);
+        let ship_secret = derive(SHIP_SECRET_CONTEXT);
+        let x_secret = StaticSecret::from(*derive(X25519_CONTEXT));
+        let signing = SigningKey::from_bytes(&derive(SIGNING_CONTEXT));
+        let master_public = PublicKey::from(&x_secret);
+        let verifying = signing.verifying_key();
         let key_id = derive_key_id(&secret);
-        let cipher = XChaCha20Poly1305::new(enc_key.as_ref().into());
-        MasterKey {
+        let master = MasterPart {
+            cipher: XChaCha20Poly1305::new(enc_key.as_ref().into()),
             secret,
-            cipher,
-            id_key,
+            x_secret,
+            signing,
+            sessions: Mutex::new(HashMap::new()),
+        };
+        Self::assemble(
             key_id,
+            id_key,
+            ship_secret,
+            master_public,
+            verifying,
+            Some(master),
+            Vec::new(),
+        )
+    }
+
+    pub(crate) fn assemble(
+        key_id: KeyId,
+        id_key: Zeroizing<[u8; 32]>,
+        ship_secret: Zeroizing<[u8; 32]>,
+        master_public: PublicKey,
+        verifying: VerifyingKey,
+        master: Option<MasterPart>,
+        params: Vec<u8>,
+    ) -> Self {
+        let shared_key =
+            Zeroizing::new(blake3::derive_key(SHARED_KEY_CONTEXT, ship_secret.as_ref()));
+        RepoKey {
+            key_id,
+            id_key,
+            ship_secret,
+            master_public,
+            verifying,
+            shared: XChaCha20Poly1305::new(shared_key.as_ref().into()),
+            master,
+            session: Mutex::new(None),
+            params,
         }
     }
 
-    /// The public fingerprint of this key.
+    /// The ship-only key of this master key, carrying `params` (the
+    /// repository's `config` body) for the machine that will use it. None
+    /// when this key is itself ship-only.
+    pub fn ship_only(&self, params: &[u8]) -> Option<RepoKey> {
+        self.master.as_ref()?;
+        Some(Self::assemble(
+            self.key_id,
+            self.id_key.clone(),
+            self.ship_secret.clone(),
+            self.master_public,
+            self.verifying,
+            None,
+            params.to_vec(),
+        ))
+    }
+
+    /// True for the master key; false for a ship-only key.
+    pub fn is_master(&self) -> bool {
+        self.master.is_some()
+    }
+
+    /// A ship-only key's repository parameters (the `config` body); None
+    /// for the master key (it reads `config` from the store).
+    pub fn ship_params(&self) -> Option<&[u8]> {
+        (!self.is_master()).then_some(self.params.as_slice())
+    }
+
+    /// The public fingerprint of the master key (a ship-only key carries
+    /// its master's: every object names the key that can open it).
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
@@ -122,6 +251,80 @@ impl MasterKey {
         OsRng.fill_bytes(&mut id);
         ContentId(id)
     }
+
+    /// The session key for ephemeral public key `eph` (FORMAT.md §12):
+    /// `derive_key(SESSION_KEY_CONTEXT, ship secret || X25519 shared secret
+    /// || eph || master public)`. None when the shared secret is not
+    /// contributory (a low-order `eph`, which only a forger would write).
+    pub(crate) fn session_cipher(
+        &self,
+        shared_secret: &x25519_dalek::SharedSecret,
+        eph: &[u8; 32],
+    ) -> Option<XChaCha20Poly1305> {
+        if !shared_secret.was_contributory() {
+            return None;
+        }
+        let mut input = Zeroizing::new(Vec::with_capacity(128));
+        input.extend_from_slice(self.ship_secret.as_ref());
+        input.extend_from_slice(shared_secret.as_bytes());
+        input.extend_from_slice(eph);
+        input.extend_from_slice(self.master_public.as_bytes());
+        let key = Zeroizing::new(blake3::derive_key(SESSION_KEY_CONTEXT, &input));
+        Some(XChaCha20Poly1305::new(key.as_ref().into()))
+    }
+
+    /// A ship-only key's session, started or rotated as needed; calls `f`
+    /// with its ephemeral public key and cipher.
+    pub(crate) fn with_session<T>(&self, f: impl FnOnce(&[u8; 32], &XChaCha20Poly1305) -> T) -> T {
+        let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = slot
+            .as_ref()
+            .is_some_and(|s| s.started.elapsed() < SESSION_LIFETIME);
+        if !fresh {
+            // The previous session's cipher is dropped (and wiped) here.
+            *slot = None;
+            loop {
+                let eph_secret = EphemeralSecret::random_from_rng(OsRng);
+                let eph_public = PublicKey::from(&eph_secret).to_bytes();
+                let shared = eph_secret.diffie_hellman(&self.master_public);
+                if let Some(cipher) = self.session_cipher(&shared, &eph_public) {
+                    *slot = Some(Session {
+                        eph_public,
+                        cipher,
+                        started: Instant::now(),
+                    });
+                    break;
+                }
+            }
+        }
+        let Some(s) = slot.as_ref() else {
+            unreachable!("a session was just started")
+        };
+        f(&s.eph_public, &s.cipher)
+    }
+
+    /// Ends a ship-only key's current session now: what it sealed can no
+    /// longer be opened by anything on this machine. The next seal starts a
+    /// new one. A no-op for the master key.
+    pub fn end_session(&self) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Master only: the session cipher for ephemeral key `eph`, cached.
+    pub(crate) fn master_session(&self, eph: &[u8; 32]) -> Option<XChaCha20Poly1305> {
+        let master = self.master.as_ref()?;
+        let mut cache = master.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(eph) {
+            return Some(c.clone());
+        }
+        let shared = master.x_secret.diffie_hellman(&PublicKey::from(*eph));
+        let cipher = self.session_cipher(&shared, eph)?;
+        if cache.len() >= SESSION_CACHE {
+            cache.clear();
+        }
+        cache.insert(*eph, cipher.clone());
+        Some(cipher)
+    }
 }
 
 /// First 8 bytes of `derive_key("btrship 2026-11 key id v1", secret)`.
@@ -132,11 +335,15 @@ pub(crate) fn derive_key_id(secret: &[u8; 32]) -> KeyId {
     KeyId(id)
 }
 
-impl fmt::Debug for MasterKey {
+impl fmt::Debug for RepoKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MasterKey")
-            .field("key_id", &format_args!("{}", self.key_id))
-            .finish()
+        f.debug_struct(if self.is_master() {
+            "RepoKey"
+        } else {
+            "ShipOnlyKey"
+        })
+        .field("key_id", &format_args!("{}", self.key_id))
+        .finish()
     }
 }
 
@@ -144,31 +351,42 @@ impl fmt::Debug for MasterKey {
 mod tests {
     use super::*;
 
+    fn secret_of(key: &RepoKey) -> [u8; 32] {
+        *key.master.as_ref().unwrap().secret
+    }
+
     #[test]
     fn debug_never_shows_key_material() {
-        let key = MasterKey::generate();
+        let key = RepoKey::generate();
+        let secret = secret_of(&key);
         let shown = format!("{key:?} {key:#?}");
         assert_eq!(
             format!("{key:?}"),
-            format!("MasterKey {{ key_id: {} }}", key.key_id())
+            format!("RepoKey {{ key_id: {} }}", key.key_id())
         );
 
-        let secret_hex = hex::encode(*key.secret);
-        let enc_hex = hex::encode(blake3::derive_key(ENC_KEY_CONTEXT, key.secret.as_ref()));
+        let secret_hex = hex::encode(secret);
+        let enc_hex = hex::encode(blake3::derive_key(ENC_KEY_CONTEXT, &secret));
         let id_hex = hex::encode(*key.id_key);
-        for material in [&secret_hex, &enc_hex, &id_hex] {
+        let ship_hex = hex::encode(*key.ship_secret);
+        for material in [&secret_hex, &enc_hex, &id_hex, &ship_hex] {
             // Not the whole thing, and not even an 8-byte window of it.
             for window in material.as_bytes().chunks(16) {
                 let window = std::str::from_utf8(window).unwrap();
                 assert!(!shown.contains(window), "{shown} leaks {window}");
             }
         }
+        let ship = key.ship_only(b"p").unwrap();
+        assert_eq!(
+            format!("{ship:?}"),
+            format!("ShipOnlyKey {{ key_id: {} }}", key.key_id())
+        );
     }
 
     #[test]
     fn sub_keys_follow_the_documented_derivation() {
         let secret = [7u8; 32];
-        let key = MasterKey::from_secret(secret);
+        let key = RepoKey::from_secret(secret);
         assert_eq!(*key.id_key, blake3::derive_key(ID_KEY_CONTEXT, &secret));
         assert_eq!(
             key.key_id().0[..],
@@ -178,8 +396,27 @@ mod tests {
             key.content_id(b"abc").0,
             *blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &secret), b"abc").as_bytes()
         );
-        // The three sub-keys are independent of each other and of the secret.
+        assert_eq!(
+            *key.ship_secret,
+            blake3::derive_key(SHIP_SECRET_CONTEXT, &secret)
+        );
+        let x = StaticSecret::from(blake3::derive_key(X25519_CONTEXT, &secret));
+        assert_eq!(key.master_public.as_bytes(), PublicKey::from(&x).as_bytes());
+        // The sub-keys are independent of each other and of the secret.
         assert_ne!(*key.id_key, secret);
         assert_ne!(*key.id_key, blake3::derive_key(ENC_KEY_CONTEXT, &secret));
+        assert_ne!(*key.ship_secret, *key.id_key);
+    }
+
+    #[test]
+    fn a_ship_only_key_names_and_ids_as_its_master() {
+        let master = RepoKey::generate();
+        let ship = master.ship_only(b"params").unwrap();
+        assert!(!ship.is_master());
+        assert!(ship.ship_only(b"x").is_none());
+        assert_eq!(ship.key_id(), master.key_id());
+        assert_eq!(ship.content_id(b"abc"), master.content_id(b"abc"));
+        assert_eq!(ship.ship_params(), Some(&b"params"[..]));
+        assert_eq!(master.ship_params(), None);
     }
 }

@@ -7,11 +7,16 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::key::{derive_key_id, KeyId, MasterKey};
+use crate::key::{derive_key_id, KeyId, RepoKey};
+use ed25519_dalek::VerifyingKey;
+use x25519_dalek::PublicKey;
 
 const COMMENT: &str = "# btrship key: keep it secret; keep a copy off this machine. \
                        Without it nothing can be restored.";
 const TAG: &str = "btrship-key-v1";
+const SHIP_COMMENT: &str = "# btrship ship-only key: it adds history to one repository and cannot read any of it.\n\
+                            # Restores, mounts and prune need the master key, which must not be on this machine.";
+const SHIP_TAG: &str = "btrship-ship-key-v1";
 /// Key files are a couple of hundred bytes; refuse to slurp anything huge.
 const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
 
@@ -38,7 +43,44 @@ pub enum KeyFileError {
 /// overwrites: an existing file gives [`KeyFileError::Exists`]. The file and
 /// its directory are fsynced before returning; if writing fails, the partial
 /// file is removed.
-pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<(), KeyFileError> {
+pub fn write_key_file(path: &Path, key: &RepoKey) -> Result<(), KeyFileError> {
+    let contents = match &key.master {
+        Some(m) => Zeroizing::new(format!(
+            "{COMMENT}\n{TAG} {} {}\n",
+            hex::encode(*m.secret),
+            key.key_id()
+        )),
+        None => {
+            let fields = ship_fields(key);
+            Zeroizing::new(format!(
+                "{SHIP_COMMENT}\n{SHIP_TAG} {} {}\n",
+                fields.join(" "),
+                ship_check(&fields)
+            ))
+        }
+    };
+    write_new_file(path, &contents)
+}
+
+/// The fields of a ship-only key line, before its check field.
+fn ship_fields(key: &RepoKey) -> Vec<String> {
+    vec![
+        key.key_id().to_string(),
+        hex::encode(*key.id_key),
+        hex::encode(*key.ship_secret),
+        hex::encode(key.master_public.as_bytes()),
+        hex::encode(key.verifying.as_bytes()),
+        hex::encode(&key.params),
+    ]
+}
+
+/// 16 hex characters of BLAKE3 over the other fields: catches a mistyped or
+/// damaged ship-only key line (it has no secret to derive a key id from).
+fn ship_check(fields: &[String]) -> String {
+    hex::encode(&blake3::hash(fields.join(" ").as_bytes()).as_bytes()[..8])
+}
+
+fn write_new_file(path: &Path, contents: &str) -> Result<(), KeyFileError> {
     let io_err = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -68,11 +110,6 @@ pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<(), KeyFileError> 
             _ => io_err(e),
         })?;
 
-    let contents = Zeroizing::new(format!(
-        "{COMMENT}\n{TAG} {} {}\n",
-        hex::encode(*key.secret),
-        key.key_id()
-    ));
     let written = file
         .write_all(contents.as_bytes())
         .and_then(|()| file.sync_all());
@@ -96,7 +133,7 @@ pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<(), KeyFileError> 
 /// Refuses a file that group or others may access
 /// ([`KeyFileError::Permissions`]), and one whose key id field does not match
 /// its secret ([`KeyFileError::Format`]).
-pub fn read_key_file(path: &Path) -> Result<MasterKey, KeyFileError> {
+pub fn read_key_file(path: &Path) -> Result<RepoKey, KeyFileError> {
     let io_err = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -142,12 +179,13 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey, KeyFileError> {
     parse_key_line(line).map_err(|reason| format_err(&reason))
 }
 
-/// Parses `btrship-key-v1 <secret hex> <key id hex>`. Error messages never
-/// include the secret.
-fn parse_key_line(line: &str) -> Result<MasterKey, String> {
+/// Parses `btrship-key-v1 <secret hex> <key id hex>` (the master key) or
+/// a `btrship-ship-key-v1` line. Error messages never include the secret.
+fn parse_key_line(line: &str) -> Result<RepoKey, String> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     match fields.first() {
         Some(&TAG) => {}
+        Some(&SHIP_TAG) => return parse_ship_line(&fields),
         Some(tag) if tag.starts_with("btrship-key-") => {
             return Err(format!("unsupported key format {tag:?}; upgrade btrship"))
         }
@@ -175,7 +213,48 @@ fn parse_key_line(line: &str) -> Result<MasterKey, String> {
             KeyId(key_id)
         ));
     }
-    Ok(MasterKey::from_zeroizing(secret))
+    Ok(RepoKey::from_zeroizing(secret))
+}
+
+/// `btrship-ship-key-v1 <key id> <id key> <ship secret> <x25519 public>
+/// <ed25519 public> <params> <check>`, all hex.
+fn parse_ship_line(fields: &[&str]) -> Result<RepoKey, String> {
+    let &[_, key_id_hex, id_hex, ship_hex, x_hex, ed_hex, params_hex, check] = fields else {
+        return Err(format!(
+            "the ship-only key line has {} fields, expected 8",
+            fields.len()
+        ));
+    };
+    let own: Vec<String> = fields[1..7].iter().map(|f| f.to_string()).collect();
+    if ship_check(&own) != check {
+        return Err(
+            "the check field does not match the key: the file was mistyped or damaged".into(),
+        );
+    }
+    let bytes32 = |hex_text: &str, what: &str| -> Result<Zeroizing<[u8; 32]>, String> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(hex_text, out.as_mut())
+            .map_err(|_| format!("the {what} is not 64 hex characters"))?;
+        Ok(out)
+    };
+    let mut key_id = [0u8; 8];
+    hex::decode_to_slice(key_id_hex, &mut key_id)
+        .map_err(|_| "the key id is not 16 hex characters".to_owned())?;
+    let id_key = bytes32(id_hex, "id key")?;
+    let ship_secret = bytes32(ship_hex, "ship secret")?;
+    let master_public = PublicKey::from(*bytes32(x_hex, "master public key")?);
+    let verifying = VerifyingKey::from_bytes(&*bytes32(ed_hex, "signing public key")?)
+        .map_err(|_| "the signing public key is not a valid Ed25519 key".to_owned())?;
+    let params = hex::decode(params_hex).map_err(|_| "the parameters are not hex".to_owned())?;
+    Ok(RepoKey::assemble(
+        KeyId(key_id),
+        id_key,
+        ship_secret,
+        master_public,
+        verifying,
+        None,
+        params,
+    ))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -200,8 +279,41 @@ mod tests {
     }
 
     #[test]
+    fn a_ship_only_key_round_trips_and_a_typo_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = RepoKey::generate();
+        let ship = master.ship_only(b"repository parameters").unwrap();
+        let path = dir.path().join("ship.key");
+        write_key_file(&path, &ship).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# btrship ship-only key"), "{text}");
+        let back = read_key_file(&path).unwrap();
+        assert!(!back.is_master());
+        assert_eq!(back.key_id(), master.key_id());
+        assert_eq!(back.ship_params(), Some(&b"repository parameters"[..]));
+        assert_eq!(back.content_id(b"x"), master.content_id(b"x"));
+        // What the file's key seals, the master opens.
+        let sealed = back.seal(crate::ObjectKind::Index, b"index/a", b"body");
+        assert_eq!(
+            master
+                .open(crate::ObjectKind::Index, b"index/a", &sealed)
+                .unwrap(),
+            b"body"
+        );
+
+        let line = text.lines().find(|l| l.starts_with(SHIP_TAG)).unwrap();
+        let mut fields: Vec<&str> = line.split_whitespace().collect();
+        let flipped = fields[3].replacen('0', "1", 1).replacen('a', "b", 1);
+        fields[3] = &flipped;
+        let err = parse_key_line(&fields.join(" ")).unwrap_err();
+        assert!(err.contains("check field"), "{err}");
+        let err = parse_key_line(&fields[..5].join(" ")).unwrap_err();
+        assert!(err.contains("expected 8"), "{err}");
+    }
+
+    #[test]
     fn parse_errors_do_not_leak_the_secret() {
-        let key = MasterKey::from_secret([0xab; 32]);
+        let key = RepoKey::from_secret([0xab; 32]);
         let secret_hex = hex::encode([0xab; 32]);
         for line in [
             format!("{TAG} {secret_hex} 0000000000000000"),

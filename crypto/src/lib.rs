@@ -6,7 +6,7 @@
 //!
 //! # Keys
 //!
-//! A repository has one 32-byte random secret, the [`MasterKey`]. Everything
+//! A repository has one 32-byte random secret, the [`RepoKey`]. Everything
 //! else is derived from it with BLAKE3 `derive_key(context, secret)`:
 //!
 //! | sub-key | context string                      | use                              |
@@ -39,7 +39,7 @@
 //! the body smaller. After authentication, decompression output is capped at
 //! [`MAX_DECOMPRESSED_LEN`] (256 MiB) so hostile data cannot exhaust memory.
 //!
-//! [`MasterKey::open`] checks, in order: length ≥ [`ENVELOPE_OVERHEAD`] and
+//! [`RepoKey::open`] checks, in order: length ≥ [`ENVELOPE_OVERHEAD`] and
 //! magic ([`CryptoError::Malformed`]), version
 //! ([`CryptoError::UnsupportedVersion`]), key id ([`CryptoError::WrongKey`]),
 //! kind ([`CryptoError::KindMismatch`]), authentication
@@ -62,7 +62,8 @@ mod key;
 mod keyfile;
 
 pub use envelope::{
-    CryptoError, ObjectKind, ENVELOPE_OVERHEAD, FORMAT_VERSION, MAX_DECOMPRESSED_LEN,
+    CryptoError, ObjectKind, ENVELOPE_OVERHEAD, ENVELOPE_SHIP, ENVELOPE_SIGNED, FORMAT_VERSION,
+    MAX_DECOMPRESSED_LEN,
 };
-pub use key::{ContentId, KeyId, MasterKey};
+pub use key::{ContentId, KeyId, RepoKey, SESSION_LIFETIME};
 pub use keyfile::{read_key_file, write_key_file, KeyFileError};

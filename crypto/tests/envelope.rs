@@ -1,7 +1,7 @@
 //! Envelope behaviour through the public API: round trips, tamper detection,
 //! binding of kind/id/key.
 
-use btrship_crypto::{ContentId, CryptoError, MasterKey, ObjectKind, ENVELOPE_OVERHEAD};
+use btrship_crypto::{ContentId, CryptoError, ObjectKind, RepoKey, ENVELOPE_OVERHEAD};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
@@ -24,7 +24,7 @@ fn repetitive_bytes(len: usize) -> Vec<u8> {
 
 #[test]
 fn round_trip_random_data() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     for &len in SIZES {
         let data = random_bytes(len, len as u64);
         let sealed = key.seal(ObjectKind::DataBlob, b"blob", &data);
@@ -37,7 +37,7 @@ fn round_trip_random_data() {
 
 #[test]
 fn round_trip_repetitive_data_and_compresses() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     for &len in SIZES {
         let data = repetitive_bytes(len);
         let sealed = key.seal(ObjectKind::TreeBlob, b"tree", &data);
@@ -56,14 +56,14 @@ fn round_trip_repetitive_data_and_compresses() {
 
 #[test]
 fn sealing_twice_gives_different_bytes() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let a = key.seal(ObjectKind::Index, b"index/1", b"same");
     let b = key.seal(ObjectKind::Index, b"index/1", b"same");
     assert_ne!(a, b, "nonces must be fresh");
 }
 
 /// Every single-byte change, truncation and extension of `sealed` must fail.
-fn assert_tamper_evident(key: &MasterKey, kind: ObjectKind, id: &[u8], sealed: &[u8]) {
+fn assert_tamper_evident(key: &RepoKey, kind: ObjectKind, id: &[u8], sealed: &[u8]) {
     assert!(key.open(kind, id, sealed).is_ok());
     for i in 0..sealed.len() {
         for flip in [0x01, 0x80, 0xff] {
@@ -94,7 +94,7 @@ fn assert_tamper_evident(key: &MasterKey, kind: ObjectKind, id: &[u8], sealed: &
 
 #[test]
 fn any_modification_of_a_raw_object_fails() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let data = random_bytes(245, 1);
     let sealed = key.seal(ObjectKind::Snapshot, b"snapshots/ab", &data);
     assert_eq!(sealed.len(), 300);
@@ -103,7 +103,7 @@ fn any_modification_of_a_raw_object_fails() {
 
 #[test]
 fn any_modification_of_a_compressed_object_fails() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let data = repetitive_bytes(20_000);
     let sealed = key.seal(ObjectKind::DataBlob, b"id", &data);
     assert!(sealed.len() < 500, "expected a compressed body");
@@ -112,7 +112,7 @@ fn any_modification_of_a_compressed_object_fails() {
 
 #[test]
 fn short_or_foreign_input_is_malformed() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     for input in [&b""[..], b"BSHP", &[0u8; 100], &[0xffu8; 55]] {
         assert!(matches!(
             key.open(ObjectKind::Config, b"config", input),
@@ -123,19 +123,19 @@ fn short_or_foreign_input_is_malformed() {
 
 #[test]
 fn future_version_asks_for_an_upgrade() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let mut sealed = key.seal(ObjectKind::Config, b"config", b"{}");
-    sealed[4] = 2;
+    sealed[4] = 4;
     let err = key
         .open(ObjectKind::Config, b"config", &sealed)
         .unwrap_err();
-    assert!(matches!(err, CryptoError::UnsupportedVersion { found: 2 }));
+    assert!(matches!(err, CryptoError::UnsupportedVersion { found: 4 }));
     assert!(err.to_string().contains("upgrade btrship"));
 }
 
 #[test]
 fn different_kind_is_a_kind_mismatch() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let sealed = key.seal(ObjectKind::DataBlob, b"id", b"payload");
     let err = key.open(ObjectKind::TreeBlob, b"id", &sealed).unwrap_err();
     match &err {
@@ -152,7 +152,7 @@ fn different_kind_is_a_kind_mismatch() {
 fn relabelled_kind_byte_fails() {
     // Rewriting the kind byte to match what the reader expects is caught by
     // authentication.
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let mut sealed = key.seal(ObjectKind::DataBlob, b"id", b"payload");
     sealed[5] = ObjectKind::TreeBlob as u8;
     assert!(matches!(
@@ -166,7 +166,7 @@ fn relabelled_kind_byte_fails() {
 
 #[test]
 fn different_id_is_corrupt() {
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     let sealed = key.seal(ObjectKind::Index, b"index/aa", b"payload");
     for other_id in [&b"index/ab"[..], b"index/a", b"index/aa\0", b""] {
         assert!(matches!(
@@ -178,8 +178,8 @@ fn different_id_is_corrupt() {
 
 #[test]
 fn wrong_key_is_reported_as_such() {
-    let key = MasterKey::generate();
-    let other = MasterKey::generate();
+    let key = RepoKey::generate();
+    let other = RepoKey::generate();
     let sealed = key.seal(ObjectKind::Config, b"config", b"payload");
     let err = other
         .open(ObjectKind::Config, b"config", &sealed)
@@ -205,9 +205,9 @@ fn wrong_key_is_reported_as_such() {
 
 #[test]
 fn content_id_is_keyed_and_deterministic() {
-    let a = MasterKey::from_secret([1; 32]);
-    let a_again = MasterKey::from_secret([1; 32]);
-    let b = MasterKey::from_secret([2; 32]);
+    let a = RepoKey::from_secret([1; 32]);
+    let a_again = RepoKey::from_secret([1; 32]);
+    let b = RepoKey::from_secret([2; 32]);
     assert_eq!(a.content_id(b"chunk"), a_again.content_id(b"chunk"));
     assert_ne!(a.content_id(b"chunk"), a.content_id(b"chunk2"));
     assert_ne!(a.content_id(b"chunk"), b.content_id(b"chunk"));
@@ -222,8 +222,8 @@ fn content_id_is_keyed_and_deterministic() {
 
 #[test]
 fn content_id_hex_round_trip() {
-    let id = MasterKey::random_id();
-    assert_ne!(id, MasterKey::random_id());
+    let id = RepoKey::random_id();
+    assert_ne!(id, RepoKey::random_id());
     let hex = id.to_hex();
     assert_eq!(hex.len(), 64);
     assert_eq!(id.to_string(), hex);
@@ -240,7 +240,7 @@ fn content_id_hex_round_trip() {
 
 #[test]
 fn key_id_displays_as_hex() {
-    let key = MasterKey::from_secret([9; 32]);
+    let key = RepoKey::from_secret([9; 32]);
     let shown = key.key_id().to_string();
     assert_eq!(shown.len(), 16);
     assert_eq!(shown, hex::encode(key.key_id().0));
@@ -273,7 +273,7 @@ fn object_kind_bytes_and_names() {
 
 #[test]
 fn open_never_panics_on_garbage() {
-    let key = MasterKey::from_secret([5; 32]);
+    let key = RepoKey::from_secret([5; 32]);
     let mut rng = StdRng::seed_from_u64(42);
     let template = key.seal(ObjectKind::DataBlob, b"id", b"hello");
     for round in 0..2000 {

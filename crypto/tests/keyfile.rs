@@ -4,7 +4,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use btrship_crypto::{read_key_file, write_key_file, KeyFileError, MasterKey, ObjectKind};
+use btrship_crypto::{read_key_file, write_key_file, KeyFileError, ObjectKind, RepoKey};
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -20,7 +20,7 @@ fn write_private(path: &Path, contents: &str) {
 fn round_trip_and_mode_0600() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    let key = MasterKey::generate();
+    let key = RepoKey::generate();
     write_key_file(&path, &key).unwrap();
     assert_eq!(mode(&path), 0o600);
 
@@ -39,7 +39,7 @@ fn file_has_the_documented_format() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
     let secret = [0x5a; 32];
-    let key = MasterKey::from_secret(secret);
+    let key = RepoKey::from_secret(secret);
     write_key_file(&path, &key).unwrap();
     let text = fs::read_to_string(&path).unwrap();
     assert_eq!(
@@ -58,7 +58,7 @@ fn creates_missing_parent_with_mode_0700() {
     let dir = tempfile::tempdir().unwrap();
     let parent = dir.path().join("etc").join("btrship");
     let path = parent.join("key");
-    write_key_file(&path, &MasterKey::generate()).unwrap();
+    write_key_file(&path, &RepoKey::generate()).unwrap();
     assert_eq!(mode(&parent), 0o700);
     assert_eq!(mode(&path), 0o600);
 }
@@ -67,9 +67,9 @@ fn creates_missing_parent_with_mode_0700() {
 fn refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    let first = MasterKey::generate();
+    let first = RepoKey::generate();
     write_key_file(&path, &first).unwrap();
-    let err = write_key_file(&path, &MasterKey::generate()).unwrap_err();
+    let err = write_key_file(&path, &RepoKey::generate()).unwrap_err();
     assert!(matches!(err, KeyFileError::Exists { .. }), "{err:?}");
     // The original key is untouched.
     assert_eq!(read_key_file(&path).unwrap().key_id(), first.key_id());
@@ -79,7 +79,7 @@ fn refuses_to_overwrite() {
 fn refuses_group_or_world_accessible_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    write_key_file(&path, &MasterKey::generate()).unwrap();
+    write_key_file(&path, &RepoKey::generate()).unwrap();
     for bad in [0o640, 0o644, 0o604, 0o620, 0o602] {
         fs::set_permissions(&path, fs::Permissions::from_mode(bad)).unwrap();
         match read_key_file(&path) {
@@ -95,7 +95,7 @@ fn refuses_group_or_world_accessible_files() {
 fn tolerates_comments_blank_lines_and_whitespace() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    let key = MasterKey::from_secret([3; 32]);
+    let key = RepoKey::from_secret([3; 32]);
     write_private(
         &path,
         &format!(
@@ -111,7 +111,7 @@ fn tolerates_comments_blank_lines_and_whitespace() {
 fn garbled_files_are_format_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    let key = MasterKey::from_secret([4; 32]);
+    let key = RepoKey::from_secret([4; 32]);
     let secret = hex::encode([4u8; 32]);
     let id = key.key_id().to_string();
     let cases = [
@@ -147,7 +147,7 @@ fn garbled_files_are_format_errors() {
 fn mismatched_key_id_field_is_a_format_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("key");
-    write_key_file(&path, &MasterKey::from_secret([6; 32])).unwrap();
+    write_key_file(&path, &RepoKey::from_secret([6; 32])).unwrap();
     let text = fs::read_to_string(&path).unwrap();
 
     // A single mistyped character in the secret.
@@ -160,8 +160,8 @@ fn mismatched_key_id_field_is_a_format_error() {
     );
 
     // A wrong key id field with the right secret.
-    let other_id = MasterKey::from_secret([7; 32]).key_id().to_string();
-    let id = MasterKey::from_secret([6; 32]).key_id().to_string();
+    let other_id = RepoKey::from_secret([7; 32]).key_id().to_string();
+    let id = RepoKey::from_secret([6; 32]).key_id().to_string();
     write_private(&path, &text.replace(&id, &other_id));
     assert!(matches!(
         read_key_file(&path),

@@ -9,7 +9,7 @@ use btrship::config::{self, ShareConfig};
 use btrship::exit::{self, UserError};
 use btrship::open::host_name;
 use btrship::state;
-use btrship_crypto::MasterKey;
+use btrship_crypto::RepoKey;
 use btrship_snapshot::{PrivateArea, Share};
 use btrship_upload::{layers, Repository};
 use std::path::PathBuf;
@@ -175,7 +175,7 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
         .into());
     }
     if key_created {
-        btrship_crypto::write_key_file(&cfg.key_file, &MasterKey::generate())?;
+        btrship_crypto::write_key_file(&cfg.key_file, &RepoKey::generate())?;
     }
     let key = btrship::open::read_key(&cfg.key_file)?;
     let store = stores.store(&cfg.repo, true, layers::RetryPolicy::default())?;

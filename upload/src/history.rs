@@ -19,7 +19,7 @@
 //! what is wrong with them; it needs no key and no store.
 
 use crate::format::{ChainLink, PrevLink, SnapshotRecord, Summary, SummaryObject, VersionBatch};
-use btrship_crypto::{MasterKey, ObjectKind};
+use btrship_crypto::{RepoKey, ObjectKind};
 use std::collections::BTreeMap;
 
 /// Places per level-1 summary; a level-`l` summary covers `FANOUT^l`
@@ -52,7 +52,7 @@ pub fn levels_after(pos: u64) -> Vec<u32> {
         .collect()
 }
 
-fn keyed_name(key: &MasterKey, prefix: &str, tag: &str, parts: &[&str]) -> String {
+fn keyed_name(key: &RepoKey, prefix: &str, tag: &str, parts: &[&str]) -> String {
     let mut ident = tag.as_bytes().to_vec();
     ident.push(0);
     for part in parts {
@@ -63,13 +63,13 @@ fn keyed_name(key: &MasterKey, prefix: &str, tag: &str, parts: &[&str]) -> Strin
 }
 
 /// The name of the chain registration of share+host (FORMAT.md §5b).
-pub fn chain_name(key: &MasterKey, share: &str, host: &str) -> String {
+pub fn chain_name(key: &RepoKey, share: &str, host: &str) -> String {
     keyed_name(key, "chains", "btrship chain", &[share, host])
 }
 
 /// The one name the summary of `level` starting at place `first` of
 /// share+host's chain can have (FORMAT.md §5b).
-pub fn summary_name(key: &MasterKey, share: &str, host: &str, level: u32, first: u64) -> String {
+pub fn summary_name(key: &RepoKey, share: &str, host: &str, level: u32, first: u64) -> String {
     keyed_name(
         key,
         "summaries",
@@ -113,7 +113,7 @@ impl HistoryKind {
 
 /// The one name the object at `seq` of share+host's chain can have.
 pub fn history_name(
-    key: &MasterKey,
+    key: &RepoKey,
     kind: HistoryKind,
     share: &str,
     host: &str,
@@ -228,7 +228,7 @@ pub fn summary_entry(obj: &HistoryObject) -> Option<SummaryObject> {
 /// An authentic summary that fails this was written by a faulty writer:
 /// the reader treats the summary as unreadable and reads the places.
 pub fn summary_objects(
-    key: &MasterKey,
+    key: &RepoKey,
     s: &Summary,
     share: &str,
     host: &str,

@@ -3,11 +3,11 @@
 
 use crate::format::{from_cbor, to_cbor, BlobKind, PackHeader, PackedBlob};
 use crate::padding::{self, size_class};
-use btrship_crypto::{ContentId, MasterKey, ObjectKind};
+use btrship_crypto::{ContentId, RepoKey, ObjectKind};
 
 /// Object name of a pack: `packs/<2 hex>/<64 hex>`, from the keyed hash of
 /// its bytes, so a retried upload reuses the name and the name reveals nothing.
-pub fn pack_object_name(key: &MasterKey, bytes: &[u8]) -> String {
+pub fn pack_object_name(key: &RepoKey, bytes: &[u8]) -> String {
     let hex = key.content_id(bytes).to_hex();
     format!("packs/{}/{}", &hex[..2], hex)
 }
@@ -43,7 +43,7 @@ impl PackBuilder {
     /// Seals the header and returns (pack bytes, blobs in it). Random
     /// padding between the last blob and the header, declared in the
     /// header, brings the pack to its size class (FORMAT.md §6a).
-    pub fn finish(mut self, key: &MasterKey) -> (Vec<u8>, Vec<PackedBlob>) {
+    pub fn finish(mut self, key: &RepoKey) -> (Vec<u8>, Vec<PackedBlob>) {
         let blobs_len = self.buf.len() as u64;
         let seal = |padding: u64| {
             let header = PackHeader {
@@ -112,7 +112,7 @@ pub fn header_range(size: u64, tail: &[u8]) -> Result<(u64, u64), PackError> {
 /// exactly from offset 0, followed by exactly the padding the header
 /// declares, up to the header (no unaccounted byte).
 pub fn open_header(
-    key: &MasterKey,
+    key: &RepoKey,
     sealed: &[u8],
     header_offset: u64,
 ) -> Result<Vec<PackedBlob>, PackError> {
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn build_and_parse_round_trip() {
-        let key = MasterKey::generate();
+        let key = RepoKey::generate();
         let mut b = PackBuilder::default();
         for data in [&b"hello"[..], b"", &[9u8; 5000]] {
             let id = key.content_id(data);
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn padding_is_accepted_only_as_declared() {
-        let key = MasterKey::generate();
+        let key = RepoKey::generate();
         let data = b"some data";
         let id = key.content_id(data);
         let sealed = key.seal(ObjectKind::DataBlob, id.as_bytes(), data);

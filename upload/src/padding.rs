@@ -19,7 +19,7 @@
 //! exactly on its class (a few seals; if it cannot, the next class).
 
 use crate::format::to_cbor;
-use btrship_crypto::{MasterKey, ObjectKind};
+use btrship_crypto::{RepoKey, ObjectKind};
 use rand::RngCore;
 use serde::Serialize;
 
@@ -82,7 +82,7 @@ fn cbor_with_pad<T: Serialize>(body: &T, extra: usize, pad: &[u8]) -> Vec<u8> {
 /// two, so one pad length cannot hit the class; a key one to three bytes
 /// longer (`"padx"`…, also ignored by readers) shifts it back on target.
 pub fn seal_padded<T: Serialize>(
-    key: &MasterKey,
+    key: &RepoKey,
     kind: ObjectKind,
     id: &[u8],
     body: &T,
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn padded_objects_land_on_their_class_and_read_back() {
-        let key = MasterKey::generate();
+        let key = RepoKey::generate();
         for n in (0usize..40).chain([100, 1000, 5000]) {
             let mut index = Index::default();
             for i in 0..n {

@@ -18,7 +18,7 @@ use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
-use btrship_crypto::{ContentId, CryptoError, MasterKey, ObjectKind};
+use btrship_crypto::{ContentId, CryptoError, RepoKey, ObjectKind};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,7 +105,7 @@ pub struct WriteStats {
 
 pub struct Repository {
     store: Arc<dyn Store>,
-    key: Arc<MasterKey>,
+    key: Arc<RepoKey>,
     rt: Handle,
     config: Config,
     index: RwLock<MemIndex>,
@@ -201,7 +201,7 @@ fn now_rfc3339() -> String {
 }
 
 fn random_name(prefix: &str) -> String {
-    format!("{prefix}/{}", MasterKey::random_id().to_hex())
+    format!("{prefix}/{}", RepoKey::random_id().to_hex())
 }
 
 impl Repository {
@@ -210,7 +210,7 @@ impl Repository {
     /// it was created.
     pub fn open_or_create(
         store: Arc<dyn Store>,
-        key: Arc<MasterKey>,
+        key: Arc<RepoKey>,
         rt: Handle,
         host: &str,
     ) -> Result<(Self, bool)> {
@@ -221,7 +221,7 @@ impl Repository {
     /// gets (an existing one keeps its own).
     pub fn open_or_create_with(
         store: Arc<dyn Store>,
-        key: Arc<MasterKey>,
+        key: Arc<RepoKey>,
         rt: Handle,
         host: &str,
         pack_target: u64,
@@ -233,7 +233,7 @@ impl Repository {
         }
         let config = Config {
             version: 1,
-            repo_id: MasterKey::random_id().as_bytes()[..16].to_vec(),
+            repo_id: RepoKey::random_id().as_bytes()[..16].to_vec(),
             created: now_rfc3339(),
             chunker: ChunkerParams::default(),
             pack_target,
@@ -259,7 +259,7 @@ impl Repository {
 
     /// Opens an existing repository and loads its index; any index that
     /// does not authenticate is an error.
-    pub fn open(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+    pub fn open(store: Arc<dyn Store>, key: Arc<RepoKey>, rt: Handle) -> Result<Self> {
         let repo = Self::open_config(store, key, rt)?;
         // Key checks are few and small: authenticate them all on open, so a
         // tampered one is noticed by every command, not only by `check`.
@@ -274,7 +274,7 @@ impl Repository {
     /// caller loads the indexes its histories name ([`Repository::merge_named_index`],
     /// FORMAT.md §5b). A blob not found in them makes the repository list
     /// and read every index once before it gives up.
-    pub fn open_lazy(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+    pub fn open_lazy(store: Arc<dyn Store>, key: Arc<RepoKey>, rt: Handle) -> Result<Self> {
         let repo = Self::open_config(store, key, rt)?;
         for meta in repo.list("keys/")? {
             repo.read_key_check(&meta.key)?;
@@ -348,7 +348,7 @@ impl Repository {
 
     /// Opens a repository for `check`: indexes that fail to load are
     /// skipped (check reports them one by one) instead of failing the open.
-    pub fn open_for_check(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+    pub fn open_for_check(store: Arc<dyn Store>, key: Arc<RepoKey>, rt: Handle) -> Result<Self> {
         let repo = Self::open_config(store, key, rt)?;
         for meta in repo.list("index/")? {
             if let Ok(index) = repo.get_cbor::<Index>(ObjectKind::Index, &meta.key) {
@@ -359,7 +359,7 @@ impl Repository {
         Ok(repo)
     }
 
-    fn open_config(store: Arc<dyn Store>, key: Arc<MasterKey>, rt: Handle) -> Result<Self> {
+    fn open_config(store: Arc<dyn Store>, key: Arc<RepoKey>, rt: Handle) -> Result<Self> {
         let sealed = match rt.block_on(store.get(CONFIG)) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -418,7 +418,7 @@ impl Repository {
         &self.store
     }
 
-    pub fn key(&self) -> &MasterKey {
+    pub fn key(&self) -> &RepoKey {
         &self.key
     }
 
@@ -1501,7 +1501,7 @@ struct Sealers {
 }
 
 impl Sealers {
-    fn start(key: Arc<MasterKey>) -> Self {
+    fn start(key: Arc<RepoKey>) -> Self {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let (jobs, rx) = std::sync::mpsc::sync_channel::<SealJob>(4 * n);
         let (tx, done) = std::sync::mpsc::channel::<Sealed>();

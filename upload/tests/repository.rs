@@ -2,7 +2,7 @@
 //! and the index, dedup holds within and across writers, a reopened
 //! repository (a fresh machine) sees everything, and damage is named.
 
-use btrship_crypto::{MasterKey, ObjectKind};
+use btrship_crypto::{RepoKey, ObjectKind};
 use btrship_upload::format::ChainLink;
 use btrship_upload::format::{BlobKind, SnapshotStats};
 use btrship_upload::history::{history_name, HistoryBody, HistoryKind};
@@ -10,10 +10,10 @@ use btrship_upload::local::LocalStore;
 use btrship_upload::{PutOutcome, RepoError, Repository};
 use std::sync::Arc;
 
-fn setup() -> (tempfile::TempDir, tokio::runtime::Runtime, Arc<MasterKey>) {
+fn setup() -> (tempfile::TempDir, tokio::runtime::Runtime, Arc<RepoKey>) {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    (dir, rt, Arc::new(MasterKey::generate()))
+    (dir, rt, Arc::new(RepoKey::generate()))
 }
 
 #[test]
@@ -77,7 +77,7 @@ fn wrong_key_and_damage_are_distinct_and_named() {
         .put_record(ObjectKind::Snapshot, "snapshots", &SnapshotStats::default())
         .unwrap();
 
-    let other = Arc::new(MasterKey::generate());
+    let other = Arc::new(RepoKey::generate());
     let err = Repository::open(store.clone(), other, rt.handle().clone()).unwrap_err();
     assert!(err.is_wrong_key(), "{err}");
 

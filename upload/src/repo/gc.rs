@@ -16,7 +16,7 @@ use super::{RepoError, Repository, Result};
 use crate::format::{from_cbor, to_cbor, ForgetRecord, GarbageRecord};
 use crate::history::chain_name;
 use crate::store::{ObjectMeta, PutOutcome};
-use btrship_crypto::{ContentId, MasterKey, ObjectKind};
+use btrship_crypto::{ContentId, RepoKey, ObjectKind};
 use bytes::Bytes;
 use std::collections::HashSet;
 
@@ -45,14 +45,14 @@ pub(crate) struct ShipUse {
 const NUMBER_DIGITS: usize = 20;
 
 /// The prefix of share+host's forget records.
-pub fn forget_prefix(key: &MasterKey, share: &str, host: &str) -> String {
+pub fn forget_prefix(key: &RepoKey, share: &str, host: &str) -> String {
     let chain = chain_name(key, share, host);
     let id = chain.strip_prefix("chains/").unwrap_or(&chain);
     format!("forgets/{id}/")
 }
 
 /// The name of forget record `number` of share+host.
-pub fn forget_name(key: &MasterKey, share: &str, host: &str, number: u64) -> String {
+pub fn forget_name(key: &RepoKey, share: &str, host: &str, number: u64) -> String {
     format!(
         "{}{number:0NUMBER_DIGITS$}",
         forget_prefix(key, share, host)
@@ -337,7 +337,7 @@ impl Repository {
     /// the marker's name (delete it when done) and the time, None when
     /// the store does not report one.
     pub fn store_time(&self) -> Result<(String, Option<std::time::SystemTime>)> {
-        let name = format!("locks/prune-{}", MasterKey::random_id().to_hex());
+        let name = format!("locks/prune-{}", RepoKey::random_id().to_hex());
         self.block_on(self.store.put_if_absent(&name, Bytes::new()))?;
         let meta = self.block_on(self.store.head(&name))?;
         Ok((name, meta.modified))
