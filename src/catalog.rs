@@ -118,6 +118,13 @@ const SCHEMA: &str = "
         tree BLOB PRIMARY KEY,
         refs BLOB NOT NULL
     ) WITHOUT ROWID;
+    -- Tree blobs this machine wrote with a ship-only key (FORMAT.md §12):
+    -- the plaintext, by content id. It cannot read them from the store.
+    -- (Added within layout 3: older files gain the table on opening.)
+    CREATE TABLE IF NOT EXISTS own_trees (
+        id BLOB PRIMARY KEY,
+        body BLOB NOT NULL
+    );
 ";
 
 /// The layout above; a file with another (older) one is emptied first.
@@ -925,6 +932,31 @@ impl ObjectCache for Catalog {
 
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
+    }
+
+    fn own_tree(&self, id: &ContentId) -> Option<Vec<u8>> {
+        let conn = self.lock();
+        conn.prepare_cached("SELECT body FROM own_trees WHERE id = ?1")
+            .and_then(|mut st| {
+                st.query_row(params![id.as_bytes().as_slice()], |r| r.get(0))
+                    .optional()
+            })
+            .ok()
+            .flatten()
+    }
+
+    fn put_own_tree(&self, id: &ContentId, plaintext: &[u8]) {
+        let conn = self.lock();
+        let put = conn
+            .prepare_cached("INSERT OR IGNORE INTO own_trees (id, body) VALUES (?1, ?2)")
+            .and_then(|mut st| st.execute(params![id.as_bytes().as_slice(), plaintext]));
+        if let Err(e) = put {
+            // The next ship then reads the files below it again.
+            tracing::warn!(
+                "catalogue {}: cannot keep tree {id}: {e}",
+                self.path.display()
+            );
+        }
     }
 
     fn put(&self, name: &str, body: &[u8], hash: &[u8; 32]) {

@@ -104,7 +104,11 @@ fn classify(err: &anyhow::Error) -> u8 {
             };
         }
         if let Some(e) = cause.downcast_ref::<CryptoError>() {
-            return if e.is_wrong_key() { KEY } else { DAMAGED };
+            return if e.is_wrong_key() || e.is_ship_only() {
+                KEY
+            } else {
+                DAMAGED
+            };
         }
         if cause.downcast_ref::<KeyFileError>().is_some() {
             return KEY;

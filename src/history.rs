@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use btrship_upload::format::{ChainLink, Node, PrevLink, SnapshotRecord, VersionBatch};
 use btrship_upload::format::{Index, Summary, SummaryIndex};
 use btrship_upload::history::{
-    history_name, span, summary_entry, summary_name, summary_objects, verify_chain,
+    history_name, sealed_hash, span, summary_entry, summary_name, summary_objects, verify_chain,
     verify_chain_after, ChainCheck, ChainHead, ChainProblem, HistoryBody, HistoryKind,
     HistoryObject, FANOUT, MAX_LEVEL,
 };
@@ -595,6 +595,14 @@ fn load_listing(repo: &Repository, sel: &Select<'_>) -> Result<ShareHistory> {
 /// machine's share, host and head place (its chain is read at least that
 /// far).
 pub fn load_indexes(repo: &Repository, own: Option<(&str, &str, u64)>) -> Result<()> {
+    if !repo.key().is_master() {
+        // A ship-only key reads no history (FORMAT.md §12): it
+        // deduplicates against what its catalogue's blob index holds,
+        // which is what this machine uploaded itself, and against nothing
+        // prune marked.
+        repo.ensure_garbage_read()?;
+        return Ok(());
+    }
     let (regs, _) = repo.chain_registrations()?;
     if regs.is_empty() {
         return Ok(repo.load_index()?);
@@ -644,6 +652,19 @@ fn behind_message(head: &HistoryHead, share: &str, found: Option<[u8; 32]>) -> O
     }
 }
 
+/// A history object this machine sealed, as its catalogue holds it
+/// (a ship-only key reads its own history only from there).
+fn own_written(repo: &Repository, name: &str) -> Option<HistoryObject> {
+    let kind = HistoryKind::of_name(name)?;
+    let (body, hash) = repo.object_cache()?.get(name)?;
+    let body = HistoryBody::from_cbor(kind, &body).ok()?;
+    Some(HistoryObject {
+        name: name.to_string(),
+        hash,
+        body,
+    })
+}
+
 /// A history object appended (or found already there).
 pub struct Appended {
     pub name: String,
@@ -681,6 +702,21 @@ pub fn ensure_store_holds_head(
 fn read_head(repo: &Repository, h: &HistoryHead, share: &str) -> Result<Option<HistoryObject>> {
     if h.name.is_empty() {
         return Ok(None);
+    }
+    if !repo.key().is_master() {
+        // A ship-only key cannot open its head (FORMAT.md §12): one HEAD
+        // says the store still holds it; the body, when `same` needs it,
+        // is the one this machine wrote (its catalogue).
+        if !repo.exists(&h.name)? {
+            return Err(store_behind(
+                share,
+                format!(
+                    "the store lacks {} (place {} of this machine's history of share {share}, shipped {}): it was withheld, deleted or rolled back",
+                    h.name, h.seq, h.time
+                ),
+            ));
+        }
+        return Ok(own_written(repo, &h.name).filter(|o| o.hash == h.hash));
     }
     match repo.read_history(&h.name) {
         Ok(o) if o.hash == h.hash => Ok(Some(o)),
@@ -853,7 +889,26 @@ pub fn append(
                 name
             }
         };
-        let obj = repo.read_history(&name)?;
+        let obj = if repo.key().is_master() {
+            repo.read_history(&name)?
+        } else {
+            // Ours only if it is exactly what this machine sealed for
+            // that place before the crash (its catalogue holds it, cached
+            // before the put): one GET of the sealed bytes, no opening.
+            let sealed = repo.get_sealed(&name)?;
+            match own_written(repo, &name).filter(|o| o.hash == sealed_hash(&sealed)) {
+                Some(o) => o,
+                None => {
+                    return Err(UserError::new(
+                        DAMAGED,
+                        format!(
+                            "{name} holds place {seq} of share {share} on host {host} and is not an object this machine wrote: another machine ships this share under the same host name (set `host` in its config), or the store is hostile"
+                        ),
+                    )
+                    .into())
+                }
+            }
+        };
         let follows = match (obj.body.chain(), &head) {
             (Some(l), Some(h)) => {
                 l.seq == seq

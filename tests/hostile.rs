@@ -5,7 +5,7 @@
 //! through the real binary. Restore must refuse with a one-line error, exit
 //! 5, and leave nothing anywhere: not in the target, not beside it.
 
-use btrship_crypto::{write_key_file, RepoKey, ObjectKind};
+use btrship_crypto::{write_key_file, ObjectKind, RepoKey};
 use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree,
 };

@@ -8,6 +8,7 @@ mod check;
 mod daemon;
 mod docs;
 mod init;
+mod key;
 mod ls;
 mod mount;
 mod prune;
@@ -126,6 +127,7 @@ enum Command {
     Check(check::Args),
     Repair(repair::Args),
     Prune(prune::Args),
+    Key(key::Args),
     Completions(docs::CompletionArgs),
     #[command(hide = true)]
     Manpages(docs::ManArgs),
@@ -224,6 +226,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Check(a) => check::run(&app, a),
         Command::Repair(a) => repair::run(&app, a),
         Command::Prune(a) => prune::run(&app, a),
+        Command::Key(a) => key::run(&app, a),
         Command::Completions(a) => docs::completions(a),
         Command::Manpages(a) => docs::manpages(a),
         Command::Units(a) => docs::units(&app, a),
@@ -366,21 +369,8 @@ impl App {
         args: &RepoArgs,
         for_check: bool,
     ) -> Result<(Repository, Option<ShareConfig>)> {
-        config::validate_name(name)?;
-        let cfg = match &args.repo {
-            Some(_) => None,
-            None => Some(self.load_config(name)?),
-        };
-        let address = args
-            .repo
-            .clone()
-            .or_else(|| cfg.as_ref().map(|c| c.repo.clone()))
-            .unwrap_or_default();
-        let key_file = args
-            .key_file
-            .clone()
-            .or_else(|| cfg.as_ref().map(|c| c.key_file.clone()))
-            .unwrap_or_else(|| self.default_key_file(name));
+        let (address, key_file, cfg) = self.repo_address(name, args)?;
+        require_master(&key_file, "reads the history")?;
         let stores = self.stores(cfg.as_ref());
         let repo = if for_check {
             let key = btrship::open::read_key(&key_file)?;
@@ -404,6 +394,31 @@ impl App {
             )?
         };
         Ok((repo, cfg))
+    }
+
+    /// The repository address, key file and (unless `--repo` is given)
+    /// config of share `name` for a command reading a repository.
+    fn repo_address(
+        &self,
+        name: &str,
+        args: &RepoArgs,
+    ) -> Result<(String, PathBuf, Option<ShareConfig>)> {
+        config::validate_name(name)?;
+        let cfg = match &args.repo {
+            Some(_) => None,
+            None => Some(self.load_config(name)?),
+        };
+        let address = args
+            .repo
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.repo.clone()))
+            .unwrap_or_default();
+        let key_file = args
+            .key_file
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.key_file.clone()))
+            .unwrap_or_else(|| self.default_key_file(name));
+        Ok((address, key_file, cfg))
     }
 
     /// The shipping machine's view of share `name` in the repository the
@@ -479,4 +494,21 @@ impl App {
 fn path_bytes(p: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     p.as_os_str().as_bytes().to_vec()
+}
+
+/// Fails with the key error (exit 4) and one line when `key_file` holds a
+/// ship-only key: the command (which `does` what) needs the master key.
+pub fn require_master(key_file: &Path, does: &str) -> Result<()> {
+    let key = btrship::open::read_key(key_file)?;
+    if key.is_master() {
+        return Ok(());
+    }
+    Err(UserError::new(
+        exit::KEY,
+        format!(
+            "{} is a ship-only key: it adds history but cannot read it, and this command {does}; run it with the master key (--key-file)",
+            key_file.display()
+        ),
+    )
+    .into())
 }

@@ -95,6 +95,7 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
     } else {
         0
     };
+    super::require_master(&cfg.key_file, "reads the history and signs what it writes")?;
     let stores = app.stores(Some(&cfg));
     let repo = stores.open_repository(
         &cfg.repo,

@@ -348,6 +348,8 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             port,
             down: AtomicBool::new(false),
+            deny: Mutex::new(None),
+            seen: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 rng: SplitMix64(cfg.seed),
                 cfg,
@@ -402,6 +404,21 @@ impl FaultProxy {
         self.shared.down.store(down, Ordering::SeqCst);
     }
 
+    /// Refuses (403 AccessDenied, not forwarded) every request `rule`
+    /// says the store's policy denies; `None` lets everything through.
+    pub fn set_deny(&self, rule: Option<DenyRule>) {
+        *self.shared.deny.lock().unwrap_or_else(|p| p.into_inner()) = rule;
+    }
+
+    /// Every request line seen so far (`METHOD target HTTP/1.1`).
+    pub fn request_lines(&self) -> Vec<String> {
+        self.shared
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> FaultStats {
         self.shared.lock().stats.clone()
@@ -430,7 +447,16 @@ struct Shared {
     port: u16,
     down: AtomicBool,
     state: Mutex<State>,
+    /// Access rules: a request they refuse is answered `403 AccessDenied`
+    /// (never forwarded), as a store whose policy denies it would.
+    deny: Mutex<Option<DenyRule>>,
+    /// Every request line seen, in order (method and target).
+    seen: Mutex<Vec<String>>,
 }
+
+/// Decides from a request's method and target (path and query) whether the
+/// store's policy refuses it.
+pub type DenyRule = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 struct State {
     cfg: FaultConfig,
@@ -617,6 +643,29 @@ async fn handle_request(
         return Ok(Some(End::Reset));
     }
     let req = Request::parse(head)?;
+    shared
+        .seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(req.line().to_string());
+    let rule = shared
+        .deny
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut parts = req.line().split_ascii_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if rule.is_some_and(|deny| deny(method, target)) {
+        shared.log(format_args!("denied {}", req.line()));
+        if !req.expect_continue {
+            relay_body(client, &mut tokio::io::sink(), req.body, Cut::None).await?;
+        }
+        client
+            .stream
+            .write_all(&denied_response(req.is_head))
+            .await?;
+        return Ok(Some(End::Linger));
+    }
     let draw = shared.draw();
     if let Some(kind) = draw.fault {
         shared.log(format_args!(
@@ -780,6 +829,26 @@ fn upstream_eof() -> io::Error {
         io::ErrorKind::UnexpectedEof,
         "upstream closed the connection before a response",
     )
+}
+
+/// The answer of a store whose policy denies the request.
+fn denied_response(head_request: bool) -> Vec<u8> {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code>\
+                <Message>Access Denied (faultproxy policy)</Message></Error>";
+    let mut out = format!(
+        "HTTP/1.1 403 Forbidden\r\n\
+         Content-Type: application/xml\r\n\
+         Content-Length: {}\r\n\
+         x-amz-request-id: FAULTPROXY\r\n\
+         Connection: close\r\n\
+         \r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_request {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
 }
 
 /// The injected `503 SlowDown` or `500 InternalError` answer.

@@ -19,7 +19,7 @@
 //! what is wrong with them; it needs no key and no store.
 
 use crate::format::{ChainLink, PrevLink, SnapshotRecord, Summary, SummaryObject, VersionBatch};
-use btrship_crypto::{RepoKey, ObjectKind};
+use btrship_crypto::{ObjectKind, RepoKey};
 use std::collections::BTreeMap;
 
 /// Places per level-1 summary; a level-`l` summary covers `FANOUT^l`
@@ -112,13 +112,7 @@ impl HistoryKind {
 }
 
 /// The one name the object at `seq` of share+host's chain can have.
-pub fn history_name(
-    key: &RepoKey,
-    kind: HistoryKind,
-    share: &str,
-    host: &str,
-    seq: u64,
-) -> String {
+pub fn history_name(key: &RepoKey, kind: HistoryKind, share: &str, host: &str, seq: u64) -> String {
     let mut ident = b"btrship history\0".to_vec();
     for part in [share, host, &seq.to_string()] {
         ident.extend_from_slice(part.as_bytes());

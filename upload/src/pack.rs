@@ -3,7 +3,7 @@
 
 use crate::format::{from_cbor, to_cbor, BlobKind, PackHeader, PackedBlob};
 use crate::padding::{self, size_class};
-use btrship_crypto::{ContentId, RepoKey, ObjectKind};
+use btrship_crypto::{ContentId, ObjectKind, RepoKey};
 
 /// Object name of a pack: `packs/<2 hex>/<64 hex>`, from the keyed hash of
 /// its bytes, so a retried upload reuses the name and the name reveals nothing.

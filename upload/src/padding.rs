@@ -19,7 +19,7 @@
 //! exactly on its class (a few seals; if it cannot, the next class).
 
 use crate::format::to_cbor;
-use btrship_crypto::{RepoKey, ObjectKind};
+use btrship_crypto::{ObjectKind, RepoKey};
 use rand::RngCore;
 use serde::Serialize;
 
@@ -81,12 +81,7 @@ fn cbor_with_pad<T: Serialize>(body: &T, extra: usize, pad: &[u8]) -> Vec<u8> {
 /// CBOR length prefix grows (pad lengths 24, 256, 65536) the size jumps by
 /// two, so one pad length cannot hit the class; a key one to three bytes
 /// longer (`"padx"`…, also ignored by readers) shifts it back on target.
-pub fn seal_padded<T: Serialize>(
-    key: &RepoKey,
-    kind: ObjectKind,
-    id: &[u8],
-    body: &T,
-) -> Vec<u8> {
+pub fn seal_padded<T: Serialize>(key: &RepoKey, kind: ObjectKind, id: &[u8], body: &T) -> Vec<u8> {
     let unpadded = key.seal(kind, id, &cbor_with_pad(body, 0, &[]));
     let mut target = size_class(unpadded.len() as u64);
     let mut pool = Vec::new();

@@ -18,7 +18,7 @@ use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
-use btrship_crypto::{ContentId, CryptoError, RepoKey, ObjectKind};
+use btrship_crypto::{ContentId, CryptoError, ObjectKind, RepoKey};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,8 +65,11 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// The key in use cannot open this object: another repository's key,
+    /// or a ship-only key (which opens nothing but signed records). Never
+    /// skipped like a damaged object: it says nothing about the object.
     pub fn is_wrong_key(&self) -> bool {
-        matches!(self, RepoError::Crypto { source, .. } if source.is_wrong_key())
+        matches!(self, RepoError::Crypto { source, .. } if source.is_wrong_key() || source.is_ship_only())
     }
     fn crypto(object: &str, source: CryptoError) -> Self {
         RepoError::Crypto {
@@ -177,6 +180,13 @@ pub trait ObjectCache: Send + Sync {
     fn blob_locations(&self, _id: &ContentId) -> Vec<BlobLocation> {
         Vec::new()
     }
+    /// A tree blob's plaintext this machine wrote with a ship-only key
+    /// (FORMAT.md §12: it cannot read its parent trees from the store).
+    fn own_tree(&self, _id: &ContentId) -> Option<Vec<u8>> {
+        None
+    }
+    /// Keeps a tree blob's plaintext written with a ship-only key.
+    fn put_own_tree(&self, _id: &ContentId, _plaintext: &[u8]) {}
     /// The cache as `Any`, for its owner to get its own type back.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
@@ -276,6 +286,10 @@ impl Repository {
     /// and read every index once before it gives up.
     pub fn open_lazy(store: Arc<dyn Store>, key: Arc<RepoKey>, rt: Handle) -> Result<Self> {
         let repo = Self::open_config(store, key, rt)?;
+        if !repo.key.is_master() {
+            // A ship-only key opens no key check (FORMAT.md §12).
+            return Ok(repo);
+        }
         for meta in repo.list("keys/")? {
             repo.read_key_check(&meta.key)?;
         }
@@ -369,9 +383,28 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let body = key
-            .open(ObjectKind::Config, CONFIG.as_bytes(), &sealed)
-            .map_err(|e| RepoError::crypto(CONFIG, e))?;
+        let body = match key.ship_params() {
+            // A ship-only key cannot open `config`: its key file carries
+            // the body (FORMAT.md §12). The store's config must still be
+            // of this key's repository (its header names the key).
+            Some(params) => {
+                let found = sealed.get(6..14).unwrap_or_default();
+                if found != key.key_id().0 {
+                    let found = btrship_crypto::KeyId(found.try_into().unwrap_or_default());
+                    return Err(RepoError::crypto(
+                        CONFIG,
+                        CryptoError::WrongKey {
+                            found,
+                            expected: key.key_id(),
+                        },
+                    ));
+                }
+                params.to_vec()
+            }
+            None => key
+                .open(ObjectKind::Config, CONFIG.as_bytes(), &sealed)
+                .map_err(|e| RepoError::crypto(CONFIG, e))?,
+        };
         let config: Config = from_cbor(&body).map_err(|reason| RepoError::Format {
             object: CONFIG.into(),
             reason,
@@ -1070,7 +1103,14 @@ impl Repository {
         {
             return Ok(t.clone());
         }
-        let body = self.read_blob(id, BlobKind::Tree)?;
+        let own = match self.key.is_master() {
+            true => None,
+            false => self.cache().and_then(|c| c.own_tree(id)),
+        };
+        let body = match own {
+            Some(b) if self.key.content_id(&b) == *id => b,
+            _ => self.read_blob(id, BlobKind::Tree)?,
+        };
         from_cbor(&body).map_err(|reason| RepoError::Format {
             object: format!("tree {id}"),
             reason,
@@ -1131,13 +1171,28 @@ impl Repository {
             }
         };
         let hash = history::sealed_hash(&sealed);
+        let ship_only = !self.key.is_master();
+        if ship_only {
+            // A ship-only key can never read this object back: its
+            // catalogue is the only copy of the body it will need (the
+            // next append, summaries, recovery after a crash between the
+            // put and recording the head). Kept before the put.
+            if let Some(c) = self.cache() {
+                c.put(name, &body.to_cbor(), &hash);
+            }
+        }
         let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
-        if outcome == PutOutcome::Created {
+        if outcome == PutOutcome::Created && !ship_only {
             if let Some(c) = self.cache() {
                 c.put(name, &body.to_cbor(), &hash);
             }
         }
         Ok((outcome, hash))
+    }
+
+    /// The sealed bytes of an object, unopened.
+    pub fn get_sealed(&self, name: &str) -> Result<Bytes> {
+        Ok(self.block_on(self.store.get(name))?)
     }
 
     /// Reads a history object through the cache; None when the store
@@ -1543,6 +1598,11 @@ impl PackWriter<'_> {
         let id = self.repo.key.content_id(plaintext);
         if self.pending.contains(&id) {
             return Ok(id);
+        }
+        if kind == BlobKind::Tree && !self.repo.key.is_master() {
+            if let Some(c) = self.repo.cache() {
+                c.put_own_tree(&id, plaintext);
+            }
         }
         if !self.force && self.repo.has_blob(&id) {
             self.repo

@@ -2,7 +2,7 @@
 //! and the index, dedup holds within and across writers, a reopened
 //! repository (a fresh machine) sees everything, and damage is named.
 
-use btrship_crypto::{RepoKey, ObjectKind};
+use btrship_crypto::{ObjectKind, RepoKey};
 use btrship_upload::format::ChainLink;
 use btrship_upload::format::{BlobKind, SnapshotStats};
 use btrship_upload::history::{history_name, HistoryBody, HistoryKind};

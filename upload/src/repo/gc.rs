@@ -16,7 +16,7 @@ use super::{RepoError, Repository, Result};
 use crate::format::{from_cbor, to_cbor, ForgetRecord, GarbageRecord};
 use crate::history::chain_name;
 use crate::store::{ObjectMeta, PutOutcome};
-use btrship_crypto::{ContentId, RepoKey, ObjectKind};
+use btrship_crypto::{ContentId, ObjectKind, RepoKey};
 use bytes::Bytes;
 use std::collections::HashSet;
 
@@ -115,7 +115,15 @@ impl Repository {
     }
 
     fn put_sealed(&self, kind: ObjectKind, name: &str, body: &[u8]) -> Result<PutOutcome> {
-        let sealed = self.key.seal(kind, name.as_bytes(), body);
+        // Garbage records are read by every writer, ship-only ones too:
+        // the master signs them (FORMAT.md §12).
+        let sealed = if kind == ObjectKind::Garbage {
+            self.key
+                .seal_signed(kind, name.as_bytes(), body)
+                .map_err(|e| RepoError::crypto(name, e))?
+        } else {
+            self.key.seal(kind, name.as_bytes(), body)
+        };
         let hash = crate::history::sealed_hash(&sealed);
         let outcome = self.block_on(self.store.put_if_absent(name, Bytes::from(sealed)))?;
         if outcome == PutOutcome::Created {
@@ -196,6 +204,14 @@ impl Repository {
             match opened {
                 Ok(r) if fits(&r, n) => return Ok(Some((Some(r), skipped))),
                 Ok(_) => skipped.push((name, "a record under another record's name".into())),
+                Err(RepoError::Crypto { object, source }) if source.is_ship_only() => {
+                    return Err(RepoError::Crypto {
+                        object,
+                        source: btrship_crypto::CryptoError::ShipOnly {
+                            what: "read a record an older btrship's prune wrote; run `btrship prune` once with the master key (it signs the records ship-only keys read)",
+                        },
+                    })
+                }
                 Err(e) if e.is_wrong_key() => return Err(e),
                 Err(RepoError::Store(s)) if s.is_not_found() => return Ok(None),
                 Err(RepoError::Store(s)) => return Err(RepoError::Store(s)),
@@ -236,8 +252,12 @@ impl Repository {
             return Ok(HashSet::new());
         };
         // The copies prune made of blobs it moved out of mostly unused
-        // packs: known before those packs count as gone.
-        self.load_named_indexes(&rec.indexes)?;
+        // packs: known before those packs count as gone. A ship-only key
+        // cannot open them: its blobs in those packs count as gone, and
+        // the writers' rule has it upload them again (FORMAT.md §12).
+        if self.key.is_master() {
+            self.load_named_indexes(&rec.indexes)?;
+        }
         let gone: HashSet<String> = {
             let mut known = self
                 .garbage_packs
