@@ -236,10 +236,42 @@ fn a_ship_only_server_ships_and_cannot_read() {
     let gc = envelope_versions(&moto.endpoint, &bucket, "office/gc/");
     assert!(!gc.is_empty() && gc.iter().all(|(_, v)| *v == 3), "{gc:?}");
 
+    // The ship-only key is rotated (generation 2): the server ships on
+    // from its catalogue, re-reading and re-uploading nothing unchanged.
+    let ship2 = fs_.dir("safe").join("office.ship2.key");
+    bs.ok(osargs![
+        "key",
+        "ship-key",
+        "share",
+        "--generation",
+        "2",
+        "--out",
+        &ship2,
+        "--key-file",
+        &safe
+    ]);
+    fs::copy(&ship2, &key).unwrap();
+    let shown = bs.ok(osargs!["key", "show", &key]);
+    assert!(shown.contains("generation 2"), "{shown}");
+
     proxy.set_deny(Some(server_policy(&bucket, "office")));
     let before = proxy.request_lines().len();
     fs::write(share.join("big.bin"), random(1 << 20, &mut rng)).unwrap();
-    bs.ok(["snapshot", "share"]);
+    let out = bs.ok(["snapshot", "share", "--json"]);
+    let third: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        shipped(&third)["change_detection"]["mode"],
+        "btrfs",
+        "{out}"
+    );
+    assert!(
+        shipped(&third)["read_bytes"].as_u64().unwrap() <= 1 << 20,
+        "{out}"
+    );
+    assert!(
+        shipped(&third)["new_bytes"].as_u64().unwrap() < (1 << 20) + (64 << 10),
+        "{out}"
+    );
     let t = now_text();
     let r = refs.join("after-prune");
     reference_snapshot(&share, &r);

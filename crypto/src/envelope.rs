@@ -28,8 +28,10 @@ const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 24;
 const AAD_HEADER_LEN: usize = 4 + 1 + 1 + 8;
 #[cfg(test)]
 const NONCE_OFFSET: usize = AAD_HEADER_LEN;
-/// Version 2: magic + version + kind + key id + ephemeral public key + nonce.
-const SHIP_AAD_HEADER_LEN: usize = AAD_HEADER_LEN + 32;
+/// Version 2: magic + version + kind + key id + generation (u32 LE) +
+/// ephemeral public key + nonce.
+const SHIP_AAD_HEADER_LEN: usize = AAD_HEADER_LEN + 4 + 32;
+const EPH_OFFSET: usize = AAD_HEADER_LEN + 4;
 const SHIP_HEADER_LEN: usize = SHIP_AAD_HEADER_LEN + 24;
 const TAG_LEN: usize = 16;
 const SIGNATURE_LEN: usize = 64;
@@ -169,13 +171,15 @@ impl RepoKey {
         match &self.master {
             Some(m) => seal_with(
                 &m.cipher,
-                &self.header(FORMAT_VERSION, kind, None),
+                &self.header(FORMAT_VERSION, kind),
                 AAD_HEADER_LEN,
                 id,
                 plaintext,
             ),
             None => self.with_session(|eph, cipher| {
-                let header = self.header(ENVELOPE_SHIP, kind, Some(eph));
+                let mut header = self.header(ENVELOPE_SHIP, kind);
+                header.extend_from_slice(&self.generation.to_le_bytes());
+                header.extend_from_slice(eph);
                 seal_with(cipher, &header, SHIP_AAD_HEADER_LEN, id, plaintext)
             }),
         }
@@ -193,22 +197,19 @@ impl RepoKey {
         let master = self.master.as_ref().ok_or(CryptoError::ShipOnly {
             what: "sign the records prune writes",
         })?;
-        let header = self.header(ENVELOPE_SIGNED, kind, None);
+        let header = self.header(ENVELOPE_SIGNED, kind);
         let mut out = seal_with(&self.shared, &header, AAD_HEADER_LEN, id, plaintext);
         let signature = ed25519_dalek::Signer::sign(&master.signing, &signed_message(&out, id));
         out.extend_from_slice(&signature.to_bytes());
         Ok(out)
     }
 
-    fn header(&self, version: u8, kind: ObjectKind, eph: Option<&[u8; 32]>) -> Vec<u8> {
+    fn header(&self, version: u8, kind: ObjectKind) -> Vec<u8> {
         let mut header = Vec::with_capacity(SHIP_HEADER_LEN);
         header.extend_from_slice(MAGIC);
         header.push(version);
         header.push(kind as u8);
         header.extend_from_slice(&self.key_id.0);
-        if let Some(eph) = eph {
-            header.extend_from_slice(eph);
-        }
         header
     }
 
@@ -263,9 +264,13 @@ impl RepoKey {
                 if sealed.len() < SHIP_HEADER_LEN + TAG_LEN + 1 {
                     return Err(malformed);
                 }
+                let mut generation = [0u8; 4];
+                generation.copy_from_slice(&sealed[AAD_HEADER_LEN..EPH_OFFSET]);
                 let mut eph = [0u8; 32];
-                eph.copy_from_slice(&sealed[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN]);
-                let cipher = self.master_session(&eph).ok_or(CryptoError::Corrupt)?;
+                eph.copy_from_slice(&sealed[EPH_OFFSET..SHIP_AAD_HEADER_LEN]);
+                let cipher = self
+                    .master_session(u32::from_le_bytes(generation), &eph)
+                    .ok_or(CryptoError::Corrupt)?;
                 open_with(&cipher, sealed, SHIP_AAD_HEADER_LEN, id)
             }
             _ => {
@@ -459,10 +464,10 @@ mod tests {
     #[test]
     fn a_ship_only_key_seals_for_the_master_and_opens_nothing() {
         let master = RepoKey::from_secret([4; 32]);
-        let ship = master.ship_only(b"p").unwrap();
+        let ship = master.ship_only(b"p", 1).unwrap();
         let sealed = ship.seal(ObjectKind::Snapshot, b"snapshots/a", b"record");
         assert_eq!(sealed[4], ENVELOPE_SHIP);
-        assert_eq!(sealed.len(), ENVELOPE_OVERHEAD + 32 + b"record".len());
+        assert_eq!(sealed.len(), ENVELOPE_OVERHEAD + 36 + b"record".len());
         assert_eq!(
             master
                 .open(ObjectKind::Snapshot, b"snapshots/a", &sealed)
@@ -496,8 +501,8 @@ mod tests {
     #[test]
     fn one_session_per_hour_and_ended_sessions_are_new() {
         let master = RepoKey::from_secret([6; 32]);
-        let ship = master.ship_only(b"p").unwrap();
-        let eph = |s: &[u8]| s[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN].to_vec();
+        let ship = master.ship_only(b"p", 1).unwrap();
+        let eph = |s: &[u8]| s[EPH_OFFSET..SHIP_AAD_HEADER_LEN].to_vec();
         let a = ship.seal(ObjectKind::DataBlob, b"1", b"a");
         let b = ship.seal(ObjectKind::DataBlob, b"2", b"b");
         assert_eq!(eph(&a), eph(&b));
@@ -523,9 +528,9 @@ mod tests {
         // Anyone can make an X25519 key pair; without the ship secret the
         // session key differs, and a low-order point is refused outright.
         let master = RepoKey::from_secret([7; 32]);
-        let ship = master.ship_only(b"p").unwrap();
+        let ship = master.ship_only(b"p", 1).unwrap();
         let mut sealed = ship.seal(ObjectKind::Index, b"i", b"x");
-        sealed[AAD_HEADER_LEN..SHIP_AAD_HEADER_LEN].copy_from_slice(&[0u8; 32]);
+        sealed[EPH_OFFSET..SHIP_AAD_HEADER_LEN].copy_from_slice(&[0u8; 32]);
         assert!(matches!(
             master.open(ObjectKind::Index, b"i", &sealed),
             Err(CryptoError::Corrupt)
@@ -533,9 +538,28 @@ mod tests {
     }
 
     #[test]
+    fn generations_are_bound_to_their_secret() {
+        let master = RepoKey::from_secret([9; 32]);
+        let g1 = master.ship_only(b"p", 1).unwrap();
+        let g2 = master.ship_only(b"p", 2).unwrap();
+        let a = g1.seal(ObjectKind::Index, b"i", b"one");
+        let b = g2.seal(ObjectKind::Index, b"i", b"two");
+        assert_eq!(&a[AAD_HEADER_LEN..EPH_OFFSET], &1u32.to_le_bytes());
+        assert_eq!(master.open(ObjectKind::Index, b"i", &a).unwrap(), b"one");
+        assert_eq!(master.open(ObjectKind::Index, b"i", &b).unwrap(), b"two");
+        // Relabelling an object as another generation's fails.
+        let mut relabelled = a.clone();
+        relabelled[AAD_HEADER_LEN..EPH_OFFSET].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            master.open(ObjectKind::Index, b"i", &relabelled),
+            Err(CryptoError::Corrupt)
+        ));
+    }
+
+    #[test]
     fn signed_objects_open_for_both_and_only_the_master_signs() {
         let master = RepoKey::from_secret([8; 32]);
-        let ship = master.ship_only(b"p").unwrap();
+        let ship = master.ship_only(b"p", 1).unwrap();
         let sealed = master
             .seal_signed(ObjectKind::Garbage, b"gc/1", b"marks")
             .unwrap();

@@ -25,6 +25,7 @@ const ID_KEY_CONTEXT: &str = "btrship 2026-11 content id key v1";
 const KEY_ID_CONTEXT: &str = "btrship 2026-11 key id v1";
 const X25519_CONTEXT: &str = "btrship 2026-12 x25519 secret v1";
 const SHIP_SECRET_CONTEXT: &str = "btrship 2026-12 ship secret v1";
+const GENERATION_CONTEXT: &str = "btrship 2026-12 ship generation secret v1";
 const SIGNING_CONTEXT: &str = "btrship 2026-12 signing key v1";
 const SHARED_KEY_CONTEXT: &str = "btrship 2026-12 shared key v1";
 const SESSION_KEY_CONTEXT: &str = "btrship 2026-12 session key v1";
@@ -100,8 +101,9 @@ pub(crate) struct MasterPart {
     pub(crate) x_secret: StaticSecret,
     /// Ed25519 key that signs what ship-only keys may read (version 3).
     pub(crate) signing: SigningKey,
-    /// Session ciphers already derived, by ephemeral public key.
-    pub(crate) sessions: Mutex<HashMap<[u8; 32], XChaCha20Poly1305>>,
+    /// Session ciphers already derived, by generation and ephemeral
+    /// public key.
+    pub(crate) sessions: Mutex<HashMap<(u32, [u8; 32]), XChaCha20Poly1305>>,
 }
 
 /// A ship-only key's current session: the ephemeral public key written into
@@ -122,14 +124,19 @@ pub struct RepoKey {
     pub(crate) key_id: KeyId,
     /// Key for content ids and keyed object names.
     pub(crate) id_key: Zeroizing<[u8; 32]>,
-    /// Shared by the master and its ship-only keys: mixed into every
-    /// session key, so only they can make objects the master accepts.
-    pub(crate) ship_secret: Zeroizing<[u8; 32]>,
+    /// Keys the AEAD of version-3 objects; every ship-only key has it.
+    pub(crate) shared_key: Zeroizing<[u8; 32]>,
+    /// Ship-only keys: the secret of their generation, mixed into every
+    /// session key, so only the master and that generation's ship-only
+    /// keys can make objects the master accepts. (Master: unused.)
+    pub(crate) gen_secret: Zeroizing<[u8; 32]>,
+    /// Ship-only keys: their generation (written into every envelope).
+    pub(crate) generation: u32,
     /// The master's X25519 public key, to which sessions are sealed.
     pub(crate) master_public: PublicKey,
     /// The master's Ed25519 public key, which signs version-3 objects.
     pub(crate) verifying: VerifyingKey,
-    /// AEAD for version-3 objects (keyed from the ship secret).
+    /// AEAD for version-3 objects.
     pub(crate) shared: XChaCha20Poly1305,
     /// `Some` for the master key.
     pub(crate) master: Option<MasterPart>,
@@ -159,6 +166,8 @@ impl RepoKey {
         let enc_key = derive(ENC_KEY_CONTEXT);
         let id_key = derive(ID_KEY_CONTEXT);
         let ship_secret = derive(SHIP_SECRET_CONTEXT);
+        let shared_key =
+            Zeroizing::new(blake3::derive_key(SHARED_KEY_CONTEXT, ship_secret.as_ref()));
         let x_secret = StaticSecret::from(*derive(X25519_CONTEXT));
         let signing = SigningKey::from_bytes(&derive(SIGNING_CONTEXT));
         let master_public = PublicKey::from(&x_secret);
@@ -171,55 +180,58 @@ impl RepoKey {
             signing,
             sessions: Mutex::new(HashMap::new()),
         };
-        Self::assemble(
+        Self::assemble(Parts {
             key_id,
             id_key,
-            ship_secret,
+            shared_key,
+            gen_secret: Zeroizing::new([0; 32]),
+            generation: 0,
             master_public,
             verifying,
-            Some(master),
-            Vec::new(),
-        )
+            master: Some(master),
+            params: Vec::new(),
+        })
     }
 
-    pub(crate) fn assemble(
-        key_id: KeyId,
-        id_key: Zeroizing<[u8; 32]>,
-        ship_secret: Zeroizing<[u8; 32]>,
-        master_public: PublicKey,
-        verifying: VerifyingKey,
-        master: Option<MasterPart>,
-        params: Vec<u8>,
-    ) -> Self {
-        let shared_key =
-            Zeroizing::new(blake3::derive_key(SHARED_KEY_CONTEXT, ship_secret.as_ref()));
+    pub(crate) fn assemble(p: Parts) -> Self {
         RepoKey {
-            key_id,
-            id_key,
-            ship_secret,
-            master_public,
-            verifying,
-            shared: XChaCha20Poly1305::new(shared_key.as_ref().into()),
-            master,
+            key_id: p.key_id,
+            id_key: p.id_key,
+            shared: XChaCha20Poly1305::new(p.shared_key.as_ref().into()),
+            shared_key: p.shared_key,
+            gen_secret: p.gen_secret,
+            generation: p.generation,
+            master_public: p.master_public,
+            verifying: p.verifying,
+            master: p.master,
             session: Mutex::new(None),
-            params,
+            params: p.params,
         }
     }
 
-    /// The ship-only key of this master key, carrying `params` (the
-    /// repository's `config` body) for the machine that will use it. None
-    /// when this key is itself ship-only.
-    pub fn ship_only(&self, params: &[u8]) -> Option<RepoKey> {
-        self.master.as_ref()?;
-        Some(Self::assemble(
-            self.key_id,
-            self.id_key.clone(),
-            self.ship_secret.clone(),
-            self.master_public,
-            self.verifying,
-            None,
-            params.to_vec(),
-        ))
+    /// The ship-only key of generation `generation` of this master key,
+    /// carrying `params` (the repository's `config` body) for the machine
+    /// that will use it. None when this key is itself ship-only.
+    /// Generations differ only in the secret their sessions mix in: a new
+    /// one replaces a leaked one without re-uploading anything.
+    pub fn ship_only(&self, params: &[u8], generation: u32) -> Option<RepoKey> {
+        let master = self.master.as_ref()?;
+        Some(Self::assemble(Parts {
+            key_id: self.key_id,
+            id_key: self.id_key.clone(),
+            shared_key: self.shared_key.clone(),
+            gen_secret: generation_secret(&master.secret, generation),
+            generation,
+            master_public: self.master_public,
+            verifying: self.verifying,
+            master: None,
+            params: params.to_vec(),
+        }))
+    }
+
+    /// A ship-only key's generation (None for the master key).
+    pub fn generation(&self) -> Option<u32> {
+        (!self.is_master()).then_some(self.generation)
     }
 
     /// True for the master key; false for a ship-only key.
@@ -253,11 +265,12 @@ impl RepoKey {
     }
 
     /// The session key for ephemeral public key `eph` (FORMAT.md §12):
-    /// `derive_key(SESSION_KEY_CONTEXT, ship secret || X25519 shared secret
-    /// || eph || master public)`. None when the shared secret is not
+    /// `derive_key(SESSION_KEY_CONTEXT, generation secret || X25519 shared
+    /// secret || eph || master public)`. None when the shared secret is not
     /// contributory (a low-order `eph`, which only a forger would write).
     pub(crate) fn session_cipher(
         &self,
+        gen_secret: &[u8; 32],
         shared_secret: &x25519_dalek::SharedSecret,
         eph: &[u8; 32],
     ) -> Option<XChaCha20Poly1305> {
@@ -265,7 +278,7 @@ impl RepoKey {
             return None;
         }
         let mut input = Zeroizing::new(Vec::with_capacity(128));
-        input.extend_from_slice(self.ship_secret.as_ref());
+        input.extend_from_slice(gen_secret);
         input.extend_from_slice(shared_secret.as_bytes());
         input.extend_from_slice(eph);
         input.extend_from_slice(self.master_public.as_bytes());
@@ -287,7 +300,7 @@ impl RepoKey {
                 let eph_secret = EphemeralSecret::random_from_rng(OsRng);
                 let eph_public = PublicKey::from(&eph_secret).to_bytes();
                 let shared = eph_secret.diffie_hellman(&self.master_public);
-                if let Some(cipher) = self.session_cipher(&shared, &eph_public) {
+                if let Some(cipher) = self.session_cipher(&self.gen_secret, &shared, &eph_public) {
                     *slot = Some(Session {
                         eph_public,
                         cipher,
@@ -310,21 +323,51 @@ impl RepoKey {
         *self.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Master only: the session cipher for ephemeral key `eph`, cached.
-    pub(crate) fn master_session(&self, eph: &[u8; 32]) -> Option<XChaCha20Poly1305> {
+    /// Master only: the session cipher of generation `generation` for
+    /// ephemeral key `eph`, cached.
+    pub(crate) fn master_session(
+        &self,
+        generation: u32,
+        eph: &[u8; 32],
+    ) -> Option<XChaCha20Poly1305> {
         let master = self.master.as_ref()?;
         let mut cache = master.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(eph) {
+        if let Some(c) = cache.get(&(generation, *eph)) {
             return Some(c.clone());
         }
         let shared = master.x_secret.diffie_hellman(&PublicKey::from(*eph));
-        let cipher = self.session_cipher(&shared, eph)?;
+        let gen_secret = generation_secret(&master.secret, generation);
+        let cipher = self.session_cipher(&gen_secret, &shared, eph)?;
         if cache.len() >= SESSION_CACHE {
             cache.clear();
         }
-        cache.insert(*eph, cipher.clone());
+        cache.insert((generation, *eph), cipher.clone());
         Some(cipher)
     }
+}
+
+/// What [`RepoKey::assemble`] puts together.
+pub(crate) struct Parts {
+    pub(crate) key_id: KeyId,
+    pub(crate) id_key: Zeroizing<[u8; 32]>,
+    pub(crate) shared_key: Zeroizing<[u8; 32]>,
+    pub(crate) gen_secret: Zeroizing<[u8; 32]>,
+    pub(crate) generation: u32,
+    pub(crate) master_public: PublicKey,
+    pub(crate) verifying: VerifyingKey,
+    pub(crate) master: Option<MasterPart>,
+    pub(crate) params: Vec<u8>,
+}
+
+/// The secret of ship-only key generation `g`: `derive_key(
+/// GENERATION_CONTEXT, ship secret || u32 LE g)`, the ship secret being
+/// `derive_key(SHIP_SECRET_CONTEXT, master secret)`.
+fn generation_secret(secret: &[u8; 32], g: u32) -> Zeroizing<[u8; 32]> {
+    let ship_secret = Zeroizing::new(blake3::derive_key(SHIP_SECRET_CONTEXT, secret));
+    let mut input = Zeroizing::new([0u8; 36]);
+    input[..32].copy_from_slice(ship_secret.as_ref());
+    input[32..].copy_from_slice(&g.to_le_bytes());
+    Zeroizing::new(blake3::derive_key(GENERATION_CONTEXT, input.as_ref()))
 }
 
 /// First 8 bytes of `derive_key("btrship 2026-11 key id v1", secret)`.
@@ -368,7 +411,7 @@ mod tests {
         let secret_hex = hex::encode(secret);
         let enc_hex = hex::encode(blake3::derive_key(ENC_KEY_CONTEXT, &secret));
         let id_hex = hex::encode(*key.id_key);
-        let ship_hex = hex::encode(*key.ship_secret);
+        let ship_hex = hex::encode(*key.shared_key);
         for material in [&secret_hex, &enc_hex, &id_hex, &ship_hex] {
             // Not the whole thing, and not even an 8-byte window of it.
             for window in material.as_bytes().chunks(16) {
@@ -376,7 +419,7 @@ mod tests {
                 assert!(!shown.contains(window), "{shown} leaks {window}");
             }
         }
-        let ship = key.ship_only(b"p").unwrap();
+        let ship = key.ship_only(b"p", 1).unwrap();
         assert_eq!(
             format!("{ship:?}"),
             format!("ShipOnlyKey {{ key_id: {} }}", key.key_id())
@@ -396,24 +439,37 @@ mod tests {
             key.content_id(b"abc").0,
             *blake3::keyed_hash(&blake3::derive_key(ID_KEY_CONTEXT, &secret), b"abc").as_bytes()
         );
+        let ship_secret = blake3::derive_key(SHIP_SECRET_CONTEXT, &secret);
         assert_eq!(
-            *key.ship_secret,
-            blake3::derive_key(SHIP_SECRET_CONTEXT, &secret)
+            *key.shared_key,
+            blake3::derive_key(SHARED_KEY_CONTEXT, &ship_secret)
+        );
+        let mut gen_input = ship_secret.to_vec();
+        gen_input.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(
+            *key.ship_only(b"p", 3).unwrap().gen_secret,
+            blake3::derive_key(GENERATION_CONTEXT, &gen_input)
         );
         let x = StaticSecret::from(blake3::derive_key(X25519_CONTEXT, &secret));
         assert_eq!(key.master_public.as_bytes(), PublicKey::from(&x).as_bytes());
         // The sub-keys are independent of each other and of the secret.
         assert_ne!(*key.id_key, secret);
         assert_ne!(*key.id_key, blake3::derive_key(ENC_KEY_CONTEXT, &secret));
-        assert_ne!(*key.ship_secret, *key.id_key);
+        assert_ne!(*key.shared_key, *key.id_key);
+        assert_ne!(
+            *key.ship_only(b"p", 1).unwrap().gen_secret,
+            *key.ship_only(b"p", 2).unwrap().gen_secret
+        );
     }
 
     #[test]
     fn a_ship_only_key_names_and_ids_as_its_master() {
         let master = RepoKey::generate();
-        let ship = master.ship_only(b"params").unwrap();
+        let ship = master.ship_only(b"params", 1).unwrap();
         assert!(!ship.is_master());
-        assert!(ship.ship_only(b"x").is_none());
+        assert_eq!(ship.generation(), Some(1));
+        assert_eq!(master.generation(), None);
+        assert!(ship.ship_only(b"x", 1).is_none());
         assert_eq!(ship.key_id(), master.key_id());
         assert_eq!(ship.content_id(b"abc"), master.content_id(b"abc"));
         assert_eq!(ship.ship_params(), Some(&b"params"[..]));

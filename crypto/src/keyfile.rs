@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::key::{derive_key_id, KeyId, RepoKey};
+use crate::key::{derive_key_id, KeyId, Parts, RepoKey};
 use ed25519_dalek::VerifyingKey;
 use x25519_dalek::PublicKey;
 
@@ -67,7 +67,9 @@ fn ship_fields(key: &RepoKey) -> Vec<String> {
     vec![
         key.key_id().to_string(),
         hex::encode(*key.id_key),
-        hex::encode(*key.ship_secret),
+        hex::encode(*key.shared_key),
+        hex::encode(*key.gen_secret),
+        key.generation.to_string(),
         hex::encode(key.master_public.as_bytes()),
         hex::encode(key.verifying.as_bytes()),
         hex::encode(&key.params),
@@ -216,16 +218,19 @@ fn parse_key_line(line: &str) -> Result<RepoKey, String> {
     Ok(RepoKey::from_zeroizing(secret))
 }
 
-/// `btrship-ship-key-v1 <key id> <id key> <ship secret> <x25519 public>
-/// <ed25519 public> <params> <check>`, all hex.
+/// `btrship-ship-key-v1 <key id> <id key> <shared key> <generation secret>
+/// <generation> <x25519 public> <ed25519 public> <params> <check>`, all hex
+/// but the generation (decimal).
 fn parse_ship_line(fields: &[&str]) -> Result<RepoKey, String> {
-    let &[_, key_id_hex, id_hex, ship_hex, x_hex, ed_hex, params_hex, check] = fields else {
+    let &[_, key_id_hex, id_hex, shared_hex, gen_hex, generation, x_hex, ed_hex, params_hex, check] =
+        fields
+    else {
         return Err(format!(
-            "the ship-only key line has {} fields, expected 8",
+            "the ship-only key line has {} fields, expected 10",
             fields.len()
         ));
     };
-    let own: Vec<String> = fields[1..7].iter().map(|f| f.to_string()).collect();
+    let own: Vec<String> = fields[1..9].iter().map(|f| f.to_string()).collect();
     if ship_check(&own) != check {
         return Err(
             "the check field does not match the key: the file was mistyped or damaged".into(),
@@ -241,20 +246,26 @@ fn parse_ship_line(fields: &[&str]) -> Result<RepoKey, String> {
     hex::decode_to_slice(key_id_hex, &mut key_id)
         .map_err(|_| "the key id is not 16 hex characters".to_owned())?;
     let id_key = bytes32(id_hex, "id key")?;
-    let ship_secret = bytes32(ship_hex, "ship secret")?;
+    let shared_key = bytes32(shared_hex, "shared key")?;
+    let gen_secret = bytes32(gen_hex, "generation secret")?;
+    let generation: u32 = generation
+        .parse()
+        .map_err(|_| "the generation is not a number".to_owned())?;
     let master_public = PublicKey::from(*bytes32(x_hex, "master public key")?);
     let verifying = VerifyingKey::from_bytes(&*bytes32(ed_hex, "signing public key")?)
         .map_err(|_| "the signing public key is not a valid Ed25519 key".to_owned())?;
     let params = hex::decode(params_hex).map_err(|_| "the parameters are not hex".to_owned())?;
-    Ok(RepoKey::assemble(
-        KeyId(key_id),
+    Ok(RepoKey::assemble(Parts {
+        key_id: KeyId(key_id),
         id_key,
-        ship_secret,
+        shared_key,
+        gen_secret,
+        generation,
         master_public,
         verifying,
-        None,
+        master: None,
         params,
-    ))
+    }))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -282,7 +293,7 @@ mod tests {
     fn a_ship_only_key_round_trips_and_a_typo_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let master = RepoKey::generate();
-        let ship = master.ship_only(b"repository parameters").unwrap();
+        let ship = master.ship_only(b"repository parameters", 2).unwrap();
         let path = dir.path().join("ship.key");
         write_key_file(&path, &ship).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -291,6 +302,7 @@ mod tests {
         assert!(!back.is_master());
         assert_eq!(back.key_id(), master.key_id());
         assert_eq!(back.ship_params(), Some(&b"repository parameters"[..]));
+        assert_eq!(back.generation(), Some(2));
         assert_eq!(back.content_id(b"x"), master.content_id(b"x"));
         // What the file's key seals, the master opens.
         let sealed = back.seal(crate::ObjectKind::Index, b"index/a", b"body");
@@ -308,7 +320,7 @@ mod tests {
         let err = parse_key_line(&fields.join(" ")).unwrap_err();
         assert!(err.contains("check field"), "{err}");
         let err = parse_key_line(&fields[..5].join(" ")).unwrap_err();
-        assert!(err.contains("expected 8"), "{err}");
+        assert!(err.contains("expected 10"), "{err}");
     }
 
     #[test]

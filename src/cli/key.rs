@@ -52,6 +52,10 @@ struct ShipKeyArgs {
     /// The new key file (never overwritten).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// The key's generation: issue a new one (2, 3, ...) to replace a
+    /// ship-only key that leaked; nothing is uploaded again.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    generation: u32,
     #[command(flatten)]
     repo: RepoArgs,
     #[arg(long)]
@@ -72,6 +76,9 @@ struct KeyReport {
     file: String,
     kind: &'static str,
     key_id: String,
+    /// Ship-only keys: their generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<u32>,
 }
 
 pub fn run(app: &App, args: Args) -> Result<u8> {
@@ -98,7 +105,7 @@ fn ship_key(app: &App, args: ShipKeyArgs) -> Result<u8> {
         .stores(cfg.as_ref())
         .store(&address, false, layers::RetryPolicy::default())?;
     let repo = Repository::open_lazy(store, key.clone(), app.rt.handle().clone())?;
-    let Some(ship) = key.ship_only(&to_cbor(repo.config())) else {
+    let Some(ship) = key.ship_only(&to_cbor(repo.config()), args.generation) else {
         unreachable!("a master key derives a ship-only key")
     };
     btrship_crypto::write_key_file(&args.out, &ship)?;
@@ -106,13 +113,14 @@ fn ship_key(app: &App, args: ShipKeyArgs) -> Result<u8> {
         file: args.out.display().to_string(),
         kind: "ship-only",
         key_id: key.key_id().to_string(),
+        generation: Some(args.generation),
     };
     if args.json {
         print_json(&report)?;
     } else {
         println!(
-            "wrote the ship-only key of {address} (key {}) to {}",
-            report.key_id, report.file
+            "wrote the ship-only key of {address} (key {}, generation {}) to {}",
+            report.key_id, args.generation, report.file
         );
         println!(
             "install it on the file server as the share's key_file, and keep the master key {} off that machine",
@@ -132,11 +140,18 @@ fn show(args: ShowArgs) -> Result<u8> {
             "ship-only"
         },
         key_id: key.key_id().to_string(),
+        generation: key.generation(),
     };
     if args.json {
         print_json(&report)?;
     } else {
-        println!("{}: {} key {}", report.file, report.kind, report.key_id);
+        match report.generation {
+            Some(g) => println!(
+                "{}: {} key {}, generation {g}",
+                report.file, report.kind, report.key_id
+            ),
+            None => println!("{}: {} key {}", report.file, report.kind, report.key_id),
+        }
     }
     Ok(exit::OK)
 }
