@@ -114,7 +114,7 @@ pub fn check(
         let prefix = key.split('/').next().unwrap_or_default();
         match prefix {
             "config" | "packs" | "snapshots" | "versions" | "chains" | "summaries" | "gc"
-            | "forgets" => {}
+            | "forgets" | "keyslots" => {}
             "keys" => {
                 if let Err(e) = repo.read_key_check(key) {
                     r.problems.push(format!("{e}"));

@@ -14,6 +14,7 @@ use btrship_upload::s3::{S3Config, S3Store};
 use btrship_upload::{Repository, Store};
 use std::path::Path;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// Builds stores: every backend gets the same retries, limits and
 /// counters. Cloneable into the daemon's shipping thread.
@@ -138,9 +139,22 @@ fn once() -> layers::RetryPolicy {
     }
 }
 
-/// Reads a key file; a missing one is a key error (exit 4) naming it.
+/// Reads a key file; a missing one is a key error (exit 4) naming it. A
+/// passphrase-protected one asks for its passphrase ([`passphrase`]).
 pub fn read_key(path: &Path) -> Result<Arc<RepoKey>> {
-    let key = btrship_crypto::read_key_file(path).map_err(|e| {
+    let read = match btrship_crypto::read_key_file(path) {
+        Err(btrship_crypto::KeyFileError::NeedsPassphrase { .. }) => {
+            let pass = passphrase(&format!("Passphrase of {}: ", path.display())).map_err(|e| {
+                e.context(format!(
+                    "key file {} is protected by a passphrase",
+                    path.display()
+                ))
+            })?;
+            btrship_crypto::read_key_file_with(path, Some(pass.as_bytes()))
+        }
+        other => other,
+    };
+    let key = read.map_err(|e| {
         let missing = matches!(&e, btrship_crypto::KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
         if missing {
             anyhow::Error::new(UserError::new(
@@ -170,4 +184,61 @@ pub fn host_name() -> String {
 /// The host name a share's history is shipped under.
 pub fn share_host(cfg: &crate::config::ShareConfig) -> String {
     cfg.host.clone().unwrap_or_else(host_name)
+}
+
+/// A passphrase: the file `BTRSHIP_PASSPHRASE_FILE` names (its first
+/// line), else `BTRSHIP_PASSPHRASE`, else asked on the terminal. Without
+/// any of them: the key error (exit 4) saying how to give one.
+pub fn passphrase(prompt: &str) -> Result<Zeroizing<String>> {
+    passphrase_from("BTRSHIP_PASSPHRASE", prompt, false)
+}
+
+/// A new passphrase (`BTRSHIP_NEW_PASSPHRASE_FILE`,
+/// `BTRSHIP_NEW_PASSPHRASE`, else asked twice on the terminal); at least
+/// 8 characters.
+pub fn new_passphrase(prompt: &str) -> Result<Zeroizing<String>> {
+    let pass = passphrase_from("BTRSHIP_NEW_PASSPHRASE", prompt, true)?;
+    if pass.chars().count() < 8 {
+        return Err(UserError::new(
+            exit::USAGE,
+            "the new passphrase is shorter than 8 characters; choose a longer one",
+        )
+        .into());
+    }
+    Ok(pass)
+}
+
+fn passphrase_from(var: &str, prompt: &str, twice: bool) -> Result<Zeroizing<String>> {
+    let file_var = format!("{var}_FILE");
+    if let Some(path) = std::env::var_os(&file_var) {
+        let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+            UserError::new(
+                exit::KEY,
+                format!(
+                    "cannot read {file_var} ({}): {e}",
+                    Path::new(&path).display()
+                ),
+            )
+        })?);
+        return Ok(Zeroizing::new(
+            text.lines().next().unwrap_or_default().to_string(),
+        ));
+    }
+    if let Ok(p) = std::env::var(var) {
+        return Ok(Zeroizing::new(p));
+    }
+    let no_terminal = |_| {
+        UserError::new(
+            exit::KEY,
+            format!("a passphrase is needed and there is no terminal to ask on; set {file_var} (a file holding it) or {var}"),
+        )
+    };
+    let first = Zeroizing::new(rpassword::prompt_password(prompt).map_err(no_terminal)?);
+    if twice {
+        let again = Zeroizing::new(rpassword::prompt_password("Again: ").map_err(no_terminal)?);
+        if *again != *first {
+            return Err(UserError::new(exit::USAGE, "the two passphrases differ").into());
+        }
+    }
+    Ok(first)
 }

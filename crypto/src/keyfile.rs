@@ -17,6 +17,12 @@ const TAG: &str = "btrship-key-v1";
 const SHIP_COMMENT: &str = "# btrship ship-only key: it adds history to one repository and cannot read any of it.\n\
                             # Restores, mounts and prune need the master key, which must not be on this machine.";
 const SHIP_TAG: &str = "btrship-ship-key-v1";
+const WRAPPED_COMMENT: &str =
+    "# btrship key, protected by a passphrase: keep a copy off this machine and \
+                               remember the passphrase. Without both nothing can be restored.";
+const WRAPPED_TAG: &str = "btrship-key-v1-argon2id";
+/// What a key file's wrapped secret is bound to (FORMAT.md §3a).
+const FILE_LABEL: &[u8] = b"btrship key file v1";
 /// Key files are a couple of hundred bytes; refuse to slurp anything huge.
 const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
 
@@ -35,6 +41,10 @@ pub enum KeyFileError {
     },
     #[error("key file {path} already exists; refusing to overwrite it")]
     Exists { path: PathBuf },
+    #[error("key file {path} is protected by a passphrase: run on a terminal, or set BTRSHIP_PASSPHRASE_FILE (a file holding it) or BTRSHIP_PASSPHRASE")]
+    NeedsPassphrase { path: PathBuf },
+    #[error("key file {path}: the passphrase is wrong (or the file was changed)")]
+    WrongPassphrase { path: PathBuf },
 }
 
 /// Writes `key` to a new key file at `path` with mode 0600.
@@ -44,7 +54,67 @@ pub enum KeyFileError {
 /// its directory are fsynced before returning; if writing fails, the partial
 /// file is removed.
 pub fn write_key_file(path: &Path, key: &RepoKey) -> Result<(), KeyFileError> {
-    let contents = match &key.master {
+    let contents = key_file_text(key, None).map_err(|e| KeyFileError::Format {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    write_new_file(path, &contents)
+}
+
+/// Replaces the key file at `path` (or writes a new one) with `key`,
+/// protected by `passphrase` when given (Argon2id with `params`), else in
+/// the clear: written beside it, fsynced, renamed over it, the directory
+/// fsynced; a crash leaves the old file or the new one.
+pub fn replace_key_file(
+    path: &Path,
+    key: &RepoKey,
+    passphrase: Option<(&[u8], crate::KdfParams)>,
+) -> Result<(), KeyFileError> {
+    let contents = key_file_text(key, passphrase).map_err(|e| KeyFileError::Format {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".new-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    write_new_file(&tmp, &contents)?;
+    std::fs::rename(&tmp, path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        KeyFileError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    sync_dir(parent).map_err(|source| KeyFileError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The text of a key file holding `key`.
+fn key_file_text(
+    key: &RepoKey,
+    passphrase: Option<(&[u8], crate::KdfParams)>,
+) -> Result<Zeroizing<String>, crate::CryptoError> {
+    if let Some((pass, params)) = passphrase {
+        let w = key.wrap(pass, FILE_LABEL, params)?;
+        return Ok(Zeroizing::new(format!(
+            "{WRAPPED_COMMENT}\n{WRAPPED_TAG} {} {} {} {} {} {} {}\n",
+            w.params.m_kib,
+            w.params.t,
+            w.params.p,
+            hex::encode(w.salt),
+            hex::encode(w.nonce),
+            hex::encode(&w.sealed),
+            key.key_id()
+        )));
+    }
+    Ok(match &key.master {
         Some(m) => Zeroizing::new(format!(
             "{COMMENT}\n{TAG} {} {}\n",
             hex::encode(*m.secret),
@@ -58,8 +128,7 @@ pub fn write_key_file(path: &Path, key: &RepoKey) -> Result<(), KeyFileError> {
                 ship_check(&fields)
             ))
         }
-    };
-    write_new_file(path, &contents)
+    })
 }
 
 /// The fields of a ship-only key line, before its check field.
@@ -136,6 +205,12 @@ fn write_new_file(path: &Path, contents: &str) -> Result<(), KeyFileError> {
 /// ([`KeyFileError::Permissions`]), and one whose key id field does not match
 /// its secret ([`KeyFileError::Format`]).
 pub fn read_key_file(path: &Path) -> Result<RepoKey, KeyFileError> {
+    read_key_file_with(path, None)
+}
+
+/// [`read_key_file`]; a passphrase-protected file is opened with
+/// `passphrase` (without one: [`KeyFileError::NeedsPassphrase`]).
+pub fn read_key_file_with(path: &Path, passphrase: Option<&[u8]>) -> Result<RepoKey, KeyFileError> {
     let io_err = |source| KeyFileError::Io {
         path: path.to_owned(),
         source,
@@ -178,7 +253,60 @@ pub fn read_key_file(path: &Path) -> Result<RepoKey, KeyFileError> {
     if key_lines.next().is_some() {
         return Err(format_err("more than one key line"));
     }
+    if line.split_whitespace().next() == Some(WRAPPED_TAG) {
+        let w = parse_wrapped_line(line).map_err(|reason| format_err(&reason))?;
+        let Some(pass) = passphrase else {
+            return Err(KeyFileError::NeedsPassphrase {
+                path: path.to_owned(),
+            });
+        };
+        return RepoKey::unwrap(&w.0, pass, FILE_LABEL, w.1).map_err(|e| match e {
+            crate::CryptoError::Malformed { .. } => {
+                format_err("the key derivation parameters are out of range")
+            }
+            _ => KeyFileError::WrongPassphrase {
+                path: path.to_owned(),
+            },
+        });
+    }
     parse_key_line(line).map_err(|reason| format_err(&reason))
+}
+
+/// `btrship-key-v1-argon2id <m KiB> <t> <p> <salt> <nonce> <sealed> <key id>`.
+fn parse_wrapped_line(line: &str) -> Result<(crate::Wrapped, KeyId), String> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let &[_, m, t, p, salt_hex, nonce_hex, sealed_hex, key_id_hex] = fields.as_slice() else {
+        return Err(format!(
+            "the protected key line has {} fields, expected 8",
+            fields.len()
+        ));
+    };
+    let num = |v: &str, what: &str| -> Result<u32, String> {
+        v.parse().map_err(|_| format!("the {what} is not a number"))
+    };
+    let mut salt = [0u8; 16];
+    let mut nonce = [0u8; 24];
+    let mut key_id = [0u8; 8];
+    hex::decode_to_slice(salt_hex, &mut salt)
+        .map_err(|_| "the salt is not 32 hex characters".to_owned())?;
+    hex::decode_to_slice(nonce_hex, &mut nonce)
+        .map_err(|_| "the nonce is not 48 hex characters".to_owned())?;
+    hex::decode_to_slice(key_id_hex, &mut key_id)
+        .map_err(|_| "the key id is not 16 hex characters".to_owned())?;
+    let sealed = hex::decode(sealed_hex).map_err(|_| "the sealed secret is not hex".to_owned())?;
+    Ok((
+        crate::Wrapped {
+            params: crate::KdfParams {
+                m_kib: num(m, "memory cost")?,
+                t: num(t, "time cost")?,
+                p: num(p, "parallelism")?,
+            },
+            salt,
+            nonce,
+            sealed,
+        },
+        KeyId(key_id),
+    ))
 }
 
 /// Parses `btrship-key-v1 <secret hex> <key id hex>` (the master key) or
@@ -321,6 +449,42 @@ mod tests {
         assert!(err.contains("check field"), "{err}");
         let err = parse_key_line(&fields[..5].join(" ")).unwrap_err();
         assert!(err.contains("expected 10"), "{err}");
+    }
+
+    #[test]
+    fn a_protected_key_file_opens_with_its_passphrase_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        let key = RepoKey::generate();
+        write_key_file(&path, &key).unwrap();
+        let cheap = crate::KdfParams {
+            m_kib: 256,
+            t: 1,
+            p: 1,
+        };
+        replace_key_file(&path, &key, Some((b"s3cret pass", cheap))).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(WRAPPED_TAG), "{text}");
+        let secret_hex = hex::encode(*key.master.as_ref().unwrap().secret);
+        assert!(!text.contains(&secret_hex[..16]));
+        assert!(matches!(
+            read_key_file(&path),
+            Err(KeyFileError::NeedsPassphrase { .. })
+        ));
+        assert!(matches!(
+            read_key_file_with(&path, Some(b"wrong")),
+            Err(KeyFileError::WrongPassphrase { .. })
+        ));
+        let back = read_key_file_with(&path, Some(b"s3cret pass")).unwrap();
+        assert_eq!(back.key_id(), key.key_id());
+        assert!(back.is_master());
+        // Back to a plain file; the mode stays 0600.
+        replace_key_file(&path, &back, None).unwrap();
+        assert_eq!(read_key_file(&path).unwrap().key_id(), key.key_id());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1);
     }
 
     #[test]

@@ -60,10 +60,14 @@
 mod envelope;
 mod key;
 mod keyfile;
+mod passphrase;
 
 pub use envelope::{
     CryptoError, ObjectKind, ENVELOPE_OVERHEAD, ENVELOPE_SHIP, ENVELOPE_SIGNED, FORMAT_VERSION,
     MAX_DECOMPRESSED_LEN,
 };
 pub use key::{ContentId, KeyId, RepoKey, SESSION_LIFETIME};
-pub use keyfile::{read_key_file, write_key_file, KeyFileError};
+pub use keyfile::{
+    read_key_file, read_key_file_with, replace_key_file, write_key_file, KeyFileError,
+};
+pub use passphrase::{KdfParams, Wrapped};

@@ -499,3 +499,32 @@ pub struct MarkedPack {
     /// Store time of the run that marked it (RFC 3339).
     pub at: String,
 }
+
+/// A key slot (`keyslots/<16 hex>`, FORMAT.md §3a): the master secret
+/// wrapped under a passphrase (Argon2id, XChaCha20-Poly1305, bound to the
+/// slot's name and the key id). Plain CBOR, not sealed: it is what opens
+/// the key. A reader checks the key it gives against `config`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeySlot {
+    pub version: u32,
+    #[serde(with = "serde_bytes")]
+    pub key_id: Vec<u8>,
+    /// Always "argon2id".
+    pub kdf: String,
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
+    #[serde(with = "serde_bytes")]
+    pub salt: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+    pub created: String,
+    pub host: String,
+    #[serde(default)]
+    pub label: String,
+}
+
+/// Key slot objects live under this prefix.
+pub const KEY_SLOT_PREFIX: &str = "keyslots/";
