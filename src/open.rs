@@ -11,6 +11,7 @@ use btrship_crypto::RepoKey;
 use btrship_upload::layers;
 use btrship_upload::local::LocalStore;
 use btrship_upload::s3::{S3Config, S3Store};
+use btrship_upload::versioned::VersionedStore;
 use btrship_upload::{Repository, Store};
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ use zeroize::Zeroizing;
 /// counters. Cloneable into the daemon's shipping thread.
 #[derive(Clone)]
 pub struct Stores {
+    /// Read through the bucket's object versions (`--recover-versions`),
+    /// validating with this key (FORMAT.md §12a).
+    pub versions_of: Option<Arc<RepoKey>>,
     pub max_connections: usize,
     pub bwlimit: Option<u64>,
     pub counters: Arc<layers::Counters>,
@@ -55,9 +59,20 @@ impl Stores {
             }
             RepoAddress::S3(url) => {
                 let cfg = S3Config::parse_url(&url)?;
-                Arc::new(self.rt.block_on(S3Store::connect(cfg))?)
+                let s3 = Arc::new(self.rt.block_on(S3Store::connect(cfg))?);
+                match &self.versions_of {
+                    Some(key) => Arc::new(VersionedStore::new(s3, validator(key.clone()))),
+                    None => s3,
+                }
             }
         };
+        if self.versions_of.is_some() && !address.starts_with("s3://") {
+            return Err(UserError::new(
+                exit::USAGE,
+                "--recover-versions reads the object versions of an S3 bucket; this repository is a directory",
+            )
+            .into());
+        }
         Ok(layers::layered(
             backend,
             layers::LayerOptions {
@@ -241,4 +256,32 @@ fn passphrase_from(var: &str, prompt: &str, twice: bool) -> Result<Zeroizing<Str
         }
     }
     Ok(first)
+}
+
+/// Whether bytes read under a name are what btrship wrote there: sealed
+/// objects open under `key` as their kind, a pack hashes to its name, a
+/// key slot parses (it is checked against `config` when used). For
+/// reading through object versions ([`VersionedStore`]).
+pub fn validator(key: Arc<RepoKey>) -> btrship_upload::versioned::Validator {
+    use btrship_crypto::ObjectKind as K;
+    Arc::new(move |name: &str, bytes: &[u8]| {
+        let kind = match name.split('/').next().unwrap_or_default() {
+            "packs" => return btrship_upload::pack::pack_object_name(&key, bytes) == name,
+            "keyslots" => {
+                return btrship_upload::format::from_cbor::<btrship_upload::format::KeySlot>(bytes)
+                    .is_ok()
+            }
+            "config" => K::Config,
+            "keys" => K::KeyCheck,
+            "index" => K::Index,
+            "snapshots" => K::Snapshot,
+            "versions" => K::Version,
+            "chains" => K::ChainRegistration,
+            "summaries" => K::Summary,
+            "forgets" => K::Forget,
+            "gc" => K::Garbage,
+            _ => return true,
+        };
+        key.open(kind, name.as_bytes(), bytes).is_ok()
+    })
 }

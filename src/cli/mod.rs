@@ -154,6 +154,13 @@ pub struct RepoArgs {
     /// (each problem becomes a warning) instead of refusing with exit 5.
     #[arg(long)]
     allow_gaps: bool,
+    /// Read an S3 repository through its bucket's object versions: for
+    /// each object, the newest version that authenticates (after an
+    /// attacker overwrote objects or hid them behind delete markers).
+    /// Lists every version once; needs s3:ListBucketVersions and
+    /// s3:GetObjectVersion.
+    #[arg(long)]
+    recover_versions: bool,
 }
 
 /// What every command gets: the directories, the runtime, the store
@@ -299,6 +306,7 @@ impl App {
     /// the share config's, which win over the defaults.
     fn stores(&self, cfg: Option<&ShareConfig>) -> Stores {
         Stores {
+            versions_of: None,
             max_connections: self
                 .max_connections
                 .or(cfg.and_then(|c| c.max_connections))
@@ -371,7 +379,10 @@ impl App {
     ) -> Result<(Repository, Option<ShareConfig>)> {
         let (address, key_file, cfg) = self.repo_address(name, args)?;
         require_master(&key_file, "reads the history")?;
-        let stores = self.stores(cfg.as_ref());
+        let mut stores = self.stores(cfg.as_ref());
+        if args.recover_versions {
+            stores.versions_of = Some(btrship::open::read_key(&key_file)?);
+        }
         let repo = if for_check {
             let key = btrship::open::read_key(&key_file)?;
             let store = stores.store(&address, false, layers::RetryPolicy::default())?;

@@ -20,6 +20,7 @@ pub mod padding;
 pub mod repo;
 pub mod s3;
 pub mod store;
+pub mod versioned;
 pub mod walk;
 
 pub use repo::{BlobLocation, PackWriter, RepoError, Repository, WriteStats};
