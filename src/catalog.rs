@@ -125,6 +125,13 @@ const SCHEMA: &str = "
         id BLOB PRIMARY KEY,
         body BLOB NOT NULL
     );
+    -- Object Lock (FORMAT.md §12b): the retain-until date prune last set
+    -- for an object (seconds since the epoch). Without a row, an object
+    -- is locked until its store time plus the repository's lock duration.
+    CREATE TABLE IF NOT EXISTS lock_until (
+        name TEXT PRIMARY KEY,
+        until INTEGER NOT NULL
+    ) WITHOUT ROWID;
 ";
 
 /// The layout above; a file with another (older) one is emptied first.
@@ -714,6 +721,36 @@ impl Catalog {
 
     /// Drops the blob rows of packs prune deleted (one scan of the blob
     /// index, however many packs).
+    /// The retain-until dates prune set (Object Lock), seconds since the
+    /// epoch, by object name.
+    pub fn lock_until(&self) -> Result<HashMap<String, i64>> {
+        let conn = self.lock();
+        let mut st = conn.prepare("SELECT name, until FROM lock_until")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records that `names` are locked until `until` (seconds), and drops
+    /// the rows of `gone` (deleted objects).
+    pub fn set_lock_until(&self, names: &[String], until: i64, gone: &[String]) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT INTO lock_until (name, until) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET until = max(until, excluded.until)",
+            )?;
+            for n in names {
+                put.execute(params![n, until])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM lock_until WHERE name = ?1")?;
+            for n in gone {
+                del.execute(params![n])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn drop_packs(&self, packs: &[String]) -> Result<()> {
         if packs.is_empty() {
             return Ok(());

@@ -99,6 +99,12 @@ pub struct PruneReport {
     /// ones are marked) and the bytes of blobs moved.
     pub packs_repacked: u64,
     pub bytes_repacked: u64,
+    /// Object Lock: objects not deleted yet because their lock has not
+    /// ended (deleted by a later run), and their bytes.
+    pub objects_locked: u64,
+    pub bytes_locked: u64,
+    /// Object Lock: objects whose lock this run extended.
+    pub locks_extended: u64,
     pub store_bytes_before: u64,
     pub store_bytes_after: u64,
     pub local: LocalCleanup,
@@ -234,6 +240,7 @@ fn run(
     };
     let cat: Arc<Catalog> = own.catalog().clone();
     let listing = repo.list("")?;
+    let locks = Locks::new(repo, &cat, &listing)?;
     report.store_bytes_before = listing.iter().map(|o| o.size).sum();
     check_no_stray_history(repo, &chains, &listing)?;
 
@@ -314,8 +321,8 @@ fn run(
             )
             .into());
         }
-        repo.delete_objects(&plan.delete_packs)?;
-        repo.delete_objects(&plan.delete_indexes)?;
+        locks.delete(repo, &plan.delete_packs, now, report)?;
+        locks.delete(repo, &plan.delete_indexes, now, report)?;
         cat.drop_packs(&plan.delete_packs)?;
     }
     // Forgotten objects that a level-1 summary holds (readers walk it).
@@ -326,7 +333,7 @@ fn run(
         .map(|m| m.seq)
         .collect();
     let singles = forgotten_singles(repo, target, &all_forgotten, &listing);
-    repo.delete_objects(&singles)?;
+    let singles = locks.delete(repo, &singles, now, report)?;
     report.history_objects_deleted = singles.len() as u64;
     // Older records: the newest two of each kind stay.
     let mut old_records: Vec<String> = listing
@@ -350,11 +357,137 @@ fn run(
     forgets.sort();
     forgets.truncate(forgets.len().saturating_sub(1));
     old_records.extend(forgets);
-    repo.delete_objects(&old_records)?;
+    locks.delete(repo, &old_records, now, report)?;
     report.store_bytes_after = report
         .store_bytes_before
         .saturating_sub(report.bytes_deleted);
+    // 6. Object Lock: what stays gets its lock extended before it ends.
+    let mut going: HashSet<&str> = plan
+        .record
+        .deleted_packs
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    going.extend(plan.record.deleted_indexes.iter().map(|s| s.as_str()));
+    going.extend(plan.record.marked.iter().map(|m| m.pack.as_str()));
+    going.extend(singles.iter().map(|s| s.as_str()));
+    going.extend(old_records.iter().map(|s| s.as_str()));
+    locks.extend(repo, &cat, &listing, &going, now, report)?;
     Ok(())
+}
+
+/// Object Lock (FORMAT.md §12b): when each listed object's lock ends —
+/// the date prune last set (the catalogue), else its store time plus the
+/// repository's lock duration.
+struct Locks {
+    /// None: the repository has no Object Lock.
+    duration: Option<Duration>,
+    until: HashMap<String, SystemTime>,
+    size: HashMap<String, u64>,
+}
+
+impl Locks {
+    fn new(repo: &Repository, cat: &Catalog, listing: &[ObjectMeta]) -> Result<Locks> {
+        let Some(duration) = repo
+            .config()
+            .object_lock
+            .as_ref()
+            .map(|l| Duration::from_secs(l.seconds))
+        else {
+            return Ok(Locks {
+                duration: None,
+                until: HashMap::new(),
+                size: HashMap::new(),
+            });
+        };
+        let extended = cat.lock_until()?;
+        let mut until = HashMap::new();
+        for o in listing {
+            let written = o.modified.map(|t| t + duration);
+            let set = extended
+                .get(&o.key)
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs((*s).max(0) as u64));
+            if let Some(t) = written.max(set) {
+                until.insert(o.key.clone(), t);
+            }
+        }
+        Ok(Locks {
+            duration: Some(duration),
+            until,
+            size: listing.iter().map(|o| (o.key.clone(), o.size)).collect(),
+        })
+    }
+
+    /// Deletes the objects of `names` whose lock has ended (all of them
+    /// without Object Lock); the others stay for a later run. Returns the
+    /// names deleted.
+    fn delete(
+        &self,
+        repo: &Repository,
+        names: &[String],
+        now: SystemTime,
+        report: &mut PruneReport,
+    ) -> Result<Vec<String>> {
+        if self.duration.is_none() {
+            repo.delete_objects(names)?;
+            return Ok(names.to_vec());
+        }
+        let (locked, free): (Vec<String>, Vec<String>) = names
+            .iter()
+            .cloned()
+            .partition(|n| self.until.get(n).is_some_and(|t| *t > now));
+        report.objects_locked += locked.len() as u64;
+        let bytes: u64 = locked.iter().filter_map(|n| self.size.get(n)).sum();
+        report.bytes_locked += bytes;
+        report.bytes_deleted = report.bytes_deleted.saturating_sub(bytes);
+        repo.delete_objects(&free)?;
+        Ok(free)
+    }
+
+    /// Extends to `now + duration` the lock of every listed object not in
+    /// `going` whose lock ends within half the duration.
+    fn extend(
+        &self,
+        repo: &Repository,
+        cat: &Catalog,
+        listing: &[ObjectMeta],
+        going: &HashSet<&str>,
+        now: SystemTime,
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        let Some(duration) = self.duration else {
+            return Ok(());
+        };
+        let soon = now + duration / 2;
+        let due: Vec<String> = listing
+            .iter()
+            .filter(|o| !o.key.starts_with("locks/") && !going.contains(o.key.as_str()))
+            .filter(|o| self.until.get(&o.key).is_none_or(|t| *t < soon))
+            .map(|o| o.key.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let until = now + duration;
+        let failed = repo.extend_retention_many(&due, until);
+        let ok: Vec<String> = due
+            .iter()
+            .filter(|n| !failed.iter().any(|(f, _)| f == *n))
+            .cloned()
+            .collect();
+        let secs = until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        cat.set_lock_until(&ok, secs, &[])?;
+        report.locks_extended += ok.len() as u64;
+        if let Some((name, why)) = failed.first() {
+            report.warnings.push(format!(
+                "the lock of {} objects could not be extended (first: {name}: {why}); the next prune tries again",
+                failed.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn refuse(why: String) -> anyhow::Error {

@@ -11,6 +11,7 @@ use btrship::open::host_name;
 use btrship::state;
 use btrship_crypto::RepoKey;
 use btrship_snapshot::{PrivateArea, Share};
+use btrship_upload::format::ObjectLockConfig;
 use btrship_upload::{layers, Repository};
 use std::path::PathBuf;
 
@@ -51,6 +52,17 @@ pub struct Args {
     /// larger objects mean fewer requests; an existing repository keeps its size).
     #[arg(long, default_value = "16M", value_parser = parse_pack_size, value_name = "SIZE")]
     pack_size: u64,
+    /// S3 Object Lock for a new repository: every object is written
+    /// locked for this long (30d, 90d, ...), and prune extends the lock of
+    /// what kept moments still need. The bucket must have Object Lock
+    /// enabled (chosen when the bucket is created).
+    #[arg(long, value_parser = parse_lock, value_name = "DURATION")]
+    object_lock: Option<u64>,
+    /// Object Lock mode: compliance (nobody can shorten or remove a lock,
+    /// the account's root user included) or governance (users with
+    /// s3:BypassGovernanceRetention can).
+    #[arg(long, default_value = "compliance", value_parser = ["compliance", "governance"], requires = "object_lock")]
+    object_lock_mode: String,
     /// How often the snapshot timer runs: 1h, 30m, 1d ... (at least 1m).
     #[arg(long, default_value = "1h", value_parser = parse_interval, value_name = "INTERVAL")]
     snapshot_every: u64,
@@ -79,6 +91,15 @@ pub struct Args {
 fn parse_interval(s: &str) -> std::result::Result<u64, String> {
     btrship::systemd::parse_interval(s)
         .ok_or_else(|| format!("{s:?} is not an interval like 1h, 30m or 1d (at least 1m)"))
+}
+
+fn parse_lock(s: &str) -> std::result::Result<u64, String> {
+    match btrship::retention::parse_duration(s) {
+        Some(Some(ns)) if ns >= 1_000_000_000 => Ok((ns / 1_000_000_000) as u64),
+        _ => Err(format!(
+            "{s:?} is not a duration like 30d, 12w or 1y (at least 1s)"
+        )),
+    }
 }
 
 fn parse_pack_size(s: &str) -> std::result::Result<u64, String> {
@@ -179,14 +200,46 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     }
     let key = btrship::open::read_key(&cfg.key_file)?;
     let store = stores.store(&cfg.repo, true, layers::RetryPolicy::default())?;
-    let (_, repo_created) = Repository::open_or_create_with(
+    let object_lock = match args.object_lock {
+        None => None,
+        Some(seconds) => {
+            let enabled =
+                cfg.repo.starts_with("s3://") && app.rt.block_on(store.object_lock_enabled())?;
+            if !enabled {
+                return Err(UserError::new(
+                    exit::USAGE,
+                    format!(
+                        "{} has no Object Lock: it is an S3 feature turned on when the bucket is created (aws s3api create-bucket --object-lock-enabled-for-bucket); use such a bucket, or init without --object-lock",
+                        store.location()
+                    ),
+                )
+                .into());
+            }
+            Some(ObjectLockConfig {
+                mode: args.object_lock_mode.to_ascii_uppercase(),
+                seconds,
+            })
+        }
+    };
+    let (repo, repo_created) = Repository::open_or_create_with(
         store,
         key,
         app.rt.handle().clone(),
         &host_name(),
         args.pack_size,
+        object_lock.clone(),
     )
     .with_context(|| format!("repository {}", cfg.repo))?;
+    if object_lock.is_some() && repo.config().object_lock.is_none() {
+        return Err(UserError::new(
+            exit::USAGE,
+            format!(
+                "repository {} exists without Object Lock: Object Lock is chosen when a repository is created",
+                cfg.repo
+            ),
+        )
+        .into());
+    }
     PrivateArea::open(&share, &name)?;
     state::State::open(&app.state_path(&name))?;
     cfg.save(&app.config_dir)?;
@@ -200,6 +253,12 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
         cfg.repo,
         if repo_created { "created" } else { "existing" }
     );
+    if let Some(l) = &repo.config().object_lock {
+        println!(
+            "object lock: every object is written locked ({}) for {} s; prune extends what kept moments need",
+            l.mode, l.seconds
+        );
+    }
     if key_created {
         println!("key file: {} (created; copy it somewhere safe off this machine: without it nothing can be restored)", cfg.key_file.display());
     } else {

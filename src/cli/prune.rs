@@ -215,6 +215,14 @@ fn print_text(r: &PruneReport) {
         r.indexes_deleted,
         r.history_objects_deleted
     );
+    if r.objects_locked > 0 || r.locks_extended > 0 {
+        println!(
+            "  object lock: {} objects ({}) stay until their lock ends (a later prune deletes them), {} locks extended",
+            r.objects_locked,
+            mib(r.bytes_locked),
+            r.locks_extended
+        );
+    }
     println!(
         "  local: {} snapshots deleted, {} captures and {} events removed",
         r.local.snapshots_deleted.len(),

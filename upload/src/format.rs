@@ -41,6 +41,29 @@ pub struct Config {
     pub created: String,
     pub chunker: ChunkerParams,
     pub pack_target: u64,
+    /// S3 Object Lock (FORMAT.md §12b): every object is written locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLockConfig>,
+}
+
+/// FORMAT.md §12b `config.object_lock`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ObjectLockConfig {
+    /// "COMPLIANCE" or "GOVERNANCE".
+    pub mode: String,
+    /// How long each object stays locked after it is written (and after
+    /// each extension by prune).
+    pub seconds: u64,
+}
+
+impl ObjectLockConfig {
+    /// The store-level setting; None for a mode this btrship does not know.
+    pub fn lock(&self) -> Option<crate::store::ObjectLock> {
+        Some(crate::store::ObjectLock {
+            mode: crate::store::LockMode::parse(&self.mode)?,
+            duration: std::time::Duration::from_secs(self.seconds),
+        })
+    }
 }
 
 /// Content-defined chunking sizes (FastCDC 2020), bytes.

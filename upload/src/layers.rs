@@ -127,6 +127,25 @@ impl Store for Retry {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.run("delete", key, || self.inner.delete(key)).await
     }
+    fn set_object_lock(&self, lock: Option<crate::store::ObjectLock>) {
+        self.inner.set_object_lock(lock)
+    }
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.run("get the object lock configuration of", "", || {
+            self.inner.object_lock_enabled()
+        })
+        .await
+    }
+    async fn extend_retention(
+        &self,
+        key: &str,
+        until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.run("extend the retention of", key, || {
+            self.inner.extend_retention(key, until)
+        })
+        .await
+    }
 }
 
 /// At most `n` requests in flight (`--max-connections`).
@@ -181,6 +200,19 @@ impl Store for Limit {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _s = self.slot().await?;
         self.inner.delete(key).await
+    }
+    fn set_object_lock(&self, lock: Option<crate::store::ObjectLock>) {
+        self.inner.set_object_lock(lock)
+    }
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.inner.object_lock_enabled().await
+    }
+    async fn extend_retention(
+        &self,
+        key: &str,
+        until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.extend_retention(key, until).await
     }
 }
 
@@ -245,6 +277,19 @@ impl Store for Bandwidth {
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
+    }
+    fn set_object_lock(&self, lock: Option<crate::store::ObjectLock>) {
+        self.inner.set_object_lock(lock)
+    }
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.inner.object_lock_enabled().await
+    }
+    async fn extend_retention(
+        &self,
+        key: &str,
+        until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.extend_retention(key, until).await
     }
 }
 
@@ -429,6 +474,19 @@ impl Store for Counting {
         let r = self.inner.delete(key).await;
         self.note(4, &r);
         r
+    }
+    fn set_object_lock(&self, lock: Option<crate::store::ObjectLock>) {
+        self.inner.set_object_lock(lock)
+    }
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.inner.object_lock_enabled().await
+    }
+    async fn extend_retention(
+        &self,
+        key: &str,
+        until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.extend_retention(key, until).await
     }
 }
 

@@ -224,7 +224,7 @@ impl Repository {
         rt: Handle,
         host: &str,
     ) -> Result<(Self, bool)> {
-        Self::open_or_create_with(store, key, rt, host, DEFAULT_PACK_TARGET)
+        Self::open_or_create_with(store, key, rt, host, DEFAULT_PACK_TARGET, None)
     }
 
     /// [`Repository::open_or_create`] with the pack size a new repository
@@ -235,6 +235,7 @@ impl Repository {
         rt: Handle,
         host: &str,
         pack_target: u64,
+        object_lock: Option<crate::format::ObjectLockConfig>,
     ) -> Result<(Self, bool)> {
         match Self::open(store.clone(), key.clone(), rt.clone()) {
             Ok(repo) => return Ok((repo, false)),
@@ -247,7 +248,10 @@ impl Repository {
             created: now_rfc3339(),
             chunker: ChunkerParams::default(),
             pack_target,
+            object_lock,
         };
+        // Everything from the key check on is written locked.
+        store.set_object_lock(config.object_lock.as_ref().and_then(|l| l.lock()));
         let check = KeyCheck {
             key_id: key.key_id().0.to_vec(),
             created: now_rfc3339(),
@@ -414,6 +418,18 @@ impl Repository {
                 version: config.version,
                 supported: 1,
             });
+        }
+        if let Some(l) = &config.object_lock {
+            let Some(lock) = l.lock() else {
+                return Err(RepoError::Format {
+                    object: CONFIG.into(),
+                    reason: format!(
+                        "Object Lock mode {:?} is unknown to this btrship; upgrade btrship",
+                        l.mode
+                    ),
+                });
+            };
+            store.set_object_lock(Some(lock));
         }
         let repo = Repository {
             store,

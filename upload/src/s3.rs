@@ -90,7 +90,12 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
-use crate::store::{validate_key, validate_prefix, ObjectMeta, PutOutcome, Store, StoreError};
+use crate::store::{
+    validate_key, validate_prefix, LockMode, ObjectLock, ObjectMeta, PutOutcome, Store, StoreError,
+};
+use aws_sdk_s3::types::{
+    ObjectLockEnabled, ObjectLockMode, ObjectLockRetention, ObjectLockRetentionMode,
+};
 
 /// Objects larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
@@ -300,6 +305,8 @@ impl Default for S3Timeouts {
 pub struct S3Store {
     client: Client,
     cfg: S3Config,
+    /// Object Lock retention for every object written (FORMAT.md §12b).
+    lock: std::sync::Arc<std::sync::RwLock<Option<ObjectLock>>>,
     /// The endpoint in use when not AWS's own (from the URL or the
     /// environment), for messages.
     endpoint: Option<String>,
@@ -360,6 +367,7 @@ impl S3Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
         Ok(S3Store {
+            lock: Default::default(),
             client: Client::from_conf(s3_config),
             endpoint: sdk_config.endpoint_url().map(str::to_owned),
             cfg,
@@ -399,6 +407,16 @@ impl S3Store {
         }
     }
 
+    /// The Object Lock mode and retain-until date for an object written now.
+    fn retention(&self) -> Option<(ObjectLockMode, aws_smithy_types::DateTime)> {
+        let lock = (*self.lock.read().unwrap_or_else(|p| p.into_inner()))?;
+        let until = SystemTime::now() + lock.duration;
+        Some((
+            object_lock_mode(lock.mode),
+            aws_smithy_types::DateTime::from(until),
+        ))
+    }
+
     /// `put_if_absent` for large objects.
     async fn put_multipart(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         if data.len().div_ceil(PART_SIZE) > MAX_PARTS {
@@ -418,11 +436,17 @@ impl S3Store {
             return Ok(PutOutcome::AlreadyExists);
         }
         let object = self.cfg.object_key(key);
-        let created = self
+        let mut req = self
             .client
             .create_multipart_upload()
             .bucket(&self.cfg.bucket)
-            .key(&object)
+            .key(&object);
+        if let Some((mode, until)) = self.retention() {
+            req = req
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until);
+        }
+        let created = req
             .send()
             .await
             .map_err(|e| self.error("start multipart upload of", key, Failure::new(e)))?;
@@ -779,6 +803,13 @@ impl S3Store {
     }
 }
 
+fn object_lock_mode(mode: LockMode) -> ObjectLockMode {
+    match mode {
+        LockMode::Compliance => ObjectLockMode::Compliance,
+        LockMode::Governance => ObjectLockMode::Governance,
+    }
+}
+
 /// One version of an object in a versioned bucket ([`S3Store::list_versions`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectVersion {
@@ -803,13 +834,24 @@ impl Store for S3Store {
             return self.put_multipart(key, data).await;
         }
         let crc = crc32fast::hash(&data).to_be_bytes();
-        let result = self
+        let mut req = self
             .client
             .put_object()
             .bucket(&self.cfg.bucket)
             .key(self.cfg.object_key(key))
             .if_none_match("*")
-            .checksum_crc32(aws_smithy_types::base64::encode(crc))
+            .checksum_crc32(aws_smithy_types::base64::encode(crc));
+        // (Prune's clock markers under locks/ are not locked: it deletes
+        // them at once.)
+        let locked = self.retention().filter(|_| !key.starts_with("locks/"));
+        if let Some((mode, until)) = locked {
+            // Object Lock puts need Content-MD5 (or an SDK checksum header).
+            req = req
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until)
+                .content_md5(aws_smithy_types::base64::encode(Md5::digest(&data)));
+        }
+        let result = req
             .content_length(data.len() as i64)
             .body(sized_body(data))
             .send()
@@ -1043,6 +1085,36 @@ impl Store for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         validate_key(key)?;
+        if self
+            .lock
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            // A versioned (locked) bucket keeps the data of a plain delete
+            // behind a delete marker: delete the versions themselves (a
+            // version still locked is refused by the store).
+            for v in self.list_versions(key).await? {
+                if v.key != key {
+                    continue;
+                }
+                let r = self
+                    .client
+                    .delete_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(self.cfg.object_key(key))
+                    .version_id(&v.version_id)
+                    .send()
+                    .await;
+                if let Err(e) = r {
+                    let f = Failure::new(e);
+                    if !f.is_no_such_key() {
+                        return Err(self.error("delete a version of", key, f));
+                    }
+                }
+            }
+            return Ok(());
+        }
         let result = self
             .client
             .delete_object()
@@ -1061,6 +1133,63 @@ impl Store for S3Store {
                 }
             }
         }
+    }
+
+    fn set_object_lock(&self, lock: Option<ObjectLock>) {
+        *self.lock.write().unwrap_or_else(|p| p.into_inner()) = lock;
+    }
+
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        let r = self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.cfg.bucket)
+            .send()
+            .await;
+        match r {
+            Ok(out) => Ok(out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                == Some(&ObjectLockEnabled::Enabled)),
+            Err(e) => {
+                let f = Failure::new(e);
+                if f.code.as_deref() == Some("ObjectLockConfigurationNotFoundError")
+                    || f.status == Some(404)
+                {
+                    Ok(false)
+                } else {
+                    Err(self.error("get the Object Lock configuration of", "", f))
+                }
+            }
+        }
+    }
+
+    async fn extend_retention(&self, key: &str, until: SystemTime) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let Some(lock) = *self.lock.read().unwrap_or_else(|p| p.into_inner()) else {
+            return Err(StoreError::Other {
+                key: key.to_owned(),
+                message: "the repository has no Object Lock".into(),
+                retryable: false,
+            });
+        };
+        let mode = match lock.mode {
+            LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+            LockMode::Governance => ObjectLockRetentionMode::Governance,
+        };
+        let retention = ObjectLockRetention::builder()
+            .mode(mode)
+            .retain_until_date(aws_smithy_types::DateTime::from(until))
+            .build();
+        self.client
+            .put_object_retention()
+            .bucket(&self.cfg.bucket)
+            .key(self.cfg.object_key(key))
+            .retention(retention)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("extend the retention of", key, Failure::new(e)))
     }
 }
 

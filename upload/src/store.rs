@@ -153,6 +153,49 @@ impl StoreError {
     }
 }
 
+/// S3 Object Lock retention for every object a store writes (FORMAT.md
+/// §12b): kept until `duration` after the write, in `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub duration: std::time::Duration,
+}
+
+/// S3 Object Lock retention modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody can shorten the retention or delete the version before it
+    /// ends, the account's root user included.
+    Compliance,
+    /// Users with `s3:BypassGovernanceRetention` can.
+    Governance,
+}
+
+impl LockMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LockMode::Compliance => "COMPLIANCE",
+            LockMode::Governance => "GOVERNANCE",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s.to_ascii_uppercase().as_str() {
+            "COMPLIANCE" => Some(LockMode::Compliance),
+            "GOVERNANCE" => Some(LockMode::Governance),
+            _ => None,
+        }
+    }
+}
+
+fn unsupported(key: &str, what: &str) -> StoreError {
+    StoreError::Other {
+        key: key.to_owned(),
+        message: format!("{what} needs an S3 bucket with Object Lock"),
+        retryable: false,
+    }
+}
+
 /// An object store holding one repository.
 ///
 /// All methods validate their key with [`validate_key`] (or the prefix with
@@ -193,6 +236,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ///
     /// Only for an explicit garbage-collection step; the shipping path never deletes.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Object Lock: every object written from now on is locked per `lock`
+    /// (stores without Object Lock ignore it; `init` checks support first).
+    fn set_object_lock(&self, _lock: Option<ObjectLock>) {}
+
+    /// Does the bucket have Object Lock enabled? (false: not an S3 store)
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Extends the retention of `key`'s current version to `until`.
+    async fn extend_retention(
+        &self,
+        key: &str,
+        _until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        Err(unsupported(key, "extending a retention"))
+    }
 }
 
 fn invalid(key: &str, reason: &'static str) -> StoreError {

@@ -207,4 +207,17 @@ impl Store for VersionedStore {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.inner.delete(key).await
     }
+    fn set_object_lock(&self, lock: Option<crate::store::ObjectLock>) {
+        self.inner.set_object_lock(lock)
+    }
+    async fn object_lock_enabled(&self) -> Result<bool, StoreError> {
+        self.inner.object_lock_enabled().await
+    }
+    async fn extend_retention(
+        &self,
+        key: &str,
+        until: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.extend_retention(key, until).await
+    }
 }

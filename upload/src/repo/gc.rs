@@ -365,6 +365,38 @@ impl Repository {
 
     /// Deletes objects, up to 16 at a time (prune only). Deleting one
     /// that is already gone succeeds.
+    /// Extends the Object Lock retention of every object in `names` to
+    /// `until` (16 in flight); the names whose extension failed, with why.
+    pub fn extend_retention_many(
+        &self,
+        names: &[String],
+        until: std::time::SystemTime,
+    ) -> Vec<(String, String)> {
+        let store = self.store.clone();
+        let names = names.to_vec();
+        self.block_on(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+            let mut set = tokio::task::JoinSet::new();
+            for name in names {
+                let (store, slots) = (store.clone(), slots.clone());
+                set.spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    let r = store.extend_retention(&name, until).await;
+                    (name, r)
+                });
+            }
+            let mut failed = Vec::new();
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok((name, Err(e))) => failed.push((name, e.to_string())),
+                    Err(e) => failed.push((String::new(), e.to_string())),
+                    Ok((_, Ok(()))) => {}
+                }
+            }
+            failed
+        })
+    }
+
     pub fn delete_objects(&self, names: &[String]) -> Result<()> {
         let store = self.store.clone();
         let names = names.to_vec();
