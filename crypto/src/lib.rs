@@ -46,6 +46,20 @@
 //! ([`CryptoError::Corrupt`]), then codec and decompression
 //! ([`CryptoError::Decompress`]).
 //!
+//! # Ship-only keys and the other envelope versions
+//!
+//! [`RepoKey::ship_only`] derives a key that computes content ids and
+//! names like the master but seals with envelope version 2: each session
+//! (at most [`SESSION_LIFETIME`]) draws an ephemeral X25519 key pair,
+//! derives the session key from the shared secret with the master's
+//! public key and the key's generation secret, and forgets the ephemeral
+//! secret, so it cannot open anything, its own earlier objects included.
+//! The master opens version 2 with its X25519 secret. Version 3 is what
+//! the master signs (Ed25519) for ship-only keys to read: garbage
+//! records. Passphrases wrap the master secret with Argon2id
+//! ([`RepoKey::wrap`]). docs/FORMAT.md §3, §3a, §4 and §12 are the
+//! normative description.
+//!
 //! # Key file
 //!
 //! ```text
