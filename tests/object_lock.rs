@@ -7,13 +7,16 @@
 //! - `a_locked_repository_survives_the_server`: a server with only the
 //!   ship-only key ships into a repository made with `--object-lock`:
 //!   every object version is locked (COMPLIANCE, until at least its write
-//!   plus the duration); the server's credentials cannot delete a locked
-//!   version. A prune with the master key forgets, marks and sweeps, but
+//!   plus the duration). A prune with the master key forgets, marks and sweeps, but
 //!   deletes no locked object (it says how many wait) and extends the lock
 //!   of what stays once half the duration has passed. After the attacker
 //!   overwrites every object and hides it behind delete markers, the
 //!   master key restores the newest moment exactly through the versions
 //!   and `check --read-data` is clean.
+//! - `every_moment_restores_after_an_attack_on_a_locked_repository`: the
+//!   server's credentials cannot delete any locked version; after every
+//!   object is overwritten or hidden, every acknowledged moment restores
+//!   exactly from a fresh machine with the master key.
 
 #[macro_use]
 mod common;
@@ -120,15 +123,27 @@ fn init_refuses_a_bucket_without_object_lock() {
     assert!(listed.is_empty(), "{listed:?}");
 }
 
-#[test]
-fn a_locked_repository_survives_the_server() {
-    if skipped("the Object Lock test") {
-        return;
-    }
-    const LOCK: i64 = 24;
+/// A ship-only server shipping into a repository made with
+/// `--object-lock LOCK s` on a bucket with Object Lock: a snapshot, two
+/// rounds of per-close versions, a snapshot 1.5 s later. Every moment is
+/// acknowledged with a reference copy.
+struct LockedServer {
+    moto: Moto,
+    bucket: String,
+    admin: btrship_upload::s3::S3Store,
+    url: String,
+    fs_: LoopBtrfs,
+    bs: Btrship,
+    key: std::path::PathBuf,
+    safe: std::path::PathBuf,
+    acked: Vec<(String, std::path::PathBuf)>,
+    started: Instant,
+}
+
+fn locked_server(lock: i64, label: &str) -> LockedServer {
     let moto = Moto::start();
     aws_test_env();
-    let bucket = format!("btrship-lock-{}", std::process::id());
+    let bucket = format!("btrship-{label}-{}", std::process::id());
     let admin = admin_store(&moto.endpoint, &bucket);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(
@@ -156,7 +171,7 @@ fn a_locked_repository_survives_the_server() {
         &url,
         "--no-systemd",
         "--object-lock",
-        format!("{LOCK}s")
+        format!("{lock}s")
     ]);
     assert!(out.contains("object lock"), "{out}");
 
@@ -168,27 +183,152 @@ fn a_locked_repository_survives_the_server() {
     fs::copy(&key, &safe).unwrap();
     fs::copy(&ship, &key).unwrap();
 
+    let mut acked = Vec::new();
+    let mut ack = |label: &str| {
+        let t = now_text();
+        let r = refs.join(label);
+        reference_snapshot(&share, &r);
+        acked.push((t, r));
+    };
     fs::create_dir(share.join("docs")).unwrap();
     for i in 0..8 {
         fs::write(share.join(format!("docs/f{i}")), vec![i as u8; 100_000]).unwrap();
     }
     fs::write(share.join("big.bin"), vec![0x11; 2 << 20]).unwrap();
     bs.ok(["snapshot", "share"]);
+    ack("s1");
     let daemon = bs.start_daemon("share");
     for round in 0..2u8 {
         fs::write(share.join("big.bin"), vec![0x20 + round; 2 << 20]).unwrap();
         bs.sync("share");
+        ack(&format!("d{round}"));
     }
     drop(daemon);
     std::thread::sleep(Duration::from_millis(1500));
     fs::write(share.join("docs/new"), b"newest\n").unwrap();
     bs.ok(["snapshot", "share"]);
-    let t = now_text();
-    let reference = refs.join("newest");
-    reference_snapshot(&share, &reference);
+    ack("s2");
+    LockedServer {
+        moto,
+        bucket,
+        admin,
+        url,
+        fs_,
+        bs,
+        key,
+        safe,
+        acked,
+        started,
+    }
+}
+
+/// The attacker, with write (not version delete) rights: every current
+/// object overwritten with garbage or hidden behind a delete marker.
+fn attack(admin: &btrship_upload::s3::S3Store, bucket: &str) -> usize {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed = rt
+        .block_on(btrship_upload::Store::list(admin, "office/"))
+        .unwrap();
+    for (i, meta) in listed.iter().enumerate() {
+        let client = admin.client();
+        if i % 2 == 0 {
+            let garbage = vec![0xee; meta.size.max(1) as usize];
+            rt.block_on(
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&meta.key)
+                    .body(garbage.into())
+                    .send(),
+            )
+            .unwrap();
+        } else {
+            rt.block_on(client.delete_object().bucket(bucket).key(&meta.key).send())
+                .unwrap();
+        }
+    }
+    listed.len()
+}
+
+/// Tries to delete every version under `office/` with the server's
+/// credentials; returns how many were deleted.
+fn delete_every_version(admin: &btrship_upload::s3::S3Store, bucket: &str) -> usize {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut deleted = 0;
+    for v in rt.block_on(admin.list_versions("office/")).unwrap() {
+        if v.delete_marker {
+            continue;
+        }
+        let r = rt.block_on(
+            admin
+                .client()
+                .delete_object()
+                .bucket(bucket)
+                .key(&v.key)
+                .version_id(&v.version_id)
+                .send(),
+        );
+        if r.is_ok() {
+            deleted += 1;
+        }
+    }
+    deleted
+}
+
+#[test]
+fn every_moment_restores_after_an_attack_on_a_locked_repository() {
+    if skipped("the Object Lock attack test") {
+        return;
+    }
+    let srv = locked_server(3600, "lockattack");
+    assert_eq!(
+        delete_every_version(&srv.admin, &srv.bucket),
+        0,
+        "a locked version was deleted"
+    );
+    assert!(attack(&srv.admin, &srv.bucket) > 10);
+    let fresh = Btrship::new();
+    let recover = osargs![
+        "--repo",
+        &srv.url,
+        "--key-file",
+        &srv.safe,
+        "--recover-versions"
+    ];
+    for (i, (t, reference)) in srv.acked.iter().enumerate() {
+        let to = srv.fs_.dir("out").join(format!("m{i}"));
+        let mut args = osargs!["restore", "share", "--at", t, "--to", &to];
+        args.extend(recover.iter().cloned());
+        fresh.ok(args);
+        assert_same_tree(reference, &to);
+    }
+    let mut check = osargs!["check", "share", "--read-data"];
+    check.extend(recover.iter().cloned());
+    fresh.ok(check);
+    drop(srv.moto);
+}
+
+#[test]
+fn a_locked_repository_survives_the_server() {
+    if skipped("the Object Lock test") {
+        return;
+    }
+    const LOCK: i64 = 24;
+    let srv = locked_server(LOCK, "lock");
+    let (admin, bucket, bs, key, safe, url, fs_, started) = (
+        &srv.admin,
+        srv.bucket.as_str(),
+        &srv.bs,
+        &srv.key,
+        &srv.safe,
+        &srv.url,
+        &srv.fs_,
+        srv.started,
+    );
+    let (t, reference) = srv.acked.last().unwrap().clone();
 
     // Every version is locked, in compliance mode, for the duration.
-    let before = locks(&admin, &bucket, "office/");
+    let before = locks(admin, bucket, "office/");
     assert!(before.len() > 10, "{before:?}");
     let now = now_secs();
     for (k, versions) in &before {
@@ -200,18 +340,6 @@ fn a_locked_repository_survives_the_server() {
             );
         }
     }
-    // The server's credentials cannot delete a locked version.
-    let (k, versions) = before.iter().find(|(k, _)| k.contains("/packs/")).unwrap();
-    let deleted = rt.block_on(
-        admin
-            .client()
-            .delete_object()
-            .bucket(&bucket)
-            .key(k)
-            .version_id(&versions[0].0)
-            .send(),
-    );
-    assert!(deleted.is_err(), "a locked version was deleted: {k}");
 
     // A prune with the master key, once half the lock has passed.
     let admin_machine = Btrship::new();
@@ -246,7 +374,7 @@ fn a_locked_repository_survives_the_server() {
     let second = prune("second prune");
     assert!(second["objects_locked"].as_u64().unwrap() > 0, "{second:#}");
     // Extended: some version's lock now ends later than its first date.
-    let after = locks(&admin, &bucket, "office/");
+    let after = locks(admin, bucket, "office/");
     let extended = after.iter().any(|(k, vs)| {
         vs.iter().any(|(id, _, until)| {
             before
@@ -271,27 +399,7 @@ fn a_locked_repository_survives_the_server() {
     }
 
     // The attack: every object overwritten or hidden behind a delete marker.
-    let listed = rt
-        .block_on(btrship_upload::Store::list(&admin, "office/"))
-        .unwrap();
-    for (i, meta) in listed.iter().enumerate() {
-        let client = admin.client();
-        if i % 2 == 0 {
-            let garbage = vec![0xee; meta.size.max(1) as usize];
-            rt.block_on(
-                client
-                    .put_object()
-                    .bucket(&bucket)
-                    .key(&meta.key)
-                    .body(garbage.into())
-                    .send(),
-            )
-            .unwrap();
-        } else {
-            rt.block_on(client.delete_object().bucket(&bucket).key(&meta.key).send())
-                .unwrap();
-        }
-    }
+    attack(admin, bucket);
     let fresh = Btrship::new();
     let to = fs_.dir("out").join("newest");
     fresh.ok(osargs![
