@@ -21,7 +21,10 @@
 #[macro_use]
 mod common;
 
-use common::s3env::{aws_test_env, create_bucket, skipped, Moto};
+use common::s3env::{
+    aws_test_env, bucket_store, create_bucket, create_locked_bucket, overwrite_or_hide_all,
+    skipped, Moto,
+};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs};
 use std::collections::HashMap;
 use std::fs;
@@ -36,15 +39,6 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-fn admin_store(endpoint: &str, bucket: &str) -> btrship_upload::s3::S3Store {
-    let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let cfg = btrship_upload::s3::S3Config::parse_url(&url).unwrap();
-        btrship_upload::s3::S3Store::connect(cfg).await.unwrap()
-    })
 }
 
 /// Every version under `prefix`: key -> [(version id, mode, retain-until
@@ -115,7 +109,7 @@ fn init_refuses_a_bucket_without_object_lock() {
         err.contains(&bucket) && err.contains("Object Lock"),
         "{err}"
     );
-    let store = admin_store(&moto.endpoint, &bucket);
+    let store = bucket_store(&moto.endpoint, &bucket);
     let listed = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(btrship_upload::Store::list(&store, ""))
@@ -144,17 +138,7 @@ fn locked_server(lock: i64, label: &str) -> LockedServer {
     let moto = Moto::start();
     aws_test_env();
     let bucket = format!("btrship-{label}-{}", std::process::id());
-    let admin = admin_store(&moto.endpoint, &bucket);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(
-        admin
-            .client()
-            .create_bucket()
-            .bucket(&bucket)
-            .object_lock_enabled_for_bucket(true)
-            .send(),
-    )
-    .unwrap();
+    let admin = create_locked_bucket(&moto.endpoint, &bucket);
     let url = format!(
         "s3://{bucket}/office?endpoint={}&region=us-east-1",
         moto.endpoint
@@ -222,34 +206,6 @@ fn locked_server(lock: i64, label: &str) -> LockedServer {
     }
 }
 
-/// The attacker, with write (not version delete) rights: every current
-/// object overwritten with garbage or hidden behind a delete marker.
-fn attack(admin: &btrship_upload::s3::S3Store, bucket: &str) -> usize {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let listed = rt
-        .block_on(btrship_upload::Store::list(admin, "office/"))
-        .unwrap();
-    for (i, meta) in listed.iter().enumerate() {
-        let client = admin.client();
-        if i % 2 == 0 {
-            let garbage = vec![0xee; meta.size.max(1) as usize];
-            rt.block_on(
-                client
-                    .put_object()
-                    .bucket(bucket)
-                    .key(&meta.key)
-                    .body(garbage.into())
-                    .send(),
-            )
-            .unwrap();
-        } else {
-            rt.block_on(client.delete_object().bucket(bucket).key(&meta.key).send())
-                .unwrap();
-        }
-    }
-    listed.len()
-}
-
 /// Tries to delete every version under `office/` with the server's
 /// credentials; returns how many were deleted.
 fn delete_every_version(admin: &btrship_upload::s3::S3Store, bucket: &str) -> usize {
@@ -286,7 +242,7 @@ fn every_moment_restores_after_an_attack_on_a_locked_repository() {
         0,
         "a locked version was deleted"
     );
-    assert!(attack(&srv.admin, &srv.bucket) > 10);
+    assert!(overwrite_or_hide_all(&srv.admin, &srv.bucket, "office/") > 10);
     let fresh = Btrship::new();
     let recover = osargs![
         "--repo",
@@ -399,7 +355,7 @@ fn a_locked_repository_survives_the_server() {
     }
 
     // The attack: every object overwritten or hidden behind a delete marker.
-    attack(admin, bucket);
+    overwrite_or_hide_all(admin, bucket, "office/");
     let fresh = Btrship::new();
     let to = fs_.dir("out").join("newest");
     fresh.ok(osargs![

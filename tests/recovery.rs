@@ -12,32 +12,12 @@
 #[macro_use]
 mod common;
 
-use common::s3env::{aws_test_env, skipped, Moto};
+use common::s3env::{aws_test_env, create_locked_bucket, overwrite_or_hide_all, skipped, Moto};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs};
 use std::fs;
 
 fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-}
-
-/// A bucket with versioning on (Object Lock enabled at creation turns it
-/// on, and needs no extra SDK types here).
-fn versioned_bucket(endpoint: &str, bucket: &str) -> btrship_upload::s3::S3Store {
-    let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let cfg = btrship_upload::s3::S3Config::parse_url(&url).unwrap();
-        let store = btrship_upload::s3::S3Store::connect(cfg).await.unwrap();
-        store
-            .client()
-            .create_bucket()
-            .bucket(bucket)
-            .object_lock_enabled_for_bucket(true)
-            .send()
-            .await
-            .unwrap();
-        store
-    })
 }
 
 #[test]
@@ -48,7 +28,7 @@ fn the_master_key_reads_through_overwrites_and_delete_markers() {
     let moto = Moto::start();
     aws_test_env();
     let bucket = format!("btrship-recover-{}", std::process::id());
-    let admin = versioned_bucket(&moto.endpoint, &bucket);
+    let admin = create_locked_bucket(&moto.endpoint, &bucket);
     let url = format!(
         "s3://{bucket}/office?endpoint={}&region=us-east-1",
         moto.endpoint
@@ -93,35 +73,7 @@ fn the_master_key_reads_through_overwrites_and_delete_markers() {
     ack("s2");
 
     // The attack, with the server's (write) credentials.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let objects = rt.block_on(async {
-        let listed = btrship_upload::Store::list(&admin, "office/")
-            .await
-            .unwrap();
-        for (i, meta) in listed.iter().enumerate() {
-            let client = admin.client();
-            if i % 2 == 0 {
-                let garbage = vec![0xa5u8; meta.size as usize];
-                client
-                    .put_object()
-                    .bucket(&bucket)
-                    .key(&meta.key)
-                    .body(garbage.into())
-                    .send()
-                    .await
-                    .unwrap();
-            } else {
-                client
-                    .delete_object()
-                    .bucket(&bucket)
-                    .key(&meta.key)
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
-        listed.len()
-    });
+    let objects = overwrite_or_hide_all(&admin, &bucket, "office/");
     assert!(objects > 10, "{objects} objects");
 
     let fresh = Btrship::new();

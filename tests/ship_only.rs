@@ -17,7 +17,7 @@
 mod common;
 
 use common::faultproxy::{DenyRule, FaultConfig, FaultProxy};
-use common::s3env::{aws_test_env, create_bucket, skipped, Moto};
+use common::s3env::{aws_test_env, bucket_store, create_bucket, skipped, Moto};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs};
 use rand::{Rng, SeedableRng};
 use std::fs;
@@ -290,11 +290,9 @@ fn a_ship_only_server_ships_and_cannot_read() {
 
 /// Every object under `prefix` with its envelope version byte.
 fn envelope_versions(endpoint: &str, bucket: &str, prefix: &str) -> Vec<(String, u8)> {
-    let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
+    let store = bucket_store(endpoint, bucket);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let cfg = btrship_upload::s3::S3Config::parse_url(&url).unwrap();
-        let store = btrship_upload::s3::S3Store::connect(cfg).await.unwrap();
         let mut out = Vec::new();
         let listed = btrship_upload::Store::list(&store, prefix).await.unwrap();
         for meta in listed {

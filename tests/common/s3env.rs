@@ -97,3 +97,68 @@ pub fn create_bucket(endpoint: &str, bucket: &str) {
             .unwrap();
     });
 }
+
+/// The bucket's own store (no prefix), for what a test does beside
+/// btrship: an administrator's or an attacker's requests.
+#[allow(dead_code)]
+pub fn bucket_store(endpoint: &str, bucket: &str) -> btrship_upload::s3::S3Store {
+    let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = btrship_upload::s3::S3Config::parse_url(&url).unwrap();
+        btrship_upload::s3::S3Store::connect(cfg).await.unwrap()
+    })
+}
+
+/// Creates a bucket with Object Lock enabled (which turns versioning on)
+/// and returns its store.
+#[allow(dead_code)]
+pub fn create_locked_bucket(endpoint: &str, bucket: &str) -> btrship_upload::s3::S3Store {
+    let store = bucket_store(endpoint, bucket);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(
+            store
+                .client()
+                .create_bucket()
+                .bucket(bucket)
+                .object_lock_enabled_for_bucket(true)
+                .send(),
+        )
+        .unwrap();
+    store
+}
+
+/// An attacker with write (not version-delete) rights: every current
+/// object under `prefix` overwritten with garbage of its size, or hidden
+/// behind a delete marker (alternately). Returns how many objects.
+#[allow(dead_code)]
+pub fn overwrite_or_hide_all(
+    store: &btrship_upload::s3::S3Store,
+    bucket: &str,
+    prefix: &str,
+) -> usize {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed = rt
+        .block_on(btrship_upload::Store::list(store, prefix))
+        .unwrap();
+    for (i, meta) in listed.iter().enumerate() {
+        let client = store.client();
+        if i % 2 == 0 {
+            let garbage = vec![0xee; meta.size.max(1) as usize];
+            rt.block_on(
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&meta.key)
+                    .body(garbage.into())
+                    .send(),
+            )
+            .unwrap();
+        } else {
+            rt.block_on(client.delete_object().bucket(bucket).key(&meta.key).send())
+                .unwrap();
+        }
+    }
+    listed.len()
+}
