@@ -94,7 +94,17 @@ impl Stores {
         state_dir: &Path,
         own: Option<(&str, &str, u64)>,
     ) -> Result<Repository> {
-        let key = read_key(key_file)?;
+        self.open_repository_with(address, read_key(key_file)?, state_dir, own)
+    }
+
+    /// [`Stores::open_repository`] with a key already read.
+    pub fn open_repository_with(
+        &self,
+        address: &str,
+        key: Arc<RepoKey>,
+        state_dir: &Path,
+        own: Option<(&str, &str, u64)>,
+    ) -> Result<Repository> {
         let store = self.store(address, false, layers::RetryPolicy::default())?;
         crate::catalog::open_repository(store, key, self.rt.clone(), state_dir, own)
     }

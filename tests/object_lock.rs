@@ -15,8 +15,10 @@
 //!   and `check --read-data` is clean.
 //! - `every_moment_restores_after_an_attack_on_a_locked_repository`: the
 //!   server's credentials cannot delete any locked version; after every
-//!   object is overwritten or hidden, every acknowledged moment restores
-//!   exactly from a fresh machine with the master key.
+//!   object is overwritten or hidden, what the bucket shows no longer
+//!   restores, and through `--recover-versions` (FORMAT.md §12a) every
+//!   acknowledged moment restores exactly from a fresh machine with the
+//!   master key and `check --read-data` is clean.
 
 #[macro_use]
 mod common;
@@ -244,6 +246,24 @@ fn every_moment_restores_after_an_attack_on_a_locked_repository() {
     );
     assert!(overwrite_or_hide_all(&srv.admin, &srv.bucket, "office/") > 10);
     let fresh = Btrship::new();
+    // What the bucket shows now does not restore.
+    let (t, _) = &srv.acked[0];
+    let to = srv.fs_.dir("out").join("plain");
+    fresh.fails_with(
+        osargs![
+            "restore",
+            "share",
+            "--at",
+            t,
+            "--to",
+            &to,
+            "--repo",
+            &srv.url,
+            "--key-file",
+            &srv.safe
+        ],
+        &[3, 4, 5, 9],
+    );
     let recover = osargs![
         "--repo",
         &srv.url,

@@ -237,8 +237,7 @@ fn store_of(app: &App, name: &str, repo: &RepoArgs) -> Result<(Arc<dyn Store>, P
 
 /// A master key that opens this repository's config.
 fn master_for(app: &App, store: &Arc<dyn Store>, key_file: &Path) -> Result<Arc<RepoKey>> {
-    super::require_master(key_file, "changes the repository's keys")?;
-    let key = btrship::open::read_key(key_file)?;
+    let key = super::require_master(key_file, "changes the repository's keys")?;
     Repository::open_lazy(store.clone(), key.clone(), app.rt.handle().clone())?;
     Ok(key)
 }

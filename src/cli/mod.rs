@@ -378,13 +378,13 @@ impl App {
         for_check: bool,
     ) -> Result<(Repository, Option<ShareConfig>)> {
         let (address, key_file, cfg) = self.repo_address(name, args)?;
-        require_master(&key_file, "reads the history")?;
+        // Read once: a protected key file asks for its passphrase once.
+        let key = require_master(&key_file, "reads the history")?;
         let mut stores = self.stores(cfg.as_ref());
         if args.recover_versions {
-            stores.versions_of = Some(btrship::open::read_key(&key_file)?);
+            stores.versions_of = Some(key.clone());
         }
         let repo = if for_check {
-            let key = btrship::open::read_key(&key_file)?;
             let store = stores.store(&address, false, layers::RetryPolicy::default())?;
             Repository::open_for_check(store, key, self.rt.handle().clone())?
         } else {
@@ -397,9 +397,9 @@ impl App {
                 }
                 None => None,
             };
-            stores.open_repository(
+            stores.open_repository_with(
                 &address,
-                &key_file,
+                key,
                 &self.state_dir,
                 own.as_ref().map(|(h, seq)| (name, h.as_str(), *seq)),
             )?
@@ -507,12 +507,13 @@ fn path_bytes(p: &Path) -> Vec<u8> {
     p.as_os_str().as_bytes().to_vec()
 }
 
-/// Fails with the key error (exit 4) and one line when `key_file` holds a
-/// ship-only key: the command (which `does` what) needs the master key.
-pub fn require_master(key_file: &Path, does: &str) -> Result<()> {
+/// The master key in `key_file`; the key error (exit 4) and one line when
+/// it holds a ship-only key: the command (which `does` what) needs the
+/// master key.
+pub fn require_master(key_file: &Path, does: &str) -> Result<Arc<btrship_crypto::RepoKey>> {
     let key = btrship::open::read_key(key_file)?;
     if key.is_master() {
-        return Ok(());
+        return Ok(key);
     }
     Err(UserError::new(
         exit::KEY,

@@ -95,11 +95,11 @@ pub fn run(app: &App, a: Args) -> Result<u8> {
     } else {
         0
     };
-    super::require_master(&cfg.key_file, "reads the history and signs what it writes")?;
+    let key = super::require_master(&cfg.key_file, "reads the history and signs what it writes")?;
     let stores = app.stores(Some(&cfg));
-    let repo = stores.open_repository(
+    let repo = stores.open_repository_with(
         &cfg.repo,
-        &cfg.key_file,
+        key,
         &app.state_dir,
         (own_head > 0).then_some((name.as_str(), host.as_str(), own_head)),
     )?;

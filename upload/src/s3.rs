@@ -213,6 +213,16 @@ impl S3Config {
     }
 
     /// The bucket key of store key `key` (also used for list prefixes).
+    /// What bucket listings put before a repository key (`prefix/`, or
+    /// nothing).
+    fn listing_prefix(&self) -> String {
+        if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        }
+    }
+
     fn object_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_owned()
@@ -539,11 +549,7 @@ impl S3Store {
     pub async fn list_versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>, StoreError> {
         validate_prefix(prefix)?;
         let full_prefix = self.cfg.object_key(prefix);
-        let strip = if self.cfg.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.cfg.prefix)
-        };
+        let strip = self.cfg.listing_prefix();
         let mut out = Vec::new();
         let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
         loop {
@@ -986,11 +992,7 @@ impl Store for S3Store {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         validate_prefix(prefix)?;
         let full_prefix = self.cfg.object_key(prefix);
-        let strip = if self.cfg.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.cfg.prefix)
-        };
+        let strip = self.cfg.listing_prefix();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
