@@ -948,10 +948,23 @@ impl Shipper {
                         .as_ref()
                         .map(|(p, content, size)| (p.as_path(), content.as_slice(), *size));
                     let (content, _read) =
-                        ship::file_content(&mut writer, sizes, &clone_path, n.size, old)
-                            .with_context(|| {
-                                format!("reading the clone of {}", String::from_utf8_lossy(&c.path))
-                            })?;
+                        match ship::file_content(&mut writer, sizes, &clone_path, n.size, old) {
+                            Ok(done) => done,
+                            // A sync ships captures before they settle, so
+                            // the capture thread may supersede one of this
+                            // batch (and delete its clone) while it is read:
+                            // the newer capture stands in for it.
+                            Err(_) if !self.state.capture_pending(c.seq)? => {
+                                seqs.pop();
+                                continue;
+                            }
+                            Err(e) => {
+                                return Err(e.context(format!(
+                                    "reading the clone of {}",
+                                    String::from_utf8_lossy(&c.path)
+                                )))
+                            }
+                        };
                     bytes += n.size;
                     baselines.push((c.path.clone(), clone, n.size, to_cbor(&content)));
                     n.content = content;
@@ -989,6 +1002,9 @@ impl Shipper {
             entries.push(entry);
         }
         writer.finish()?;
+        if entries.is_empty() {
+            return Ok(());
+        }
         let batch = VersionBatch {
             share: self.cfg.name.clone(),
             host: self.host.clone(),

@@ -604,6 +604,19 @@ impl State {
         Ok(freed)
     }
 
+    /// Whether capture `seq` is still pending (not shipped or superseded).
+    pub fn capture_pending(&self, seq: i64) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM captures WHERE seq = ?1 AND state = 'pending'",
+                params![seq],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Paths whose newest pending capture is 'busy' (to look at again).
     pub fn busy_paths(&self) -> Result<Vec<Vec<u8>>> {
         let mut stmt = self.conn.prepare(
