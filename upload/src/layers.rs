@@ -659,6 +659,7 @@ mod tests {
         crate::conformance::run_all(
             store.as_ref(),
             crate::conformance::Capabilities {
+                exclusive_create: true,
                 atomic_create: true,
             },
         )

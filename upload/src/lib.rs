@@ -3,14 +3,16 @@
 //! conformance suite, and the repository format on top of it — packs of
 //! sealed blobs, indexes, trees and records (see `docs/FORMAT.md`).
 //!
-//! Layers, bottom up: [`store`] (dumb backends: [`local`]), [`format`] (the
+//! Layers, bottom up: [`store`] (dumb backends: [`local`], [`s3`], [`cloud`] (Azure) and [`gcs`]), [`format`] (the
 //! in-store types), [`pack`] (pack layout), [`repo`] (a repository: reads,
 //! dedup, packing, uploads, records), [`history`] (the chain of each
 //! share+host's snapshot records and version batches), [`walk`] (reading
 //! one chain through its summaries with bounded requests).
 
+pub mod cloud;
 pub mod conformance;
 pub mod format;
+pub mod gcs;
 pub mod history;
 pub mod layers;
 pub mod local;

@@ -252,7 +252,7 @@ fn check_bucket_name(bucket: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+pub(crate) fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     let rest = endpoint
         .strip_prefix("http://")
         .or_else(|| endpoint.strip_prefix("https://"))
@@ -273,7 +273,7 @@ fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
 
 /// Decodes `%XX` escapes (and nothing else); `None` for malformed escapes or
 /// non-UTF-8 results.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {

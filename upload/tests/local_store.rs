@@ -27,6 +27,7 @@ async fn conformance_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = store_in(&dir);
     let caps = Capabilities {
+        exclusive_create: true,
         atomic_create: true,
     };
     if let Err(e) = conformance::run_all(&store, caps).await {

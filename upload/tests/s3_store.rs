@@ -220,6 +220,7 @@ async fn conformance() {
         return;
     };
     let caps = Capabilities {
+        exclusive_create: true,
         atomic_create: env.atomic_create,
     };
     for prefix in ["", "repo/one"] {
