@@ -264,13 +264,18 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A repository address: `file:///dir`, an absolute path, or `s3://...`.
+/// A repository address: `file:///dir`, an absolute path, `s3://...`,
+/// `azure://...` or `gs://...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RepoAddress {
     Local(PathBuf),
     /// `s3://bucket[/prefix][?endpoint=...&region=...&path_style=true]`,
     /// credentials from the standard AWS chain (never from the URL).
     S3(String),
+    /// `azure://container[/prefix][?endpoint=...]` or
+    /// `gs://bucket[/prefix][?endpoint=...]`, credentials from the
+    /// environment (`btrship_upload::cloud`).
+    Cloud(String),
 }
 
 impl RepoAddress {
@@ -281,11 +286,14 @@ impl RepoAddress {
         if s.starts_with("s3://") {
             return Ok(RepoAddress::S3(s.to_string()));
         }
+        if s.starts_with("azure://") || s.starts_with("gs://") {
+            return Ok(RepoAddress::Cloud(s.to_string()));
+        }
         let path = match s.strip_prefix("file://") {
             Some(p) => p,
             None if s.contains("://") => {
                 return Err(usage(format!(
-                    "repository {s}: unknown scheme; use file:///path or an absolute path"
+                    "repository {s}: unknown scheme; use /path, file:///path, s3://bucket/prefix, azure://container/prefix or gs://bucket/prefix"
                 )))
             }
             None => s,
@@ -316,6 +324,14 @@ mod tests {
         assert_eq!(
             RepoAddress::parse("s3://bucket/prefix").unwrap(),
             RepoAddress::S3("s3://bucket/prefix".into())
+        );
+        assert_eq!(
+            RepoAddress::parse("gs://bucket/prefix").unwrap(),
+            RepoAddress::Cloud("gs://bucket/prefix".into())
+        );
+        assert_eq!(
+            RepoAddress::parse("azure://container").unwrap(),
+            RepoAddress::Cloud("azure://container".into())
         );
         for bad in ["repo", "file://relative", "ftp://x/y"] {
             assert!(RepoAddress::parse(bad).is_err(), "{bad}");

@@ -57,10 +57,15 @@ struct BackendLabels {
 
 type FGauge = Gauge<f64, AtomicU64>;
 
-/// The backend label of a repository address: `local` or `s3`.
+/// The backend label of a repository address: `local`, `s3`, `azure` or
+/// `gcs`.
 pub fn backend_of(address: &str) -> &'static str {
     if address.starts_with("s3://") {
         "s3"
+    } else if address.starts_with("azure://") {
+        "azure"
+    } else if address.starts_with("gs://") {
+        "gcs"
     } else {
         "local"
     }

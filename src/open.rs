@@ -65,11 +65,17 @@ impl Stores {
                     None => s3,
                 }
             }
+            RepoAddress::Cloud(url) => {
+                let cfg = btrship_upload::cloud::CloudConfig::parse_url(&url)?;
+                // The clients need a runtime to be built in.
+                let _rt = self.rt.enter();
+                btrship_upload::cloud::connect(cfg)?
+            }
         };
         if self.versions_of.is_some() && !address.starts_with("s3://") {
             return Err(UserError::new(
                 exit::USAGE,
-                "--recover-versions reads the object versions of an S3 bucket; this repository is a directory",
+                "--recover-versions reads the object versions of an S3 bucket; this repository is not in S3",
             )
             .into());
         }

@@ -39,7 +39,7 @@ pub struct Args {
     /// Share name [default: the basename of PATH].
     #[arg(long)]
     name: Option<String>,
-    /// Repository address: /dir, file:///dir or s3://bucket/prefix
+    /// Repository address: /dir, file:///dir, s3://bucket/prefix, azure://container/prefix or gs://bucket/prefix
     /// [default: <state-dir>/repo].
     #[arg(long, value_name = "URL")]
     repo: Option<String>,
@@ -202,6 +202,16 @@ pub fn run(app: &App, args: Args) -> Result<u8> {
     let store = stores.store(&cfg.repo, true, layers::RetryPolicy::default())?;
     let object_lock = match args.object_lock {
         None => None,
+        Some(_) if !cfg.repo.starts_with("s3://") => {
+            return Err(UserError::new(
+                exit::USAGE,
+                format!(
+                    "--object-lock needs an S3 bucket with Object Lock; {} is not in S3 (Azure immutability policies and GCS object retention are not supported yet): init without --object-lock",
+                    store.location()
+                ),
+            )
+            .into());
+        }
         Some(seconds) => {
             let enabled =
                 cfg.repo.starts_with("s3://") && app.rt.block_on(store.object_lock_enabled())?;

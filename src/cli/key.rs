@@ -118,7 +118,7 @@ the passphrase. The key is checked against the repository's config before it is 
   BTRSHIP_PASSPHRASE_FILE=/run/pass btrship key recover --repo /mnt/usb/office --out office.key"
 )]
 struct RecoverArgs {
-    /// Repository address (/dir, file:///dir or s3://bucket/prefix).
+    /// Repository address (/dir, file:///dir, s3://bucket/prefix, azure://container/prefix or gs://bucket/prefix).
     #[arg(long, value_name = "URL")]
     repo: String,
     /// The new key file (never overwritten).

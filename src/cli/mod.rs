@@ -138,7 +138,7 @@ enum Command {
 /// Where to read a repository from, when not from the share's config.
 #[derive(clap::Args, Clone)]
 pub struct RepoArgs {
-    /// Repository address (/dir, file:///dir or s3://bucket/prefix); with
+    /// Repository address (/dir, file:///dir, s3://bucket/prefix, azure://container/prefix or gs://bucket/prefix); with
     /// --key-file, no config or state is needed (a fresh machine).
     #[arg(long, value_name = "URL")]
     repo: Option<String>,

@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod cloudenv;
 pub mod faultproxy;
 pub mod s3env;
 pub mod samba;
