@@ -78,13 +78,9 @@ fn snapshots_daemon_and_a_fresh_restore(emu: Emulator) {
     bs.sync("share");
     moments.push(now_text());
     reference_snapshot(&share, &refs.join("r2"));
-    let v: serde_json::Value = serde_json::from_str(&bs.ok([
-        "versions",
-        "share",
-        "closed-by-a-user.txt",
-        "--json",
-    ]))
-    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&bs.ok(["versions", "share", "closed-by-a-user.txt", "--json"]))
+            .unwrap();
     let kinds: Vec<&str> = v["versions"]
         .as_array()
         .unwrap()
@@ -118,7 +114,10 @@ fn snapshots_daemon_and_a_fresh_restore(emu: Emulator) {
         osargs!["snapshots", "share", "--repo", &missing, "--key-file", &key],
         &[3, 8],
     );
-    assert!(err.contains(&format!("no-such-{name}")), "exit {code}: {err}");
+    assert!(
+        err.contains(&format!("no-such-{name}")),
+        "exit {code}: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let _ = server;
 }

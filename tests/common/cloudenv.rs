@@ -25,7 +25,9 @@ impl Emulator {
             Emulator::Azurite => "azure-test-server",
             Emulator::FakeGcs => "gcs-test-server",
         };
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name)
     }
 
     /// The URL scheme of its repositories.

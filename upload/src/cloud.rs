@@ -1,5 +1,6 @@
-//! [`AzureStore`]: a repository in an Azure Blob Storage container or a
-//! Google Cloud Storage bucket, through Apache Arrow's `object_store` crate.
+//! Azure Blob Storage and Google Cloud Storage: their repository
+//! addresses, where credentials come from, and [`AzureStore`] (Azure,
+//! through Apache Arrow's `object_store` crate). GCS is [`crate::gcs`].
 //!
 //! Object key `a/b` is stored as `<prefix>/a/b` in the container (just `a/b`
 //! when the prefix is empty). A store is named by a URL, see
@@ -12,14 +13,15 @@
 //!
 //! # Why `object_store`
 //!
-//! One crate speaks both services' own REST APIs and authentication, is kept
-//! by the Apache Arrow project (DataFusion, delta-rs and many more run their
-//! storage through it) and releases often. It does conditional creates the
-//! way each service wants (`If-None-Match: *` on Azure, `ifGenerationMatch=0`
-//! on GCS), ranged reads, raw-prefix listings and staged uploads. The
-//! official Azure SDK for Rust is still beta and changes its API between
-//! releases; the Google Cloud crates would add a third HTTP and auth stack
-//! for one service. `aws-sdk-s3` stays for S3 (Object Lock, versions).
+//! One crate speaks Azure's REST API and its authentication (SharedKey,
+//! SAS, managed and workload identity), is kept by the Apache Arrow project
+//! (DataFusion, delta-rs and many more run their storage through it) and
+//! releases often. It does conditional creates (`If-None-Match: *`), ranged
+//! reads, raw-prefix listings and staged blocks. The official Azure SDK for
+//! Rust is still beta and changes its API between releases. For GCS it
+//! provides the token providers; its GCS client writes through the XML API,
+//! which the test emulator lacks (see [`crate::gcs`]). `aws-sdk-s3` stays
+//! for S3 (Object Lock, versions).
 //!
 //! # Credentials
 //!
@@ -39,17 +41,17 @@
 //!   JSON file) or gcloud's application-default credentials; else the
 //!   metadata server (a VM's service account, workload identity on GKE).
 //!
-//! # Write-once
+//! # Write-once (Azure)
 //!
-//! [`Store::put_if_absent`] is one conditional request for every object up
-//! to [`MULTIPART_THRESHOLD`]; the service decides atomically. Bigger
-//! objects are only ever packs (content-addressed: `packs/<hash of the
-//! bytes>`, FORMAT.md §9): they go up in [`PART_SIZE`] staged parts (Azure
-//! Put Block / Put Block List; GCS's multipart upload) after a `HEAD` found no
-//! object there. The commit of staged parts cannot be conditional through
-//! `object_store`, so two writers of one pack may both commit; both wrote
-//! the same bytes, so the result is the same either way. Any other key
-//! bigger than the threshold still goes up as one conditional request.
+//! [`Store::put_if_absent`] is one `Put Blob` with `If-None-Match: *` for
+//! every object up to [`MULTIPART_THRESHOLD`]; Azure decides atomically
+//! (409/412: [`PutOutcome::AlreadyExists`]). Bigger objects are only ever
+//! packs (content-addressed: `packs/<hash of the bytes>`, FORMAT.md §9):
+//! after a `HEAD` found no blob there they go up as [`PART_SIZE`] staged
+//! blocks (Put Block, four in flight), committed by Put Block List. The
+//! commit cannot be conditional through `object_store`, so two writers of one
+//! pack may both commit; both wrote the same bytes. Any other key bigger
+//! than the threshold still goes up as one conditional request.
 //!
 //! # Errors and retries
 //!
@@ -235,12 +237,11 @@ pub(crate) struct Credentials {
     pub hint: &'static str,
 }
 
-/// The two services' clients, behind one pair of traits.
+/// A client that can also list by a raw (not per-directory) prefix.
 trait Backend: ObjectStore + PaginatedListStore {}
 impl<T: ObjectStore + PaginatedListStore> Backend for T {}
 
-/// A repository in an Azure container or a GCS bucket. See the module
-/// documentation.
+/// A repository in an Azure container. See the module documentation.
 #[derive(Clone)]
 pub struct AzureStore {
     inner: Arc<dyn Backend>,
@@ -381,7 +382,7 @@ impl AzureStore {
                 part.abort();
             }
             // Best effort: uncommitted blocks (Azure) expire on their own
-            // after a week; a GCS multipart upload needs a lifecycle rule.
+            // after a week.
             let _ = upload.abort().await;
             return Err(self.error("upload a part of", key, e));
         }
