@@ -136,10 +136,15 @@ impl CloudConfig {
     /// percent-encoded; `endpoint` is the only parameter (credentials never
     /// go in the URL). A trailing `/` after the prefix is ignored.
     pub fn parse_url(url: &str) -> Result<CloudConfig, StoreError> {
+        // Never echo a query (it is where a pasted SAS token would be) or
+        // anything with user info.
         let shown = if url.contains('@') || url.to_ascii_lowercase().contains("%40") {
             "(not shown: it contains '@')".to_owned()
         } else {
-            format!("{url:?}")
+            match url.split_once('?') {
+                Some((path, _)) => format!("{path:?} (query not shown)"),
+                None => format!("{url:?}"),
+            }
         };
         let bad = |why: String| config_error(format!("invalid repository URL {shown}: {why}"));
         let (cloud, rest) = if let Some(rest) = url.strip_prefix("azure://") {
