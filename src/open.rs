@@ -66,7 +66,8 @@ impl Stores {
                 }
             }
             RepoAddress::Cloud(url) => {
-                let cfg = btrship_upload::cloud::CloudConfig::parse_url(&url)?;
+                let cfg = btrship_upload::cloud::CloudConfig::parse_url(&url)
+                    .map_err(|e| UserError::new(exit::USAGE, e.to_string()))?;
                 // The clients need a runtime to be built in.
                 let _rt = self.rt.enter();
                 btrship_upload::cloud::connect(cfg)?

@@ -119,7 +119,31 @@ fn snapshots_daemon_and_a_fresh_restore(emu: Emulator) {
         "exit {code}: {err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let _ = server;
+
+    // Refused or unusable credentials: exit 12 (permanent), one line saying
+    // where they came from, never the secret.
+    let args = osargs!["snapshots", "share", "--repo", &url, "--key-file", &key];
+    let wrong_key = "A".repeat(88);
+    let conn = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={wrong_key};BlobEndpoint={};",
+        server.endpoint
+    );
+    let env: Vec<(&str, &str)> = match emu {
+        Emulator::Azurite => vec![("AZURE_STORAGE_CONNECTION_STRING", &conn)],
+        Emulator::FakeGcs => vec![
+            ("STORAGE_EMULATOR_HOST", ""),
+            ("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/sa.json"),
+        ],
+    };
+    let out = fresh.cmd_env(args, &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(12), "{emu:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let source = match emu {
+        Emulator::Azurite => "AZURE_STORAGE_CONNECTION_STRING",
+        Emulator::FakeGcs => "/nonexistent/sa.json",
+    };
+    assert!(err.contains(source) && !err.contains(&wrong_key), "{err}");
 }
 
 fn twenty_percent_faults(emu: Emulator) {

@@ -212,10 +212,6 @@ fn check_container(cloud: Cloud, name: &str) -> Result<(), &'static str> {
         return Err("must be 3 to 63 characters long");
     }
     let bytes = name.as_bytes();
-    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    if !edge(bytes[0]) || !edge(bytes[bytes.len() - 1]) {
-        return Err("must start and end with a letter or digit");
-    }
     match cloud {
         Cloud::Azure => {
             let inner = |b: u8| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-');
@@ -229,6 +225,10 @@ fn check_container(cloud: Cloud, name: &str) -> Result<(), &'static str> {
                 return Err("only a-z, 0-9, '-', '_' and '.' are allowed");
             }
         }
+    }
+    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !edge(bytes[0]) || !edge(bytes[bytes.len() - 1]) {
+        return Err("must start and end with a letter or digit");
     }
     Ok(())
 }
@@ -286,12 +286,7 @@ impl AzureStore {
             .with_timeout(REQUEST_TIMEOUT);
         let retry = no_retries();
         let built = azure(&cfg, env, &mut options, retry);
-        let (inner, endpoint, credentials) = built.map_err(|e| {
-            config_error(format!(
-                "cannot set up the client for {}: {e}",
-                cfg.location()
-            ))
-        })?;
+        let (inner, endpoint, credentials) = built.map_err(|e| setup_error(&cfg, &e))?;
         Ok(AzureStore {
             inner,
             cfg,
@@ -563,6 +558,16 @@ pub fn connect_with(cfg: CloudConfig, env: Env<'_>) -> Result<Arc<dyn Store>, St
     match cfg.cloud {
         Cloud::Azure => Ok(Arc::new(AzureStore::connect_with(cfg, env)?)),
         Cloud::Gcs => crate::gcs::connect_with(cfg, env),
+    }
+}
+
+/// The client could not be set up from the environment: missing or
+/// unusable credentials (nothing was sent). Permanent: only the operator
+/// can fix it.
+pub(crate) fn setup_error(cfg: &CloudConfig, why: &str) -> StoreError {
+    StoreError::Denied {
+        key: String::new(),
+        message: format!("cannot use the credentials for {}: {why}", cfg.location()),
     }
 }
 

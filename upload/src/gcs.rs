@@ -108,12 +108,7 @@ fn enc(s: &str) -> String {
 impl GcsStore {
     /// A client for `cfg` with credentials from `env`; sends no request.
     pub fn connect_with(cfg: CloudConfig, env: Env<'_>) -> Result<GcsStore, StoreError> {
-        let setup = |why: String| {
-            cloud::config_error(format!(
-                "cannot set up the client for {}: {why}",
-                cfg.location()
-            ))
-        };
+        let setup = |why: String| cloud::setup_error(&cfg, &why);
         let mut endpoint = cfg.endpoint.clone();
         let (auth, credentials) = if let Some(host) = env("STORAGE_EMULATOR_HOST") {
             // Google's client libraries take a bare host:port too.
