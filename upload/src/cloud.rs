@@ -571,6 +571,31 @@ pub(crate) fn setup_error(cfg: &CloudConfig, why: &str) -> StoreError {
     }
 }
 
+/// A body shorter than the store said (a cut-off transfer): retryable.
+pub(crate) fn short_read(
+    cfg: &CloudConfig,
+    key: &str,
+    offset: u64,
+    got: usize,
+    want: u64,
+) -> StoreError {
+    StoreError::Other {
+        key: key.to_owned(),
+        message: format!(
+            "reading {}/{key} at {offset}: got {got} of {want} bytes",
+            cfg.location()
+        ),
+        retryable: true,
+    }
+}
+
+/// A listing in key order, each key once (pages may overlap).
+pub(crate) fn sorted(mut out: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out.dedup_by(|a, b| a.key == b.key);
+    out
+}
+
 pub(crate) fn config_error(message: String) -> StoreError {
     StoreError::Other {
         key: String::new(),
@@ -726,15 +751,7 @@ impl Store for AzureStore {
         let size = got.meta.size;
         let data = got.bytes().await.map_err(|e| self.error("read", key, e))?;
         if data.len() as u64 != size {
-            return Err(StoreError::Other {
-                key: key.to_owned(),
-                message: format!(
-                    "reading {}/{key}: got {} of {size} bytes",
-                    self.cfg.location(),
-                    data.len()
-                ),
-                retryable: true,
-            });
+            return Err(short_read(&self.cfg, key, 0, data.len(), size));
         }
         Ok(data)
     }
@@ -784,15 +801,7 @@ impl Store for AzureStore {
         }
         let data = got.bytes().await.map_err(|e| self.error("read", key, e))?;
         if data.len() as u64 != len {
-            return Err(StoreError::Other {
-                key: key.to_owned(),
-                message: format!(
-                    "reading {}/{key} at {offset}: got {} of {len} bytes",
-                    self.cfg.location(),
-                    data.len()
-                ),
-                retryable: true,
-            });
+            return Err(short_read(&self.cfg, key, offset, data.len(), len));
         }
         Ok(data)
     }
@@ -829,9 +838,7 @@ impl Store for AzureStore {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out.dedup_by(|a, b| a.key == b.key);
-        Ok(out)
+        Ok(sorted(out))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {

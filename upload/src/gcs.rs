@@ -494,15 +494,7 @@ impl Store for GcsStore {
                 if end > m.size {
                     Err(out_of_range(m.size))
                 } else {
-                    Err(StoreError::Other {
-                        key: key.to_owned(),
-                        message: format!(
-                            "reading {}/{key} at {offset}: got {} of {len} bytes",
-                            self.cfg.location(),
-                            data.len()
-                        ),
-                        retryable: true,
-                    })
+                    Err(cloud::short_read(&self.cfg, key, offset, data.len(), len))
                 }
             }
             Err(f) if f.status == Some(416) => {
@@ -561,9 +553,7 @@ impl Store for GcsStore {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        out.dedup_by(|a, b| a.key == b.key);
-        Ok(out)
+        Ok(cloud::sorted(out))
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
