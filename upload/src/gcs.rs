@@ -313,9 +313,8 @@ impl GcsStore {
         })
     }
 
-    /// A resumable upload of `data` (a large pack). `Ok(None)`: the
-    /// condition failed (the object exists).
-    async fn put_resumable(&self, key: &str, data: &Bytes) -> Result<Option<()>, Failure> {
+    /// A resumable upload of `data` (a large pack).
+    async fn put_resumable(&self, key: &str, data: &Bytes) -> Result<PutOutcome, Failure> {
         let total = data.len();
         let req = self
             .request(Method::POST, &self.upload_url("resumable", key))
@@ -324,7 +323,7 @@ impl GcsStore {
             .header("X-Upload-Content-Length", total)
             .header(CONTENT_LENGTH, 0);
         let resp = match self.send(req, &[]).await {
-            Err(f) if f.status == Some(412) => return Ok(None),
+            Err(f) if f.status == Some(412) => return Ok(PutOutcome::AlreadyExists),
             other => other?,
         };
         let session = resp
@@ -363,7 +362,7 @@ impl GcsStore {
         }
     }
 
-    async fn send_chunks(&self, session: &str, data: &Bytes) -> Result<Option<()>, Failure> {
+    async fn send_chunks(&self, session: &str, data: &Bytes) -> Result<PutOutcome, Failure> {
         let total = data.len();
         let mut start = 0;
         loop {
@@ -392,8 +391,8 @@ impl GcsStore {
                     }
                     start = next;
                 }
-                Ok(_) => return Ok(Some(())),
-                Err(f) if f.status == Some(412) => return Ok(None),
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(f) if f.status == Some(412) => return Ok(PutOutcome::AlreadyExists),
                 Err(f) => return Err(f),
             }
         }
@@ -416,11 +415,10 @@ impl Store for GcsStore {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
         if data.len() > MULTIPART_THRESHOLD && key.starts_with("packs/") {
-            return match self.put_resumable(key, &data).await {
-                Ok(Some(())) => Ok(PutOutcome::Created),
-                Ok(None) => Ok(PutOutcome::AlreadyExists),
-                Err(f) => Err(self.error("store", key, f)),
-            };
+            return self
+                .put_resumable(key, &data)
+                .await
+                .map_err(|f| self.error("store", key, f));
         }
         let result = async {
             let req = self
