@@ -19,7 +19,6 @@ use common::faultproxy::{FaultConfig, FaultProxy};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs, Mutator};
 use rand::Rng;
 use std::fs;
-use std::path::Path;
 
 fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
@@ -29,22 +28,6 @@ fn container(emu: Emulator, what: &str) -> String {
     let name = format!("{what}-{}-{}", std::process::id(), rand::random::<u32>());
     cloudenv::server(emu).create(&name);
     name
-}
-
-fn restore(fresh: &Btrship, url: &str, key: &Path, at: &str, to: &Path) {
-    fresh.ok(osargs![
-        "restore",
-        "share",
-        "--special-files",
-        "--at",
-        at,
-        "--to",
-        to,
-        "--repo",
-        url,
-        "--key-file",
-        key
-    ]);
 }
 
 fn snapshots_daemon_and_a_fresh_restore(emu: Emulator) {
@@ -92,18 +75,10 @@ fn snapshots_daemon_and_a_fresh_restore(emu: Emulator) {
 
     let fresh = Btrship::new();
     let key = bs.key_file("share");
-    fresh.ok(osargs![
-        "check",
-        "share",
-        "--read-data",
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.check_repo(&url, &key);
     for (i, t) in moments.iter().enumerate() {
         let to = fs_.dir("restored").join(format!("r{i}"));
-        restore(&fresh, &url, &key, t, &to);
+        fresh.restore_repo(&url, &key, t, &to);
         assert_same_tree(&refs.join(format!("r{i}")), &to);
         eprintln!("{emu:?}: moment {i} restores exactly");
     }
@@ -219,18 +194,10 @@ fn twenty_percent_faults(emu: Emulator) {
     // Reading back through the same faults: check and a fresh restore.
     let fresh = Btrship::new();
     let key = bs.key_file("share");
-    fresh.ok(osargs![
-        "check",
-        "share",
-        "--read-data",
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.check_repo(&url, &key);
     let to = fs_.dir("restored");
     let t = bs.snapshot_list("share").last().unwrap().time.clone();
-    restore(&fresh, &url, &key, &t, &to);
+    fresh.restore_repo(&url, &key, &t, &to);
     assert_same_tree(&refs.join("r0"), &to);
     // The ship alone is a few dozen requests (big packs); over the whole
     // run the share faulted is what was asked for.

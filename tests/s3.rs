@@ -47,30 +47,10 @@ fn ship_to_s3_and_restore_on_a_fresh_machine() {
 
     let fresh = Btrship::new();
     let key = bs.key_file("share");
-    fresh.ok(osargs![
-        "check",
-        "share",
-        "--read-data",
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.check_repo(&url, &key);
     for (round, t) in times.iter().enumerate() {
         let to = fs.dir("restored").join(format!("r{round}"));
-        fresh.ok(osargs![
-            "restore",
-            "share",
-            "--special-files",
-            "--at",
-            t,
-            "--to",
-            &to,
-            "--repo",
-            &url,
-            "--key-file",
-            &key
-        ]);
+        fresh.restore_repo(&url, &key, t, &to);
         assert_same_tree(&refs.join(format!("r{round}")), &to);
     }
     // A missing bucket is a clear error, not a hang.

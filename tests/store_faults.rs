@@ -143,34 +143,14 @@ fn outage_queues_locally_and_the_backlog_ships_when_the_store_returns() {
     let fresh = Btrship::new();
     let key = bs.key_file("share");
     let restore = |at: &str, to: &Path| {
-        fresh.ok(osargs![
-            "restore",
-            "share",
-            "--special-files",
-            "--at",
-            at,
-            "--to",
-            to,
-            "--repo",
-            &url,
-            "--key-file",
-            &key
-        ]);
+        fresh.restore_repo(&url, &key, at, to);
     };
     for (snap, r) in list.iter().zip([0, 1, 2, 4, 5]) {
         let to = fs.dir("restored").join(format!("r{r}"));
         restore(&snap.time, &to);
         assert_same_tree(&refs.join(format!("r{r}")), &to);
     }
-    fresh.ok(osargs![
-        "check",
-        "share",
-        "--read-data",
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.check_repo(&url, &key);
     assert!(proxy.stats().faulted > 0, "the outage injected nothing");
 }
 
@@ -229,29 +209,9 @@ fn twenty_percent_of_requests_faulted_still_ships_and_restores_exactly() {
     // Reading back through the same faults: check and a fresh restore.
     let fresh = Btrship::new();
     let key = bs.key_file("share");
-    fresh.ok(osargs![
-        "check",
-        "share",
-        "--read-data",
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.check_repo(&url, &key);
     let to = fs.dir("restored");
     let t = newest_time(&bs);
-    fresh.ok(osargs![
-        "restore",
-        "share",
-        "--special-files",
-        "--at",
-        &t,
-        "--to",
-        &to,
-        "--repo",
-        &url,
-        "--key-file",
-        &key
-    ]);
+    fresh.restore_repo(&url, &key, &t, &to);
     assert_same_tree(&refs.join("r0"), &to);
 }

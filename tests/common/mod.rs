@@ -508,6 +508,44 @@ impl Btrship {
         serde_json::from_str::<serde_json::Value>(line).unwrap()["btrship_stats"]["store"].clone()
     }
 
+    /// A fresh machine's `check share --read-data` of the repository at
+    /// `repo` with `key` (asserts success).
+    pub fn check_repo(&self, repo: impl AsRef<OsStr>, key: impl AsRef<OsStr>) {
+        self.ok([
+            OsStr::new("check"),
+            OsStr::new("share"),
+            OsStr::new("--read-data"),
+            OsStr::new("--repo"),
+            repo.as_ref(),
+            OsStr::new("--key-file"),
+            key.as_ref(),
+        ]);
+    }
+
+    /// A fresh machine's `restore share --special-files --at AT --to TO`
+    /// from the repository at `repo` with `key` (asserts success).
+    pub fn restore_repo(
+        &self,
+        repo: impl AsRef<OsStr>,
+        key: impl AsRef<OsStr>,
+        at: &str,
+        to: &Path,
+    ) {
+        self.ok([
+            OsStr::new("restore"),
+            OsStr::new("share"),
+            OsStr::new("--special-files"),
+            OsStr::new("--at"),
+            OsStr::new(at),
+            OsStr::new("--to"),
+            to.as_os_str(),
+            OsStr::new("--repo"),
+            repo.as_ref(),
+            OsStr::new("--key-file"),
+            key.as_ref(),
+        ]);
+    }
+
     /// Runs and asserts success; returns stdout. Shows stderr on failure.
     pub fn ok<I, S>(&self, args: I) -> String
     where
