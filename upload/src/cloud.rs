@@ -56,7 +56,11 @@
 //! # Errors and retries
 //!
 //! The crate's own retries are off (one attempt per call); the retry layer
-//! around every store retries uniformly. Transport failures, timeouts, 5xx,
+//! around every store retries uniformly. A staged upload is many requests,
+//! so each of its requests (the `HEAD`, every block, the commit) is also
+//! tried up to [`REQUEST_TRIES`] times on its own: otherwise one failed
+//! request in ten would make the whole pack start over, and a pack of n
+//! parts would succeed with probability (1 - p)^n per attempt. Transport failures, timeouts, 5xx,
 //! 408 and 429 are retryable; a missing container or bucket
 //! ([`StoreError::NoContainer`]), refused credentials
 //! ([`StoreError::Denied`]) and other 4xx are not, and say what to fix.
@@ -72,10 +76,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
-    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
+    PutOptions, PutPayload, RetryConfig,
 };
 
 use crate::s3::{check_endpoint, percent_decode};
@@ -87,6 +92,10 @@ pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 pub const PART_SIZE: usize = 8 << 20;
 /// Staged parts in flight at once for one object.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Tries of one request inside a multi-request upload (a staged block, the
+/// commit, a resumable chunk) before the whole put fails back to the retry
+/// layer.
+pub(crate) const REQUEST_TRIES: u32 = 4;
 /// Establishing a connection (TCP and TLS).
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// One request, its body included: a 16 MiB pack at about 0.5 Mbit/s.
@@ -242,9 +251,10 @@ pub(crate) struct Credentials {
     pub hint: &'static str,
 }
 
-/// A client that can also list by a raw (not per-directory) prefix.
-trait Backend: ObjectStore + PaginatedListStore {}
-impl<T: ObjectStore + PaginatedListStore> Backend for T {}
+/// A client that can also list by a raw (not per-directory) prefix and
+/// stage blocks one request at a time.
+trait Backend: ObjectStore + PaginatedListStore + MultipartStore {}
+impl<T: ObjectStore + PaginatedListStore + MultipartStore> Backend for T {}
 
 /// A repository in an Azure container. See the module documentation.
 #[derive(Clone)]
@@ -348,46 +358,52 @@ impl AzureStore {
         path: &ObjectPath,
         data: Bytes,
     ) -> Result<PutOutcome, StoreError> {
-        match self.inner.head(path).await {
+        match retried(|| self.inner.head(path)).await {
             Ok(_) => return Ok(PutOutcome::AlreadyExists),
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.error("check before uploading", key, e)),
         }
-        let mut upload = self
-            .inner
-            .put_multipart_opts(path, PutMultipartOptions::default())
-            .await
+        // Azure: no request; every block gets a fresh id, so a block tried
+        // again never clashes with an earlier try.
+        let id = (self.inner.create_multipart(path).await)
             .map_err(|e| self.error("start the staged upload of", key, e))?;
         let mut in_flight = VecDeque::new();
+        let mut parts = Vec::new();
         let mut failed = None;
-        for start in (0..data.len()).step_by(PART_SIZE) {
+        for (idx, start) in (0..data.len()).step_by(PART_SIZE).enumerate() {
             let end = data.len().min(start + PART_SIZE);
-            in_flight.push_back(tokio::spawn(
-                upload.put_part(PutPayload::from(data.slice(start..end))),
-            ));
+            let payload = PutPayload::from(data.slice(start..end));
+            let (inner, path, id) = (Arc::clone(&self.inner), path.clone(), id.clone());
+            in_flight.push_back(tokio::spawn(async move {
+                retried(|| inner.put_part(&path, &id, idx, payload.clone())).await
+            }));
             if in_flight.len() >= PARTS_IN_FLIGHT {
-                if let Err(e) = join_part(in_flight.pop_front()).await {
-                    failed = Some(e);
-                    break;
+                match join_part(in_flight.pop_front()).await {
+                    Ok(part) => parts.push(part),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
         }
         while failed.is_none() && !in_flight.is_empty() {
-            if let Err(e) = join_part(in_flight.pop_front()).await {
-                failed = Some(e);
+            match join_part(in_flight.pop_front()).await {
+                Ok(part) => parts.push(part),
+                Err(e) => failed = Some(e),
             }
         }
         if let Some(e) = failed {
             for part in in_flight {
                 part.abort();
             }
-            // Best effort: uncommitted blocks (Azure) expire on their own
-            // after a week.
-            let _ = upload.abort().await;
+            // Uncommitted blocks (Azure) expire on their own after a week.
+            let _ = self.inner.abort_multipart(path, &id).await;
             return Err(self.error("upload a part of", key, e));
         }
-        upload
-            .complete()
+        // Committing the same list again is harmless: "latest" finds the
+        // blocks among the committed ones.
+        retried(|| self.inner.complete_multipart(path, &id, parts.clone()))
             .await
             .map_err(|e| self.error("commit the staged upload of", key, e))?;
         Ok(PutOutcome::Created)
@@ -460,11 +476,39 @@ impl AzureStore {
     }
 }
 
+/// Runs `op` (one request) up to [`REQUEST_TRIES`] times while it fails
+/// retryably, with a short growing pause between tries.
+async fn retried<T, F, Fut>(mut op: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut tries = 1;
+    loop {
+        match op().await {
+            Err(e) if tries < REQUEST_TRIES && is_retryable(&e) => {
+                pause_before_try(tries).await;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The pause after `failed` tries of one request within an upload: 100 ms,
+/// then 200, 400, ... (at most 3.2 s).
+pub(crate) async fn pause_before_try(failed: u32) {
+    tokio::time::sleep(Duration::from_millis(100 << (failed - 1).min(5))).await;
+}
+
 async fn join_part(
-    part: Option<tokio::task::JoinHandle<object_store::Result<()>>>,
-) -> object_store::Result<()> {
+    part: Option<tokio::task::JoinHandle<object_store::Result<PartId>>>,
+) -> object_store::Result<PartId> {
     match part {
-        None => Ok(()),
+        None => Err(object_store::Error::Generic {
+            store: "MicrosoftAzure",
+            source: "a staged block's upload went missing".into(),
+        }),
         Some(h) => h
             .await
             .unwrap_or_else(|e| Err(object_store::Error::JoinError { source: e })),

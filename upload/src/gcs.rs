@@ -15,11 +15,13 @@
 //!   started with the same condition, sent in [`PART_SIZE`] chunks (each
 //!   one request, so a slow link never needs a 64 MiB request to succeed
 //!   whole); GCS checks the condition when the last chunk lands. A chunk
-//!   that fails ends the session and the put (retryable): the retry layer
-//!   starts a new one. Resuming within a session from the offset GCS
-//!   reports is not done: fake-gcs-server 1.54, the test server, finalises
-//!   a truncated object when asked for that offset, so the path could not
-//!   be tested.
+//!   the server answered with 5xx, 408 or 429 is sent again, up to
+//!   [`REQUEST_TRIES`] times. A chunk whose answer was lost (reset,
+//!   timeout) ends the session and the put (retryable): the retry layer
+//!   starts a new one. Asking GCS how much it kept and resuming from there
+//!   is not done: fake-gcs-server 1.54, the test server, finalises a
+//!   truncated object when asked for that offset and appends a chunk sent
+//!   twice, so neither path could be tested.
 //! - **Reads**: `GET .../o/K?alt=media` with `Range:`; metadata with
 //!   `GET .../o/K`; listings with `prefix=` and `pageToken`.
 
@@ -33,7 +35,7 @@ use reqwest::{Method, StatusCode};
 
 use crate::cloud::{
     self, no_container, one_line, CloudConfig, Credentials, Env, CONNECT_TIMEOUT,
-    MULTIPART_THRESHOLD, PART_SIZE, REQUEST_TIMEOUT,
+    MULTIPART_THRESHOLD, PART_SIZE, REQUEST_TIMEOUT, REQUEST_TRIES,
 };
 use crate::s3::check_endpoint;
 use crate::store::{validate_key, validate_prefix, ObjectMeta, PutOutcome, Store, StoreError};
@@ -365,6 +367,7 @@ impl GcsStore {
     async fn send_chunks(&self, session: &str, data: &Bytes) -> Result<PutOutcome, Failure> {
         let total = data.len();
         let mut start = 0;
+        let mut tries = 1;
         loop {
             let end = total.min(start + PART_SIZE);
             let req = self
@@ -390,9 +393,30 @@ impl GcsStore {
                         });
                     }
                     start = next;
+                    tries = 1;
                 }
                 Ok(_) => return Ok(PutOutcome::Created),
                 Err(f) if f.status == Some(412) => return Ok(PutOutcome::AlreadyExists),
+                // The session is gone (expired, or ended by a failure on
+                // the server's side): a new upload, not a missing bucket.
+                Err(f) if f.status == Some(404) => {
+                    return Err(Failure {
+                        status: None,
+                        detail: format!(
+                            "the resumable upload's session ended at byte {start} of {total} ({})",
+                            f.detail
+                        ),
+                        retryable: true,
+                    })
+                }
+                // The server answered and refused the chunk (5xx, 408, 429):
+                // send it again. After a lost answer (no status) the chunk
+                // may or may not have been kept, and fake-gcs-server appends
+                // a chunk sent twice, so the whole upload starts over then.
+                Err(f) if f.retryable && f.status.is_some() && tries < REQUEST_TRIES => {
+                    cloud::pause_before_try(tries).await;
+                    tries += 1;
+                }
                 Err(f) => return Err(f),
             }
         }
