@@ -401,11 +401,17 @@ impl AzureStore {
             let _ = self.inner.abort_multipart(path, &id).await;
             return Err(self.error("upload a part of", key, e));
         }
-        // Committing the same list again is harmless: "latest" finds the
-        // blocks among the committed ones.
-        retried(|| self.inner.complete_multipart(path, &id, parts.clone()))
-            .await
-            .map_err(|e| self.error("commit the staged upload of", key, e))?;
+        let committed = retried(|| self.inner.complete_multipart(path, &id, parts.clone())).await;
+        if let Err(e) = committed {
+            // A commit whose answer was lost may have landed; committing its
+            // blocks again is then refused (they are no longer uncommitted:
+            // 400 InvalidBlockList). A blob of the pack's size under the
+            // pack's name is the pack: the name is the hash of the bytes.
+            match retried(|| self.inner.head(path)).await {
+                Ok(m) if m.size == data.len() as u64 => return Ok(PutOutcome::Created),
+                _ => return Err(self.error("commit the staged upload of", key, e)),
+            }
+        }
         Ok(PutOutcome::Created)
     }
 
