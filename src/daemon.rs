@@ -920,7 +920,7 @@ impl Shipper {
 
     fn ship_batch(&mut self, repo: &Repository, sizes: ChunkSizes, caps: &[Capture]) -> Result<()> {
         let before = self.counters.values();
-        let mut writer = repo.writer();
+        let writer = repo.writer();
         let mut entries = Vec::with_capacity(caps.len());
         let mut baselines = Vec::new();
         let mut deleted = Vec::new();
@@ -948,7 +948,7 @@ impl Shipper {
                         .as_ref()
                         .map(|(p, content, size)| (p.as_path(), content.as_slice(), *size));
                     let (content, _read) =
-                        match ship::file_content(&mut writer, sizes, &clone_path, n.size, old) {
+                        match ship::file_content(&writer, sizes, &clone_path, n.size, old) {
                             Ok(done) => done,
                             // A sync ships captures before they settle, so
                             // the capture thread may supersede one of this

@@ -7,6 +7,7 @@ mod cli;
 use std::io::Write;
 
 fn main() {
+    bound_malloc();
     let cli = match cli::parse() {
         Ok(cli) => cli,
         Err((code, line)) => {
@@ -118,4 +119,21 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     line.replace('\n', " ")
+}
+
+/// glibc's malloc raises its mmap threshold each time a big block is freed
+/// (up to 32 MiB) and keeps one arena per busy thread: with packs of 16 MiB
+/// and chunks of up to 4 MiB moving between the reading and sealing
+/// threads, freed buffers then stay in the arenas and a first ship's peak
+/// RSS doubles (313 MiB instead of 145 on the benchmark's share, wall time
+/// unchanged). A fixed threshold hands every buffer over 4 MiB back to the
+/// kernel when freed; two arenas are plenty for two kinds of worker.
+fn bound_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator settings; called first thing,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, (4 << 20) + 1);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }

@@ -907,7 +907,7 @@ fn plan_garbage(
 /// names the new index, nobody knows those packs: a crash leaves them as
 /// garbage for a later run.
 fn repack(repo: &Repository, plan: &mut GarbagePlan, now: SystemTime) -> Result<()> {
-    let mut writer = repo.repack_writer();
+    let writer = repo.repack_writer();
     for (_, blobs) in &plan.repack {
         for (id, loc) in blobs {
             let plain = repo

@@ -35,6 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Mutex;
 
 /// Inode number of a subvolume's root directory.
 const ROOT_INO: u64 = 256;
@@ -180,26 +181,17 @@ pub fn ship_with(
     if let ChangeDetection::FullWalk { reason } = &detection {
         tracing::info!("full walk of {}: {reason}", input.snapshot_name);
     }
-    let mut walker = Walker {
+    let writer = repo.writer();
+    let files = Files {
         repo,
-        state,
-        writer: repo.writer(),
+        writer: &writer,
         sizes: ChunkSizes {
             min: cfg.min,
             avg: cfg.avg,
             max: cfg.max,
         },
-        root: input.root.to_path_buf(),
-        changes,
-        parent_root: parent_root.clone(),
-        trees: HashMap::new(),
-        totals: HashMap::new(),
-        new_totals: Vec::new(),
-        hardlinks: HashMap::new(),
-        stat_calls: 0,
-        read_bytes: 0,
-        reused_files: 0,
-        progress,
+        btrfs: changes.is_some(),
+        hardlinks: Mutex::default(),
     };
     let meta = btrship_diff::read_meta(input.root)?;
     let old_root = parent_root.as_ref().map(|_| {
@@ -207,17 +199,44 @@ pub fn ship_with(
         n.subtree = input.parent.as_ref().map(|p| BlobId(p.tree));
         n
     });
-    let (tree, totals) = walker.dir(Path::new(""), meta.ino, old_root.as_ref())?;
+    let (jobs, queue) = std::sync::mpsc::sync_channel::<FileJob>(FILE_QUEUE);
+    let queue = Mutex::new(queue);
+    let walked = std::thread::scope(|scope| {
+        for _ in 0..file_workers() {
+            let (files, queue) = (&files, &queue);
+            scope.spawn(move || files.serve(queue));
+        }
+        let mut walker = Walker {
+            repo,
+            state,
+            files: &files,
+            jobs,
+            root: input.root.to_path_buf(),
+            changes,
+            parent_root: parent_root.clone(),
+            trees: HashMap::new(),
+            totals: HashMap::new(),
+            new_totals: Vec::new(),
+            stat_calls: 0,
+            read_bytes: 0,
+            reused_files: 0,
+            progress,
+        };
+        let walked = walker.dir(Path::new(""), meta.ino, old_root.as_ref());
+        walker.progress.finish();
+        // Dropping the walker closes the queue: the workers finish and stop.
+        let counts = (
+            walker.stat_calls + 1,
+            walker.read_bytes,
+            walker.reused_files,
+            std::mem::take(&mut walker.new_totals),
+        );
+        walked.map(|w| (w, counts))
+    });
+    let ((tree, totals), (stat_calls, read_bytes, reused_files, new_totals)) = walked?;
     let mut root = node_from(b"", &meta);
     root.subtree = Some(BlobId(tree));
-    walker.progress.finish();
-    let (stat_calls, read_bytes, reused_files) = (
-        walker.stat_calls + 1,
-        walker.read_bytes,
-        walker.reused_files,
-    );
-    let new_totals = std::mem::take(&mut walker.new_totals);
-    let written: WriteStats = walker.writer.finish()?;
+    let written: WriteStats = writer.finish()?;
     let stats = SnapshotStats {
         files: totals.files,
         dirs: totals.dirs,
@@ -332,11 +351,165 @@ fn find_changes(parent: &Path, new: &Path) -> Result<Changes> {
     })
 }
 
-struct Walker<'r, 'p> {
+/// Files read at once (one per worker thread): enough to keep both the
+/// disk and the cores busy, few enough to bound memory (each holds at most
+/// one file's data region in memory, `btrship_diff`'s in-memory limit).
+fn file_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8)
+        + 2
+}
+
+/// Files waiting for a worker: the walker is at most this far ahead.
+const FILE_QUEUE: usize = 64;
+
+/// A regular file for a worker to stat and chunk.
+struct FileJob {
+    path: PathBuf,
+    /// The entry with the same inode in the parent's version of this
+    /// directory (full walk: reused when the inode looks untouched).
+    same_dir_old: Option<Node>,
+    /// btrfs mode: the inode's node in the parent snapshot and its path
+    /// there (re-chunk only the changed ranges).
+    parent: Option<(Node, PathBuf)>,
+    reply: std::sync::mpsc::SyncSender<Result<FileDone>>,
+}
+
+/// A worker's answer: the file's metadata and content.
+struct FileDone {
+    meta: FsMeta,
+    content: Vec<Extent>,
+    read: u64,
+    reused: bool,
+}
+
+/// What the file workers share: reading, chunking and adding blobs.
+struct Files<'a> {
+    repo: &'a Repository,
+    writer: &'a PackWriter<'a>,
+    sizes: ChunkSizes,
+    /// btrfs-native change detection (else a full walk).
+    btrfs: bool,
+    /// Content of multiply-linked inodes already chunked in this ship.
+    hardlinks: Mutex<HashMap<u64, Vec<Extent>>>,
+}
+
+impl Files<'_> {
+    /// One worker: takes jobs until the walker closes the queue.
+    fn serve(&self, queue: &Mutex<std::sync::mpsc::Receiver<FileJob>>) {
+        loop {
+            let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            let Ok(job) = job else { return };
+            let done = self.file(&job.path, job.same_dir_old.as_ref(), job.parent);
+            // The walker gone (it failed): nothing waits for the answer.
+            let _ = job.reply.send(done);
+        }
+    }
+
+    fn file(
+        &self,
+        path: &Path,
+        same_dir_old: Option<&Node>,
+        parent: Option<(Node, PathBuf)>,
+    ) -> Result<FileDone> {
+        let meta = btrship_diff::read_meta(path)?;
+        let mut done = FileDone {
+            content: Vec::new(),
+            read: 0,
+            reused: false,
+            meta,
+        };
+        if done.meta.kind != FileKind::File {
+            return Ok(done);
+        }
+        let (ino, linked) = (done.meta.ino, done.meta.nlink > 1);
+        if linked {
+            let known = self.lock_hardlinks().get(&ino).cloned();
+            if let Some(content) = known {
+                done.content = content;
+                return Ok(done);
+            }
+        }
+        let (content, read, reused) = if self.btrfs {
+            self.changed_file(path, &done.meta, parent)?
+        } else {
+            self.walked_file(path, &done.meta, same_dir_old)?
+        };
+        if linked {
+            self.lock_hardlinks().insert(ino, content.clone());
+        }
+        done.content = content;
+        done.read = read;
+        done.reused = reused;
+        Ok(done)
+    }
+
+    fn lock_hardlinks(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<Extent>>> {
+        self.hardlinks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Full-walk mode: reuse when the inode looks untouched, else read it all.
+    fn walked_file(
+        &self,
+        path: &Path,
+        meta: &FsMeta,
+        old: Option<&Node>,
+    ) -> Result<(Vec<Extent>, u64, bool)> {
+        let unchanged = old.filter(|o| {
+            o.kind == NodeKind::File
+                && o.ino == meta.ino
+                && o.size == meta.size
+                && o.mtime_ns == meta.mtime_ns
+                && o.ctime_ns == meta.ctime_ns
+                && self.all_present(&o.content)
+        });
+        if let Some(o) = unchanged {
+            return Ok((o.content.clone(), 0, true));
+        }
+        self.read_whole(path)
+    }
+
+    /// btrfs mode: the inode changed; compare extent maps with its parent
+    /// version and re-chunk only the changed ranges.
+    fn changed_file(
+        &self,
+        path: &Path,
+        meta: &FsMeta,
+        parent: Option<(Node, PathBuf)>,
+    ) -> Result<(Vec<Extent>, u64, bool)> {
+        let Some((old, old_path)) = parent else {
+            return self.read_whole(path);
+        };
+        if old.kind != NodeKind::File || !self.all_present(&old.content) {
+            return self.read_whole(path);
+        }
+        let (content, read) = file_content(
+            self.writer,
+            self.sizes,
+            path,
+            meta.size,
+            Some((&old_path, &old.content, old.size)),
+        )?;
+        let reused = read == 0 && content == old.content;
+        Ok((content, read, reused))
+    }
+
+    fn all_present(&self, content: &[Extent]) -> bool {
+        content.iter().all(|e| self.repo.has_blob(&e.1 .0))
+    }
+
+    fn read_whole(&self, path: &Path) -> Result<(Vec<Extent>, u64, bool)> {
+        let (content, read) = file_content(self.writer, self.sizes, path, 0, None)?;
+        Ok((content, read, false))
+    }
+}
+
+struct Walker<'r, 'f, 'p> {
     repo: &'r Repository,
     state: &'r State,
-    writer: PackWriter<'r>,
-    sizes: ChunkSizes,
+    files: &'f Files<'f>,
+    jobs: std::sync::mpsc::SyncSender<FileJob>,
     root: PathBuf,
     changes: Option<Changes>,
     parent_root: Option<Rc<Tree>>,
@@ -345,15 +518,13 @@ struct Walker<'r, 'p> {
     totals: HashMap<ContentId, Totals>,
     /// Totals of trees built in this ship, cached in the state database.
     new_totals: Vec<(ContentId, Totals)>,
-    /// Content of multiply-linked inodes already chunked in this ship.
-    hardlinks: HashMap<u64, Vec<Extent>>,
     stat_calls: u64,
     read_bytes: u64,
     reused_files: u64,
     progress: &'p mut Progress,
 }
 
-impl Walker<'_, '_> {
+impl Walker<'_, '_, '_> {
     fn tree(&mut self, id: ContentId) -> Option<Rc<Tree>> {
         if let Some(t) = self.trees.get(&id) {
             return Some(t.clone());
@@ -465,22 +636,75 @@ impl Walker<'_, '_> {
             }
         }
         let abs = self.root.join(rel);
-        let mut entries: Vec<(Vec<u8>, u64)> = Vec::new();
+        let mut entries: Vec<(Vec<u8>, u64, bool)> = Vec::new();
         for e in std::fs::read_dir(&abs).with_context(|| format!("{}", abs.display()))? {
             let e = e.with_context(|| format!("{}", abs.display()))?;
-            entries.push((e.file_name().as_bytes().to_vec(), e.ino()));
+            // d_type: the snapshot is read-only, so it stays true.
+            let is_file = e.file_type().is_ok_and(|t| t.is_file());
+            entries.push((e.file_name().as_bytes().to_vec(), e.ino(), is_file));
         }
         entries.sort();
-        let mut tree = Tree::default();
-        let mut totals = Totals::default();
-        for (name, d_ino) in entries {
-            let child_rel = rel.join(OsStr::from_bytes(&name));
-            let same_dir_old = by_ino.get(&d_ino).and_then(|v| {
+        let same_dir_old = |name: &[u8], d_ino: u64| {
+            by_ino.get(&d_ino).and_then(|v| {
                 v.iter()
                     .find(|n| n.name == name)
                     .or_else(|| v.first())
                     .map(|n| (*n).clone())
-            });
+            })
+        };
+        // Pass 1: hand every regular file that needs a stat to the workers,
+        // so they read while this thread walks and waits in order.
+        let mut pending = Vec::with_capacity(entries.len());
+        for (name, d_ino, is_file) in &entries {
+            let old = same_dir_old(name, *d_ino);
+            let unchanged = self
+                .changes
+                .as_ref()
+                .is_some_and(|c| !c.changed.contains(d_ino));
+            if !is_file || (unchanged && old.is_some()) {
+                pending.push(None);
+                continue;
+            }
+            let parent = self.parent_node_by_ino(*d_ino)?;
+            let (reply, answer) = std::sync::mpsc::sync_channel(1);
+            let job = FileJob {
+                path: abs.join(OsStr::from_bytes(name)),
+                same_dir_old: old,
+                parent,
+                reply,
+            };
+            self.jobs
+                .send(job)
+                .map_err(|_| anyhow::anyhow!("the file reading threads stopped"))?;
+            pending.push(Some(answer));
+        }
+        let mut tree = Tree::default();
+        let mut totals = Totals::default();
+        for ((name, d_ino, _), answer) in entries.into_iter().zip(pending) {
+            let child_rel = rel.join(OsStr::from_bytes(&name));
+            if let Some(answer) = answer {
+                let done = answer
+                    .recv()
+                    .map_err(|_| anyhow::anyhow!("a file reading thread stopped"))??;
+                self.stat_calls += 1;
+                self.read_bytes += done.read;
+                self.reused_files += u64::from(done.reused);
+                let mut node = node_from(&name, &done.meta);
+                if done.meta.kind == FileKind::File {
+                    node.content = done.content;
+                    totals.files += 1;
+                    totals.bytes += done.meta.size;
+                    self.progress.file(done.meta.size);
+                } else if done.meta.kind == FileKind::Dir {
+                    anyhow::bail!(
+                        "{} turned into a directory while it was read; is the snapshot read-only?",
+                        self.root.join(&child_rel).display()
+                    );
+                }
+                tree.entries.push(node);
+                continue;
+            }
+            let same_dir_old = same_dir_old(&name, d_ino);
             let unchanged = self
                 .changes
                 .as_ref()
@@ -519,7 +743,12 @@ impl Walker<'_, '_> {
                     totals.dirs += 1;
                 }
                 FileKind::File => {
-                    node.content = self.file_content(&child_abs, &meta, same_dir_old.as_ref())?;
+                    // d_type said otherwise (a file system without it).
+                    let parent = self.parent_node_by_ino(meta.ino)?;
+                    let done = self.files.file(&child_abs, same_dir_old.as_ref(), parent)?;
+                    self.read_bytes += done.read;
+                    self.reused_files += u64::from(done.reused);
+                    node.content = done.content;
                     totals.files += 1;
                     totals.bytes += meta.size;
                     self.progress.file(meta.size);
@@ -528,87 +757,13 @@ impl Walker<'_, '_> {
             }
             tree.entries.push(node);
         }
-        let id = self.writer.add(BlobKind::Tree, &to_cbor(&tree))?;
+        let id = self
+            .files
+            .writer
+            .add_bytes(BlobKind::Tree, to_cbor(&tree).into())?;
         self.totals.insert(id, totals);
         self.new_totals.push((id, totals));
         Ok((id, totals))
-    }
-
-    fn file_content(
-        &mut self,
-        path: &Path,
-        meta: &FsMeta,
-        same_dir_old: Option<&Node>,
-    ) -> Result<Vec<Extent>> {
-        if meta.nlink > 1 {
-            if let Some(content) = self.hardlinks.get(&meta.ino) {
-                return Ok(content.clone());
-            }
-        }
-        let content = if self.changes.is_some() {
-            self.changed_file(path, meta)?
-        } else {
-            self.walked_file(path, meta, same_dir_old)?
-        };
-        if meta.nlink > 1 {
-            self.hardlinks.insert(meta.ino, content.clone());
-        }
-        Ok(content)
-    }
-
-    /// Full-walk mode: reuse when the inode looks untouched, else read it all.
-    fn walked_file(
-        &mut self,
-        path: &Path,
-        meta: &FsMeta,
-        old: Option<&Node>,
-    ) -> Result<Vec<Extent>> {
-        let unchanged = old.filter(|o| {
-            o.kind == NodeKind::File
-                && o.ino == meta.ino
-                && o.size == meta.size
-                && o.mtime_ns == meta.mtime_ns
-                && o.ctime_ns == meta.ctime_ns
-                && self.all_present(&o.content)
-        });
-        if let Some(o) = unchanged {
-            self.reused_files += 1;
-            return Ok(o.content.clone());
-        }
-        self.read_whole(path)
-    }
-
-    /// btrfs mode: the inode changed; compare extent maps with its parent
-    /// version and re-chunk only the changed ranges.
-    fn changed_file(&mut self, path: &Path, meta: &FsMeta) -> Result<Vec<Extent>> {
-        let Some((old, old_path)) = self.parent_node_by_ino(meta.ino)? else {
-            return self.read_whole(path);
-        };
-        if old.kind != NodeKind::File || !self.all_present(&old.content) {
-            return self.read_whole(path);
-        }
-        let (content, read) = file_content(
-            &mut self.writer,
-            self.sizes,
-            path,
-            meta.size,
-            Some((&old_path, &old.content, old.size)),
-        )?;
-        if read == 0 && content == old.content {
-            self.reused_files += 1;
-        }
-        self.read_bytes += read;
-        Ok(content)
-    }
-
-    fn all_present(&self, content: &[Extent]) -> bool {
-        content.iter().all(|e| self.repo.has_blob(&e.1 .0))
-    }
-
-    fn read_whole(&mut self, path: &Path) -> Result<Vec<Extent>> {
-        let (content, read) = file_content(&mut self.writer, self.sizes, path, 0, None)?;
-        self.read_bytes += read;
-        Ok(content)
     }
 }
 
@@ -619,7 +774,7 @@ impl Walker<'_, '_> {
 /// are reused; without one, the whole file is read. Returns the extents and
 /// the bytes read.
 pub fn file_content(
-    writer: &mut PackWriter,
+    writer: &PackWriter,
     sizes: ChunkSizes,
     path: &Path,
     size: u64,
@@ -628,8 +783,9 @@ pub fn file_content(
     let mut content = Vec::new();
     let Some((old_path, old_content, old_size)) = old else {
         let read = btrship_diff::chunk_file::<anyhow::Error>(path, sizes, |off, data| {
-            let id = writer.add(BlobKind::Data, data)?;
-            content.push(Extent(off, BlobId(id), data.len() as u64));
+            let len = data.len() as u64;
+            let id = writer.add_bytes(BlobKind::Data, data)?;
+            content.push(Extent(off, BlobId(id), len));
             Ok(())
         })?;
         return Ok((content, read));
@@ -657,8 +813,9 @@ pub fn file_content(
             match piece {
                 Piece::Reused(c) => content.push(Extent(c.offset, c.id, c.length)),
                 Piece::New { offset, data } => {
-                    let id = writer.add(BlobKind::Data, &data)?;
-                    content.push(Extent(offset, BlobId(id), data.len() as u64));
+                    let len = data.len() as u64;
+                    let id = writer.add_bytes(BlobKind::Data, data.into())?;
+                    content.push(Extent(offset, BlobId(id), len));
                 }
             }
             Ok(())

@@ -59,7 +59,7 @@ fn writer(s: &Setup) -> (Repository, State) {
 /// one index), through `history::append` as the daemon does.
 fn ship_batches(state: &State, repo: &Repository, from: u64, n: u64) {
     for i in from..from + n {
-        let mut w = repo.writer();
+        let w = repo.writer();
         w.add(BlobKind::Data, format!("content of version {i}").as_bytes())
             .unwrap();
         w.finish().unwrap();

@@ -13,6 +13,7 @@
 //! Modules: `extents` (the FIEMAP ioctl), `changed` (comparing two maps),
 //! `rechunk` (incremental chunking); their items are re-exported here.
 
+use bytes::Bytes;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -261,7 +262,7 @@ const IN_MEMORY_REGION: u64 = 8 << 20;
 pub fn chunk_file<E>(
     path: &Path,
     sizes: ChunkSizes,
-    mut f: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+    mut f: impl FnMut(u64, Bytes) -> std::result::Result<(), E>,
 ) -> std::result::Result<u64, E>
 where
     E: From<DiffError>,
@@ -279,10 +280,16 @@ where
             file.read_exact_at(&mut data, start)
                 .map_err(|e| DiffError::io(path, e))?;
             read += len;
+            let data = Bytes::from(data);
+            if data.len() <= sizes.min as usize {
+                // One chunk, whatever FastCDC would say: no cut below min.
+                f(start, data)?;
+                continue;
+            }
             for c in fastcdc::v2020::FastCDC::new(&data, sizes.min, sizes.avg, sizes.max) {
                 f(
                     start + c.offset as u64,
-                    &data[c.offset..c.offset + c.length],
+                    data.slice(c.offset..c.offset + c.length),
                 )?;
             }
             continue;
@@ -294,7 +301,7 @@ where
         for chunk in chunker {
             let chunk = chunk.map_err(|e| chunker_error(path, e))?;
             read += chunk.length as u64;
-            f(start + chunk.offset, &chunk.data)?;
+            f(start + chunk.offset, Bytes::from(chunk.data))?;
         }
     }
     Ok(read)

@@ -1526,16 +1526,21 @@ impl Repository {
     }
 
     pub fn writer(&self) -> PackWriter<'_> {
+        let packing = Arc::new(Packing {
+            key: self.key.clone(),
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            pack_target: self.config.pack_target,
+            slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
+            state: Mutex::default(),
+        });
         PackWriter {
             repo: self,
             force: false,
-            builder: PackBuilder::default(),
-            pending: HashSet::new(),
-            uploads: Vec::new(),
-            slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
-            stats: WriteStats::default(),
-            sealers: Sealers::start(self.key.clone()),
-            in_flight: 0,
+            pending: Mutex::default(),
+            counts: Mutex::default(),
+            sealers: Sealers::start(packing.clone()),
+            packing,
         }
     }
 }
@@ -1545,46 +1550,120 @@ type Upload = JoinHandle<std::result::Result<(IndexPack, u64), RepoError>>;
 /// Adds blobs to a repository: dedups against the index and against itself,
 /// seals, packs and uploads. `finish` uploads the index for everything it
 /// wrote; nothing it wrote is referenced by a record before that.
+///
+/// The pipeline (FORMAT.md §9 is the format; this is only the order of
+/// work): [`add`](Self::add) runs on the caller's threads (any number: it
+/// takes `&self`) and hashes and dedups; a bounded queue hands new blobs to
+/// one sealing thread per core, which compresses, encrypts and appends to
+/// the open pack; a full pack is named (hashed) on the sealing thread that
+/// filled it and uploaded on the runtime, at most [`UPLOADS_IN_FLIGHT`] at
+/// once. Memory is bounded by the queue (4 blobs per sealing thread, each at
+/// most the chunker's maximum), the open pack and the packs uploading.
 pub struct PackWriter<'r> {
     repo: &'r Repository,
     /// Repacking (prune): store every blob added, even when a copy exists.
     force: bool,
-    builder: PackBuilder,
-    pending: HashSet<ContentId>,
-    uploads: Vec<Upload>,
-    slots: Arc<Semaphore>,
-    stats: WriteStats,
+    /// Blobs handed to the sealers by this writer.
+    pending: Mutex<HashSet<ContentId>>,
+    counts: Mutex<WriteStats>,
     sealers: Sealers,
-    /// Blobs handed to the sealers and not yet packed.
-    in_flight: usize,
+    packing: Arc<Packing>,
 }
 
-/// A blob to seal, and a sealed blob.
-type SealJob = (ContentId, BlobKind, Vec<u8>);
-type Sealed = (ContentId, BlobKind, Vec<u8>, u64);
+/// What the sealing threads share: how to seal, pack and upload.
+struct Packing {
+    key: Arc<RepoKey>,
+    store: Arc<dyn Store>,
+    rt: Handle,
+    pack_target: u64,
+    slots: Arc<Semaphore>,
+    state: Mutex<PackState>,
+}
 
-/// Threads that compress and encrypt blobs, so chunking and hashing on the
-/// caller's thread overlap with sealing on the others.
+#[derive(Default)]
+struct PackState {
+    builder: PackBuilder,
+    uploads: Vec<Upload>,
+    packs_written: u64,
+    /// The first error of a sealing thread (it stops taking blobs).
+    failed: Option<RepoError>,
+}
+
+impl Packing {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PackState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one sealed blob to the open pack; uploads the pack first
+    /// when the blob would take it past the target size.
+    fn pack(&self, id: ContentId, kind: BlobKind, sealed: &[u8], raw_length: u64) -> Result<()> {
+        let full = {
+            let mut st = self.lock();
+            let full = (!st.builder.is_empty()
+                && (st.builder.len() + sealed.len()) as u64 > self.pack_target)
+                .then(|| std::mem::take(&mut st.builder));
+            st.builder.push(id, kind, sealed, raw_length);
+            full
+        };
+        match full {
+            Some(builder) => self.upload(builder),
+            None => Ok(()),
+        }
+    }
+
+    /// Finishes `builder` (header, padding, name) and starts its upload;
+    /// waits while too many are in flight.
+    fn upload(&self, builder: PackBuilder) -> Result<()> {
+        if builder.is_empty() {
+            return Ok(());
+        }
+        let (bytes, blobs) = builder.finish(&self.key);
+        let name = pack::pack_object_name(&self.key, &bytes);
+        let permit = self
+            .rt
+            .block_on(self.slots.clone().acquire_owned())
+            .map_err(|e| RepoError::Task(e.to_string()))?;
+        let store = self.store.clone();
+        let size = bytes.len() as u64;
+        let upload = self.rt.spawn(async move {
+            let _permit = permit;
+            // AlreadyExists: identical bytes are there (content-addressed name).
+            store.put_if_absent(&name, Bytes::from(bytes)).await?;
+            Ok((IndexPack { pack: name, blobs }, size))
+        });
+        let mut st = self.lock();
+        st.uploads.push(upload);
+        st.packs_written += 1;
+        Ok(())
+    }
+}
+
+/// A blob to seal.
+type SealJob = (ContentId, BlobKind, Bytes);
+
+/// Threads that compress, encrypt and pack blobs, so reading, chunking
+/// and hashing on the callers' threads overlap with sealing on these.
 struct Sealers {
     jobs: Option<std::sync::mpsc::SyncSender<SealJob>>,
-    done: std::sync::mpsc::Receiver<Sealed>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Sealers {
-    fn start(key: Arc<RepoKey>) -> Self {
+    fn start(packing: Arc<Packing>) -> Self {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
         let (jobs, rx) = std::sync::mpsc::sync_channel::<SealJob>(4 * n);
-        let (tx, done) = std::sync::mpsc::channel::<Sealed>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..n)
             .map(|_| {
-                let (rx, tx, key) = (rx.clone(), tx.clone(), key.clone());
+                let (rx, packing) = (rx.clone(), packing.clone());
                 std::thread::spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((id, kind, plain)) = job else { return };
-                    let sealed = key.seal(kind.object_kind(), id.as_bytes(), &plain);
-                    if tx.send((id, kind, sealed, plain.len() as u64)).is_err() {
+                    let sealed = packing.key.seal(kind.object_kind(), id.as_bytes(), &plain);
+                    let raw_length = plain.len() as u64;
+                    drop(plain);
+                    if let Err(e) = packing.pack(id, kind, &sealed, raw_length) {
+                        packing.lock().failed.get_or_insert(e);
                         return;
                     }
                 })
@@ -1592,14 +1671,12 @@ impl Sealers {
             .collect();
         Sealers {
             jobs: Some(jobs),
-            done,
             threads,
         }
     }
-}
 
-impl Drop for Sealers {
-    fn drop(&mut self) {
+    /// Lets the threads finish the queued blobs and waits for them.
+    fn stop(&mut self) {
         self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -1607,12 +1684,33 @@ impl Drop for Sealers {
     }
 }
 
+impl Drop for Sealers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 impl PackWriter<'_> {
     /// Adds a blob unless the repository (or this writer) already has it.
     /// Sealing happens on other threads; the blob is packed when sealed.
-    pub fn add(&mut self, kind: BlobKind, plaintext: &[u8]) -> Result<ContentId> {
+    pub fn add(&self, kind: BlobKind, plaintext: &[u8]) -> Result<ContentId> {
+        self.add_with(kind, plaintext, || Bytes::copy_from_slice(plaintext))
+    }
+
+    /// [`add`](Self::add) of data the caller owns: handed to the sealers
+    /// without a copy.
+    pub fn add_bytes(&self, kind: BlobKind, data: Bytes) -> Result<ContentId> {
+        self.add_with(kind, &data, || data.clone())
+    }
+
+    fn add_with(
+        &self,
+        kind: BlobKind,
+        plaintext: &[u8],
+        owned: impl FnOnce() -> Bytes,
+    ) -> Result<ContentId> {
         let id = self.repo.key.content_id(plaintext);
-        if self.pending.contains(&id) {
+        if self.lock_pending().contains(&id) {
             return Ok(id);
         }
         if kind == BlobKind::Tree && !self.repo.key.is_master() {
@@ -1629,81 +1727,59 @@ impl PackWriter<'_> {
                 .insert(id);
             return Ok(id);
         }
-        self.pending.insert(id);
-        self.stats.new_blobs += 1;
-        self.stats.new_raw_bytes += plaintext.len() as u64;
+        // Two threads adding one blob at once: the first to get here sends it.
+        if !self.lock_pending().insert(id) {
+            return Ok(id);
+        }
+        {
+            let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            c.new_blobs += 1;
+            c.new_raw_bytes += plaintext.len() as u64;
+        }
+        if let Some(e) = self.packing.lock().failed.take() {
+            return Err(e);
+        }
         let jobs = self
             .sealers
             .jobs
             .as_ref()
             .ok_or_else(|| RepoError::Task("sealers stopped".into()))?;
-        jobs.send((id, kind, plaintext.to_vec()))
+        jobs.send((id, kind, owned()))
             .map_err(|_| RepoError::Task("a sealing thread died".into()))?;
-        self.in_flight += 1;
-        while let Ok(sealed) = self.sealers.done.try_recv() {
-            self.pack(sealed)?;
-        }
         Ok(id)
     }
 
-    /// Puts a sealed blob into the current pack, starting a new pack first
-    /// when it would pass the target size.
-    fn pack(&mut self, (id, kind, sealed, raw_length): Sealed) -> Result<()> {
-        self.in_flight -= 1;
-        if !self.builder.is_empty()
-            && (self.builder.len() + sealed.len()) as u64 > self.repo.config.pack_target
-        {
-            self.flush()?;
-        }
-        self.builder.push(id, kind, &sealed, raw_length);
-        Ok(())
-    }
-
-    /// Starts uploading the current pack (waits while too many are in flight).
-    fn flush(&mut self) -> Result<()> {
-        if self.builder.is_empty() {
-            return Ok(());
-        }
-        let builder = std::mem::take(&mut self.builder);
-        let (bytes, blobs) = builder.finish(&self.repo.key);
-        let name = pack::pack_object_name(&self.repo.key, &bytes);
-        let permit = self
-            .repo
-            .block_on(self.slots.clone().acquire_owned())
-            .map_err(|e| RepoError::Task(e.to_string()))?;
-        let store = self.repo.store.clone();
-        let size = bytes.len() as u64;
-        self.uploads.push(self.repo.rt.spawn(async move {
-            let _permit = permit;
-            // AlreadyExists: identical bytes are there (content-addressed name).
-            store.put_if_absent(&name, Bytes::from(bytes)).await?;
-            Ok((IndexPack { pack: name, blobs }, size))
-        }));
-        self.stats.packs_written += 1;
-        self.stats.objects_written += 1;
-        Ok(())
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<ContentId>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Uploads the last pack, waits for every upload, then writes one index
     /// object for all of them and makes the blobs visible to the repository.
     pub fn finish(mut self) -> Result<WriteStats> {
-        self.sealers.jobs = None;
-        while self.in_flight > 0 {
-            let sealed = self
-                .sealers
-                .done
-                .recv()
-                .map_err(|_| RepoError::Task("a sealing thread died".into()))?;
-            self.pack(sealed)?;
-        }
-        self.flush()?;
+        self.sealers.stop();
+        let mut stats = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, uploads) = {
+            let mut st = self.packing.lock();
+            if let Some(e) = st.failed.take() {
+                return Err(e);
+            }
+            (
+                std::mem::take(&mut st.builder),
+                std::mem::take(&mut st.uploads),
+            )
+        };
+        let mut uploads = uploads;
+        self.packing.upload(last)?;
+        uploads.append(&mut self.packing.lock().uploads);
+        stats.packs_written = self.packing.lock().packs_written;
+        stats.objects_written += stats.packs_written;
         let mut index = Index::default();
-        for handle in std::mem::take(&mut self.uploads) {
+        for handle in uploads {
             let (pack, size) = self
                 .repo
                 .block_on(handle)
                 .map_err(|e| RepoError::Task(e.to_string()))??;
-            self.stats.uploaded_bytes += size;
+            stats.uploaded_bytes += size;
             self.repo
                 .ship_use
                 .lock()
@@ -1720,11 +1796,11 @@ impl PackWriter<'_> {
                 name.as_bytes(),
                 &index,
             );
-            self.stats.uploaded_bytes += sealed.len() as u64;
+            stats.uploaded_bytes += sealed.len() as u64;
             let hash = history::sealed_hash(&sealed);
             self.repo
                 .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
-            self.stats.objects_written += 1;
+            stats.objects_written += 1;
             self.repo.merge_index(&index);
             let body = to_cbor(&index);
             if let Some(c) = self.repo.cache().filter(|_| body.len() <= CACHED_INDEX_MAX) {
@@ -1742,11 +1818,13 @@ impl PackWriter<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(name);
         }
-        Ok(self.stats)
+        Ok(stats)
     }
 
+    /// Blobs and bytes handed to the sealers so far (packs and uploads
+    /// are counted by [`finish`](Self::finish)).
     pub fn stats(&self) -> WriteStats {
-        self.stats
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

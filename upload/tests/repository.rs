@@ -26,7 +26,7 @@ fn blobs_round_trip_dedup_and_survive_reopen() {
     let blobs: Vec<Vec<u8>> = (0..300u32)
         .map(|i| (0..(i * 977 % 70_000)).map(|j| (j ^ i) as u8).collect())
         .collect();
-    let mut w = repo.writer();
+    let w = repo.writer();
     let ids: Vec<_> = blobs
         .iter()
         .map(|b| w.add(BlobKind::Data, b).unwrap())
@@ -41,7 +41,7 @@ fn blobs_round_trip_dedup_and_survive_reopen() {
         u.len()
     });
     // A second writer with the same content writes nothing.
-    let mut w = repo.writer();
+    let w = repo.writer();
     for b in &blobs {
         w.add(BlobKind::Data, b).unwrap();
     }
@@ -70,7 +70,7 @@ fn wrong_key_and_damage_are_distinct_and_named() {
     let store = Arc::new(LocalStore::create(&root).unwrap());
     let (repo, _) =
         Repository::open_or_create(store.clone(), key.clone(), rt.handle().clone(), "h").unwrap();
-    let mut w = repo.writer();
+    let w = repo.writer();
     let id = w.add(BlobKind::Data, b"some data worth keeping").unwrap();
     w.finish().unwrap();
     let rec = repo
@@ -109,7 +109,7 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
     let (dir, rt, key) = setup();
     let store = Arc::new(LocalStore::create(dir.path().join("repo")).unwrap());
     let (repo, _) = Repository::open_or_create(store, key, rt.handle().clone(), "h").unwrap();
-    let mut w = repo.writer();
+    let w = repo.writer();
     let tree = w
         .add(
             BlobKind::Tree,
