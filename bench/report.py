@@ -4,7 +4,10 @@
   report.py RESULTS_FILE JSON_OUT
 
 RESULTS_FILE has one `key=value` a line: `meta.*` (strings) and
-`btrship.*` / `restic.*` (numbers), written by bench/run.
+`btrship.*` / `restic.*` / `floor.*` (numbers), written by bench/run.
+`floor.*` is the cold read of the same share (`tar | cat`, caches dropped);
+`btrship.stage_*_s` are the seconds btrship's threads spent in each stage
+of the first ship (from `snapshot --json`).
 """
 
 import json
@@ -55,7 +58,7 @@ def fmt_adv(a):
 
 def main():
     results, out = sys.argv[1], sys.argv[2]
-    meta, vals = {}, {"btrship": {}, "restic": {}}
+    meta, vals = {}, {"btrship": {}, "restic": {}, "floor": {}}
     with open(results) as f:
         for line in f:
             line = line.rstrip("\n")
@@ -129,12 +132,75 @@ def main():
         print(line(row))
     print()
 
-    doc = {"meta": meta, "rows": rows_json, "raw": vals}
+    floor = floor_table(vals)
+    stages = stage_table(vals)
+    doc = {"meta": meta, "rows": rows_json, "floor": floor, "stages": stages, "raw": vals}
     text = json.dumps(doc, indent=2, sort_keys=False)
     with open(out, "w") as f:
         f.write(text + "\n")
     print(text)
     print(f"\n(JSON saved to {out})")
+
+
+# (key, label, target for btrship, unit conversion, decimals)
+FLOOR_ROWS = [
+    ("initial_wall_s", "wall s", None, 1, 2),
+    ("initial_cpu_s", "CPU s (user+sys)", 8, 1, 2),
+    ("initial_user_s", "CPU s (user)", None, 1, 2),
+    ("initial_peak_rss_kib", "peak RSS MiB", 200, 1 / 1024, 1),
+]
+FLOOR_TARGET = 1.2
+
+
+def floor_table(vals):
+    """Initial ship against the cold read of the same share; prints it."""
+    f = vals["floor"].get("initial_wall_s")
+    if not f:
+        return None
+    out = {"floor_wall_s": f, "target_ratio": FLOOR_TARGET}
+    print(f"initial ship against the cold-read floor (tar | cat, caches dropped): {f:.2f} s")
+    print(f"  {'':<20}{'floor':>10}{'btrship':>10}{'restic':>10}   btrship target")
+    for key, label, target, conv, dec in FLOOR_ROWS:
+        cells = []
+        for tool in ("floor", "btrship", "restic"):
+            v = vals[tool].get(key)
+            cells.append("-" if v is None else f"{v * conv:.{dec}f}")
+        tgt = ""
+        b = vals["btrship"].get(key)
+        if target is not None and b is not None:
+            met = b * conv <= target
+            tgt = f"<= {target} ({'yes' if met else 'no'})"
+            out[f"btrship_{key}_target_met"] = met
+        print(f"  {label:<20}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}   {tgt}")
+    for tool in ("btrship", "restic"):
+        w = vals[tool].get("initial_wall_s")
+        if w:
+            out[f"{tool}_ratio"] = round(w / f, 3)
+    b, r = out.get("btrship_ratio"), out.get("restic_ratio")
+    cells = ["-" if x is None else f"{x:.2f}" for x in (1, b, r)]
+    line = f"  {'wall / floor':<20}{cells[0]:>10}{cells[1]:>10}{cells[2]:>10}"
+    if b is not None:
+        out["btrship_ratio_target_met"] = b <= FLOOR_TARGET
+        line += f"   <= {FLOOR_TARGET} ({'yes' if b <= FLOOR_TARGET else 'no'})"
+    print(line)
+    print()
+    return out
+
+
+def stage_table(vals):
+    """Seconds btrship's threads spent per stage of the first ship; prints it."""
+    b = vals["btrship"]
+    stages = {k[len("stage_"):-2]: v for k, v in b.items() if k.startswith("stage_") and k.endswith("_s")}
+    if not stages:
+        return None
+    wall = b.get("initial_wall_s") or 0
+    print("btrship's first ship, time per stage (summed over threads; stat, read and")
+    print("upload include waiting for the disk or the store, the others are CPU):")
+    for name, v in sorted(stages.items(), key=lambda kv: -kv[1]):
+        share = f"  ({v / wall:.0%} of wall)" if wall else ""
+        print(f"  {name:<12}{v:>8.2f} s{share}")
+    print()
+    return stages
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ use btrship_upload::format::{
     to_cbor, BlobId, BlobKind, Extent, Node, NodeKind, SnapshotRecord, SnapshotStats, Tree, Xattr,
 };
 use btrship_upload::history::{HistoryBody, HistoryKind};
+use btrship_upload::stages::{thread_cpu, Stage};
 use btrship_upload::{PackWriter, Repository, WriteStats};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -73,6 +74,9 @@ pub struct ShipReport {
     pub seconds: f64,
     /// Store requests and bytes of this ship, retries included.
     pub store: btrship_upload::layers::CounterValues,
+    /// Seconds per pipeline stage, summed over threads
+    /// (`btrship_upload::stages`).
+    pub stages: std::collections::BTreeMap<&'static str, f64>,
 }
 
 /// The last shipped snapshot: its tree in the repository and, when it is
@@ -236,7 +240,9 @@ pub fn ship_with(
     let ((tree, totals), (stat_calls, read_bytes, reused_files, new_totals)) = walked?;
     let mut root = node_from(b"", &meta);
     root.subtree = Some(BlobId(tree));
+    let stages = writer.stages().clone();
     let written: WriteStats = writer.finish()?;
+    let stages = stages.seconds();
     let stats = SnapshotStats {
         files: totals.files,
         dirs: totals.dirs,
@@ -300,6 +306,7 @@ pub fn ship_with(
             objects_written: written.objects_written + 1,
             seconds: started.elapsed().as_secs_f64(),
             store: Default::default(),
+            stages,
         },
         tree,
     ))
@@ -413,7 +420,8 @@ impl Files<'_> {
         same_dir_old: Option<&Node>,
         parent: Option<(Node, PathBuf)>,
     ) -> Result<FileDone> {
-        let meta = btrship_diff::read_meta(path)?;
+        let stages = self.writer.stages();
+        let meta = stages.time(Stage::Stat, || btrship_diff::read_meta(path))?;
         let mut done = FileDone {
             content: Vec::new(),
             read: 0,
@@ -782,13 +790,26 @@ pub fn file_content(
 ) -> Result<(Vec<Extent>, u64)> {
     let mut content = Vec::new();
     let Some((old_path, old_content, old_size)) = old else {
-        let read = btrship_diff::chunk_file::<anyhow::Error>(path, sizes, |off, data| {
+        // Chunk: this thread's CPU time in chunk_file but for adding the
+        // chunks (hash and dedup are their own stage; waiting for a free
+        // sealer is no one's).
+        let began = thread_cpu();
+        let mut adding = std::time::Duration::ZERO;
+        let done = btrship_diff::chunk_file::<anyhow::Error>(path, sizes, |off, data| {
             let len = data.len() as u64;
+            let start = thread_cpu();
             let id = writer.add_bytes(BlobKind::Data, data)?;
+            adding += thread_cpu().saturating_sub(start);
             content.push(Extent(off, BlobId(id), len));
             Ok(())
         })?;
-        return Ok((content, read));
+        let stages = writer.stages();
+        stages.add(Stage::Read, done.read);
+        stages.add(
+            Stage::Chunk,
+            thread_cpu().saturating_sub(began).saturating_sub(adding),
+        );
+        return Ok((content, done.bytes));
     };
     let old_map = open_map(old_path)?;
     let new_map = open_map(path)?;

@@ -3,7 +3,8 @@
 //! about 320 packs plus indexes, trees and the snapshot record), and the
 //! per-ship counters that `snapshot --json` and `status --json` report are
 //! the requests the store really received (counted here independently by
-//! the objects that appear in the local repository).
+//! the objects that appear in the local repository), with the time each
+//! stage of the pipeline took.
 
 #[macro_use]
 mod common;
@@ -36,6 +37,12 @@ fn initial_ship_of_5_gib_takes_at_most_400_puts() {
         uploaded as f64 / 1048576.0
     );
     assert!(puts <= 400, "{puts} PUT requests for 5 GiB");
+    // Where the time went: every stage of the pipeline ran and is reported.
+    let stages = &report["stages"];
+    for stage in ["stat", "read", "chunk", "hash", "seal", "pack", "upload"] {
+        let secs = stages[stage].as_f64().unwrap_or(0.0);
+        assert!(secs > 0.0, "stage {stage} not reported: {stages}");
+    }
     assert!(uploaded >= 5 << 30, "uploaded {uploaded} bytes");
     // Every PUT made one object (no retries on a local store).
     assert_eq!(puts, created, "{report:#}");

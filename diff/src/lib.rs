@@ -14,6 +14,7 @@
 //! `rechunk` (incremental chunking); their items are re-exported here.
 
 use bytes::Bytes;
+use std::cell::Cell;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -21,6 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 mod changed;
 mod extents;
@@ -255,19 +257,43 @@ pub fn data_regions(file: &File, path: &Path, size: u64) -> Result<Vec<(u64, u64
 /// Data regions up to this size are read whole and chunked in memory.
 const IN_MEMORY_REGION: u64 = 8 << 20;
 
+/// What [`chunk_file`] did: bytes read, and the wall time spent in the
+/// reads (waiting for the disk included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    pub bytes: u64,
+    pub read: Duration,
+}
+
+/// A reader that adds the time of each read to `spent`.
+struct TimedRead<'a, R> {
+    inner: R,
+    spent: &'a Cell<Duration>,
+}
+
+impl<R: Read> Read for TimedRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = Instant::now();
+        let n = self.inner.read(buf);
+        self.spent.set(self.spent.get() + start.elapsed());
+        n
+    }
+}
+
 /// Reads a file's data regions and calls `f(offset, chunk)` for each
 /// content-defined chunk, in offset order. A region smaller than `min` is
-/// one chunk. Returns the number of bytes read. Fails on chunk sizes the
-/// chunker does not support ([`ChunkSizes::check`]).
+/// one chunk. Chunks of a region read whole share its buffer (no copy).
+/// Fails on chunk sizes the chunker does not support ([`ChunkSizes::check`]).
 pub fn chunk_file<E>(
     path: &Path,
     sizes: ChunkSizes,
     mut f: impl FnMut(u64, Bytes) -> std::result::Result<(), E>,
-) -> std::result::Result<u64, E>
+) -> std::result::Result<ChunkStats, E>
 where
     E: From<DiffError>,
 {
     sizes.check()?;
+    let read_time = Cell::new(Duration::ZERO);
     let mut file = File::open(path).map_err(|e| DiffError::io(path, e))?;
     let size = file.metadata().map_err(|e| DiffError::io(path, e))?.len();
     let mut read = 0;
@@ -277,8 +303,10 @@ where
             // chunker, instead of the streaming chunker's max-size buffer
             // (allocated and zeroed per call).
             let mut data = vec![0u8; len as usize];
+            let t = Instant::now();
             file.read_exact_at(&mut data, start)
                 .map_err(|e| DiffError::io(path, e))?;
+            read_time.set(read_time.get() + t.elapsed());
             read += len;
             let data = Bytes::from(data);
             if data.len() <= sizes.min as usize {
@@ -296,7 +324,10 @@ where
         }
         file.seek(SeekFrom::Start(start))
             .map_err(|e| DiffError::io(path, e))?;
-        let reader = (&mut file).take(len);
+        let reader = TimedRead {
+            inner: (&mut file).take(len),
+            spent: &read_time,
+        };
         let chunker = fastcdc::v2020::StreamCDC::new(reader, sizes.min, sizes.avg, sizes.max);
         for chunk in chunker {
             let chunk = chunk.map_err(|e| chunker_error(path, e))?;
@@ -304,7 +335,10 @@ where
             f(start + chunk.offset, Bytes::from(chunk.data))?;
         }
     }
-    Ok(read)
+    Ok(ChunkStats {
+        bytes: read,
+        read: read_time.get(),
+    })
 }
 
 #[cfg(test)]

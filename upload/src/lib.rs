@@ -21,6 +21,7 @@ pub mod pack;
 pub mod padding;
 pub mod repo;
 pub mod s3;
+pub mod stages;
 pub mod store;
 pub mod versioned;
 pub mod walk;

@@ -17,6 +17,7 @@ use crate::format::{
 use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
 use crate::memindex::{BlobLocationRef, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
+use crate::stages::{Stage, Stages};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
 use btrship_crypto::{ContentId, CryptoError, ObjectKind, RepoKey};
 use bytes::Bytes;
@@ -1533,6 +1534,7 @@ impl Repository {
             pack_target: self.config.pack_target,
             slots: Arc::new(Semaphore::new(UPLOADS_IN_FLIGHT)),
             state: Mutex::default(),
+            stages: Arc::default(),
         });
         PackWriter {
             repo: self,
@@ -1578,6 +1580,7 @@ struct Packing {
     pack_target: u64,
     slots: Arc<Semaphore>,
     state: Mutex<PackState>,
+    stages: Arc<Stages>,
 }
 
 #[derive(Default)]
@@ -1617,18 +1620,24 @@ impl Packing {
         if builder.is_empty() {
             return Ok(());
         }
-        let (bytes, blobs) = builder.finish(&self.key);
-        let name = pack::pack_object_name(&self.key, &bytes);
+        let (bytes, blobs, name) = self.stages.time_cpu(Stage::Pack, || {
+            let (bytes, blobs) = builder.finish(&self.key);
+            let name = pack::pack_object_name(&self.key, &bytes);
+            (bytes, blobs, name)
+        });
         let permit = self
             .rt
             .block_on(self.slots.clone().acquire_owned())
             .map_err(|e| RepoError::Task(e.to_string()))?;
-        let store = self.store.clone();
+        let (store, stages) = (self.store.clone(), self.stages.clone());
         let size = bytes.len() as u64;
         let upload = self.rt.spawn(async move {
             let _permit = permit;
+            let start = std::time::Instant::now();
             // AlreadyExists: identical bytes are there (content-addressed name).
-            store.put_if_absent(&name, Bytes::from(bytes)).await?;
+            let stored = store.put_if_absent(&name, Bytes::from(bytes)).await;
+            stages.add(Stage::Upload, start.elapsed());
+            stored?;
             Ok((IndexPack { pack: name, blobs }, size))
         });
         let mut st = self.lock();
@@ -1659,7 +1668,9 @@ impl Sealers {
                 std::thread::spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((id, kind, plain)) = job else { return };
-                    let sealed = packing.key.seal(kind.object_kind(), id.as_bytes(), &plain);
+                    let sealed = packing.stages.time_cpu(Stage::Seal, || {
+                        packing.key.seal(kind.object_kind(), id.as_bytes(), &plain)
+                    });
                     let raw_length = plain.len() as u64;
                     drop(plain);
                     if let Err(e) = packing.pack(id, kind, &sealed, raw_length) {
@@ -1709,7 +1720,10 @@ impl PackWriter<'_> {
         plaintext: &[u8],
         owned: impl FnOnce() -> Bytes,
     ) -> Result<ContentId> {
-        let id = self.repo.key.content_id(plaintext);
+        let id = self
+            .packing
+            .stages
+            .time_cpu(Stage::Hash, || self.repo.key.content_id(plaintext));
         if self.lock_pending().contains(&id) {
             return Ok(id);
         }
@@ -1747,6 +1761,12 @@ impl PackWriter<'_> {
         jobs.send((id, kind, owned()))
             .map_err(|_| RepoError::Task("a sealing thread died".into()))?;
         Ok(id)
+    }
+
+    /// Where this writer's time went so far; callers add the stages they
+    /// run themselves (stat, read, chunk).
+    pub fn stages(&self) -> &Arc<Stages> {
+        &self.packing.stages
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<ContentId>> {
