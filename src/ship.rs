@@ -18,6 +18,13 @@
 //! cannot answer, every directory is listed and every file stat'ed; a file
 //! whose inode number, size, mtime and ctime equal its parent version keeps
 //! its chunks, others are read whole. The report says which mode ran, why.
+//!
+//! Threads: the walker lists directories and builds trees in name order;
+//! every regular file that needs a look goes to the file workers (stat,
+//! read, chunk, hash; a bounded queue of [`FILE_QUEUE`] files), whose
+//! answers the walker takes back in order. Sealing, packing and uploading
+//! run behind the [`PackWriter`]. The report's `stages` say where the time
+//! went.
 
 use crate::progress::Progress;
 use crate::state::State;
