@@ -1750,8 +1750,9 @@ impl PackWriter<'_> {
             c.new_blobs += 1;
             c.new_raw_bytes += plaintext.len() as u64;
         }
-        if let Some(e) = self.packing.lock().failed.take() {
-            return Err(e);
+        // A sealing thread that failed stopped; finish reports its error.
+        if let Some(e) = &self.packing.lock().failed {
+            return Err(RepoError::Task(format!("a sealing thread stopped: {e}")));
         }
         let jobs = self
             .sealers
