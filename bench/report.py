@@ -126,11 +126,12 @@ def main():
     print("btrship advantage = how many times better btrship is (>1: btrship better);")
     print("  restic/btrship for lower-is-better rows, btrship/restic for throughput.")
     print()
-    print(line(head))
-    print(line(tuple("-" * w for w in widths)))
-    for row in table:
-        print(line(row))
-    print()
+    if table:  # (none with --no-restic)
+        print(line(head))
+        print(line(tuple("-" * w for w in widths)))
+        for row in table:
+            print(line(row))
+        print()
 
     floor = floor_table(vals)
     stages = stage_table(vals)

@@ -390,6 +390,18 @@ struct FileJob {
     reply: std::sync::mpsc::SyncSender<Result<FileDone>>,
 }
 
+/// What the walker does with one directory entry, decided before any of
+/// them is done.
+enum Step {
+    /// A regular file: a worker's answer.
+    File(std::sync::mpsc::Receiver<Result<FileDone>>),
+    /// The parent's node, as it was (btrfs says the inode is unchanged).
+    Reuse(Node),
+    /// Anything else: stat it here (with the parent's node of the same
+    /// inode in this directory, if any).
+    Look(Option<Node>),
+}
+
 /// A worker's answer: the file's metadata and content.
 struct FileDone {
     meta: FsMeta,
@@ -659,117 +671,113 @@ impl Walker<'_, '_, '_> {
             entries.push((e.file_name().as_bytes().to_vec(), e.ino(), is_file));
         }
         entries.sort();
-        let same_dir_old = |name: &[u8], d_ino: u64| {
-            by_ino.get(&d_ino).and_then(|v| {
+        // Pass 1: decide each entry once; every regular file that needs a
+        // stat goes to the workers, so they read while this thread walks
+        // and takes their answers in order.
+        let mut plan = Vec::with_capacity(entries.len());
+        for (name, d_ino, is_file) in entries {
+            let old = by_ino.get(&d_ino).and_then(|v| {
                 v.iter()
                     .find(|n| n.name == name)
                     .or_else(|| v.first())
                     .map(|n| (*n).clone())
-            })
-        };
-        // Pass 1: hand every regular file that needs a stat to the workers,
-        // so they read while this thread walks and waits in order.
-        let mut pending = Vec::with_capacity(entries.len());
-        for (name, d_ino, is_file) in &entries {
-            let old = same_dir_old(name, *d_ino);
-            let unchanged = self
-                .changes
-                .as_ref()
-                .is_some_and(|c| !c.changed.contains(d_ino));
-            if !is_file || (unchanged && old.is_some()) {
-                pending.push(None);
-                continue;
-            }
-            let parent = self.parent_node_by_ino(*d_ino)?;
-            let (reply, answer) = std::sync::mpsc::sync_channel(1);
-            let job = FileJob {
-                path: abs.join(OsStr::from_bytes(name)),
-                same_dir_old: old,
-                parent,
-                reply,
-            };
-            self.jobs
-                .send(job)
-                .map_err(|_| anyhow::anyhow!("the file reading threads stopped"))?;
-            pending.push(Some(answer));
-        }
-        let mut tree = Tree::default();
-        let mut totals = Totals::default();
-        for ((name, d_ino, _), answer) in entries.into_iter().zip(pending) {
-            let child_rel = rel.join(OsStr::from_bytes(&name));
-            if let Some(answer) = answer {
-                let done = answer
-                    .recv()
-                    .map_err(|_| anyhow::anyhow!("a file reading thread stopped"))??;
-                self.stat_calls += 1;
-                self.read_bytes += done.read;
-                self.reused_files += u64::from(done.reused);
-                let mut node = node_from(&name, &done.meta);
-                if done.meta.kind == FileKind::File {
-                    node.content = done.content;
-                    totals.files += 1;
-                    totals.bytes += done.meta.size;
-                    self.progress.file(done.meta.size);
-                } else if done.meta.kind == FileKind::Dir {
-                    anyhow::bail!(
-                        "{} turned into a directory while it was read; is the snapshot read-only?",
-                        self.root.join(&child_rel).display()
-                    );
-                }
-                tree.entries.push(node);
-                continue;
-            }
-            let same_dir_old = same_dir_old(&name, d_ino);
+            });
             let unchanged = self
                 .changes
                 .as_ref()
                 .is_some_and(|c| !c.changed.contains(&d_ino));
-            if let (true, Some(o)) = (unchanged, &same_dir_old) {
+            let step = match old {
                 // Inode untouched since the parent: reuse without a stat.
-                let mut node = o.clone();
-                node.name = name.clone();
-                if node.kind == NodeKind::Dir {
-                    let (id, t) = self.dir(&child_rel, d_ino, Some(o))?;
-                    node.subtree = Some(BlobId(id));
-                    totals += t;
-                    totals.dirs += 1;
-                } else {
-                    if node.kind == NodeKind::File {
-                        self.reused_files += 1;
-                    }
-                    totals += self.entry_totals(&node)?;
-                }
-                tree.entries.push(node);
-                continue;
-            }
-            let child_abs = self.root.join(&child_rel);
-            let meta = btrship_diff::read_meta(&child_abs)?;
-            self.stat_calls += 1;
-            let mut node = node_from(&name, &meta);
-            match meta.kind {
-                FileKind::Dir => {
-                    let old = match same_dir_old {
-                        Some(o) if o.kind == NodeKind::Dir && o.ino == meta.ino => Some(o),
-                        _ => self.parent_node_by_ino(meta.ino)?.map(|(n, _)| n),
+                Some(o) if unchanged => Step::Reuse(o),
+                old if is_file => {
+                    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+                    let job = FileJob {
+                        path: abs.join(OsStr::from_bytes(&name)),
+                        same_dir_old: old,
+                        parent: self.parent_node_by_ino(d_ino)?,
+                        reply,
                     };
-                    let (id, t) = self.dir(&child_rel, meta.ino, old.as_ref())?;
-                    node.subtree = Some(BlobId(id));
-                    totals += t;
-                    totals.dirs += 1;
+                    self.jobs
+                        .send(job)
+                        .map_err(|_| anyhow::anyhow!("the file reading threads stopped"))?;
+                    Step::File(answer)
                 }
-                FileKind::File => {
-                    // d_type said otherwise (a file system without it).
-                    let parent = self.parent_node_by_ino(meta.ino)?;
-                    let done = self.files.file(&child_abs, same_dir_old.as_ref(), parent)?;
-                    self.read_bytes += done.read;
-                    self.reused_files += u64::from(done.reused);
-                    node.content = done.content;
-                    totals.files += 1;
-                    totals.bytes += meta.size;
-                    self.progress.file(meta.size);
+                old => Step::Look(old),
+            };
+            plan.push((name, d_ino, step));
+        }
+        let mut tree = Tree::default();
+        let mut totals = Totals::default();
+        for (name, d_ino, step) in plan {
+            let child_rel = rel.join(OsStr::from_bytes(&name));
+            let turned = |into: &str| {
+                anyhow::anyhow!(
+                    "{} turned into {into} while it was read; is the snapshot read-only?",
+                    self.root.join(&child_rel).display()
+                )
+            };
+            let node = match step {
+                Step::File(answer) => {
+                    let done = answer
+                        .recv()
+                        .map_err(|_| anyhow::anyhow!("a file reading thread stopped"))??;
+                    self.stat_calls += 1;
+                    let mut node = node_from(&name, &done.meta);
+                    match done.meta.kind {
+                        FileKind::File => {
+                            self.read_bytes += done.read;
+                            self.reused_files += u64::from(done.reused);
+                            node.content = done.content;
+                            totals.files += 1;
+                            totals.bytes += done.meta.size;
+                            self.progress.file(done.meta.size);
+                        }
+                        FileKind::Dir => return Err(turned("a directory")),
+                        _ => {}
+                    }
+                    node
                 }
-                _ => {}
-            }
+                Step::Reuse(o) => {
+                    let mut node = o.clone();
+                    node.name = name;
+                    if node.kind == NodeKind::Dir {
+                        let (id, t) = self.dir(&child_rel, d_ino, Some(&o))?;
+                        node.subtree = Some(BlobId(id));
+                        totals += t;
+                        totals.dirs += 1;
+                    } else {
+                        if node.kind == NodeKind::File {
+                            self.reused_files += 1;
+                        }
+                        totals += self.entry_totals(&node)?;
+                    }
+                    node
+                }
+                Step::Look(same_dir_old) => {
+                    let path = self.root.join(&child_rel);
+                    let stages = self.files.writer.stages();
+                    let meta = stages.time(Stage::Stat, || btrship_diff::read_meta(&path))?;
+                    self.stat_calls += 1;
+                    let mut node = node_from(&name, &meta);
+                    match meta.kind {
+                        FileKind::Dir => {
+                            let old = match same_dir_old {
+                                Some(o) if o.kind == NodeKind::Dir && o.ino == meta.ino => Some(o),
+                                _ => self.parent_node_by_ino(meta.ino)?.map(|(n, _)| n),
+                            };
+                            let (id, t) = self.dir(&child_rel, meta.ino, old.as_ref())?;
+                            node.subtree = Some(BlobId(id));
+                            totals += t;
+                            totals.dirs += 1;
+                        }
+                        // readdir's type (lstat's, where the file system
+                        // has no d_type) said it was not a file.
+                        FileKind::File => return Err(turned("a regular file")),
+                        _ => {}
+                    }
+                    node
+                }
+            };
             tree.entries.push(node);
         }
         let id = self

@@ -688,9 +688,22 @@ mod tests {
             .flat_map(|(t, r)| t.iter().chain(r).copied())
             .collect();
         assert!(compress(&mixed, |f| f.is_some_and(|f| f.len() < mixed.len() * 3 / 4)));
-        // Below the sampling size, everything is tried whole.
-        let small = &random[..SAMPLED_FROM - 1];
-        assert!(compress(small, |f| f.is_none()));
+        // Zeros but for random bytes exactly where the samples fall: the
+        // samples say "incompressible" and the blob is stored raw (the
+        // trade-off the sampling makes) ...
+        let fooled = |len: usize| {
+            let mut data = vec![0u8; len];
+            let step = (len - SAMPLE_LEN) / (SAMPLES - 1);
+            for i in 0..SAMPLES {
+                data[i * step..i * step + SAMPLE_LEN]
+                    .copy_from_slice(&random[i * SAMPLE_LEN..(i + 1) * SAMPLE_LEN]);
+            }
+            data
+        };
+        assert!(compress(&fooled(2 * SAMPLED_FROM), |f| f.is_none()));
+        // ... but below the sampling size every blob is tried whole.
+        let small = fooled(SAMPLED_FROM - 1);
+        assert!(compress(&small, |f| f.is_some_and(|f| f.len() < small.len() / 2)));
         // Sealed either way, opened the same.
         let key = RepoKey::from_secret([6; 32]);
         for data in [&random[..], &text[..], &mixed[..]] {

@@ -58,10 +58,10 @@
 //! The crate's own retries are off (one attempt per call); the retry layer
 //! around every store retries uniformly. A staged upload is many requests,
 //! so each of its requests (the `HEAD`, every block, the commit) is also
-//! tried up to [`REQUEST_TRIES`] times on its own: otherwise one failed
-//! request in ten would make the whole pack start over, and a pack of n
-//! parts would succeed with probability (1 - p)^n per attempt. Transport failures, timeouts, 5xx,
-//! 408 and 429 are retryable; a missing container or bucket
+//! tried up to [`REQUEST_TRIES`] times on its own: otherwise any failed
+//! request would make the whole pack start over, and a pack of n requests
+//! would succeed with probability (1 - p)^n per attempt. Transport
+//! failures, timeouts, 5xx, 408 and 429 are retryable; a missing container or bucket
 //! ([`StoreError::NoContainer`]), refused credentials
 //! ([`StoreError::Denied`]) and other 4xx are not, and say what to fix.
 //! A `HEAD` of a key in a missing container answers 404 without a body, like a
@@ -377,8 +377,11 @@ impl AzureStore {
             in_flight.push_back(tokio::spawn(async move {
                 retried(|| inner.put_part(&path, &id, idx, payload.clone())).await
             }));
-            if in_flight.len() >= PARTS_IN_FLIGHT {
-                match join_part(in_flight.pop_front()).await {
+            if in_flight.len() < PARTS_IN_FLIGHT {
+                continue;
+            }
+            if let Some(part) = in_flight.pop_front() {
+                match join_part(part).await {
                     Ok(part) => parts.push(part),
                     Err(e) => {
                         failed = Some(e);
@@ -387,8 +390,11 @@ impl AzureStore {
                 }
             }
         }
-        while failed.is_none() && !in_flight.is_empty() {
-            match join_part(in_flight.pop_front()).await {
+        while failed.is_none() {
+            let Some(part) = in_flight.pop_front() else {
+                break;
+            };
+            match join_part(part).await {
                 Ok(part) => parts.push(part),
                 Err(e) => failed = Some(e),
             }
@@ -508,17 +514,10 @@ pub(crate) async fn pause_before_try(failed: u32) {
 }
 
 async fn join_part(
-    part: Option<tokio::task::JoinHandle<object_store::Result<PartId>>>,
+    part: tokio::task::JoinHandle<object_store::Result<PartId>>,
 ) -> object_store::Result<PartId> {
-    match part {
-        None => Err(object_store::Error::Generic {
-            store: "MicrosoftAzure",
-            source: "a staged block's upload went missing".into(),
-        }),
-        Some(h) => h
-            .await
-            .unwrap_or_else(|e| Err(object_store::Error::JoinError { source: e })),
-    }
+    part.await
+        .unwrap_or_else(|e| Err(object_store::Error::JoinError { source: e }))
 }
 
 /// The error and its sources in one line, without repeating a source that

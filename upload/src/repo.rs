@@ -1586,8 +1586,8 @@ struct Packing {
 #[derive(Default)]
 struct PackState {
     builder: PackBuilder,
+    /// Every pack's upload, in the order they started.
     uploads: Vec<Upload>,
-    packs_written: u64,
     /// The first error of a sealing thread (it stops taking blobs).
     failed: Option<RepoError>,
 }
@@ -1640,9 +1640,7 @@ impl Packing {
             stored?;
             Ok((IndexPack { pack: name, blobs }, size))
         });
-        let mut st = self.lock();
-        st.uploads.push(upload);
-        st.packs_written += 1;
+        self.lock().uploads.push(upload);
         Ok(())
     }
 }
@@ -1778,21 +1776,18 @@ impl PackWriter<'_> {
     /// object for all of them and makes the blobs visible to the repository.
     pub fn finish(mut self) -> Result<WriteStats> {
         self.sealers.stop();
-        let mut stats = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, uploads) = {
+        // The sealing threads are gone: this thread alone packs now.
+        let last = {
             let mut st = self.packing.lock();
             if let Some(e) = st.failed.take() {
                 return Err(e);
             }
-            (
-                std::mem::take(&mut st.builder),
-                std::mem::take(&mut st.uploads),
-            )
+            std::mem::take(&mut st.builder)
         };
-        let mut uploads = uploads;
         self.packing.upload(last)?;
-        uploads.append(&mut self.packing.lock().uploads);
-        stats.packs_written = self.packing.lock().packs_written;
+        let uploads = std::mem::take(&mut self.packing.lock().uploads);
+        let mut stats = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        stats.packs_written = uploads.len() as u64;
         stats.objects_written += stats.packs_written;
         let mut index = Index::default();
         for handle in uploads {
