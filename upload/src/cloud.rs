@@ -985,6 +985,42 @@ mod tests {
         assert!(format!("{s:?}").contains("bucket"));
     }
 
+    /// A server that reads each request, then answers with `reply` (maybe
+    /// nothing, maybe a cut-off head) and closes: every way a connection can
+    /// break must come back retryable, for HEAD as for GET.
+    #[test]
+    fn broken_connections_are_retryable() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for reply in [&b""[..], b"HTTP/1.1 200 OK\r\nContent-Le"] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let (mut c, _) = listener.accept().unwrap();
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(reply);
+                }
+            });
+            let cfg = CloudConfig::parse_url(&format!(
+                "azure://backups?endpoint=http%3A%2F%2F127.0.0.1%3A{port}%2Fdevstoreaccount1"
+            ))
+            .unwrap();
+            let env = |n: &str| {
+                (n == "AZURE_STORAGE_CONNECTION_STRING")
+                    .then(|| "UseDevelopmentStorage=true".into())
+            };
+            let _g = rt.enter();
+            let s = AzureStore::connect_with(cfg, &env).unwrap();
+            let head = rt.block_on(s.head("config")).unwrap_err();
+            assert!(head.is_retryable(), "{reply:?}: {head}");
+            let get = rt.block_on(s.get("config")).unwrap_err();
+            assert!(get.is_retryable(), "{reply:?}: {get}");
+            server.join().unwrap();
+        }
+    }
+
     #[test]
     fn no_container_texts() {
         assert!(no_container("... <Code>ContainerNotFound</Code> ..."));
