@@ -9,16 +9,21 @@
 //! restores every moment exactly; a missing container is a clear error.
 //! Then a ship of 1,000 files and a 48 MiB file (32 MiB packs: staged
 //! uploads) through the fault proxy at 20% faults completes and restores
-//! exactly. `upload/tests/cloud_store.rs` covers the stores themselves.
+//! exactly. Faults aimed at one request: the lost answer to an Azure
+//! staged upload's commit (sent again, refused as already committed, found
+//! by its size) and to a GCS resumable upload's chunk (the upload starts
+//! over). `upload/tests/cloud_store.rs` covers the stores themselves.
 
 #[macro_use]
 mod common;
 
 use common::cloudenv::{self, Emulator};
-use common::faultproxy::{FaultConfig, FaultProxy};
+use common::faultproxy::{FaultConfig, FaultKind, FaultProxy};
 use common::{assert_same_tree, reference_snapshot, Btrship, LoopBtrfs, Mutator};
 use rand::Rng;
 use std::fs;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
@@ -209,6 +214,93 @@ fn twenty_percent_faults(emu: Emulator) {
     );
 }
 
+/// The answer to one request of a large pack's staged upload is lost after
+/// the store applied it: on Azure the commit (`Put Block List`), on GCS the
+/// second chunk of a resumable upload. The ship still completes, and a
+/// fresh machine checks and restores exactly.
+fn a_lost_answer_in_a_staged_upload(emu: Emulator) {
+    let server = cloudenv::server(emu);
+    let name = container(emu, "lost");
+    let proxy = FaultProxy::start(server.addr(), FaultConfig::none()).unwrap();
+    let url = server.url(&name, "office", &server.endpoint_via(&proxy.endpoint()));
+    let fs_ = LoopBtrfs::new(1024);
+    let share = fs_.subvolume("share");
+    let refs = fs_.dir("refs");
+    common::write_random_file(&share.join("big.bin"), 40 << 20, 7);
+    fs::write(share.join("small.txt"), b"next to a big one\n").unwrap();
+    reference_snapshot(&share, &refs.join("r0"));
+    let bs = Btrship::new();
+    bs.ok(osargs![
+        "init",
+        &share,
+        "--repo",
+        &url,
+        "--pack-size",
+        "32M",
+        "--no-systemd"
+    ]);
+
+    // Which request loses its answer: the first commit (Azure), the second
+    // chunk (GCS).
+    let (is_target, nth): (fn(&str, &str) -> bool, u32) = match emu {
+        Emulator::Azurite => (|m, t| m == "PUT" && t.contains("comp=blocklist"), 1),
+        Emulator::FakeGcs => (|m, t| m == "PUT" && t.contains("/upload/"), 2),
+    };
+    let seen = Arc::new(AtomicU32::new(0));
+    let counter = seen.clone();
+    proxy.set_rule(Some(Arc::new(move |m: &str, t: &str| {
+        let hit = is_target(m, t) && counter.fetch_add(1, Ordering::SeqCst) + 1 == nth;
+        hit.then_some(FaultKind::ResetAfter)
+    })));
+    bs.ok(["snapshot", "share"]);
+    proxy.set_rule(None);
+    let stats = proxy.stats();
+    assert_eq!(stats.faulted, 1, "{stats:?}");
+
+    let lines = proxy.request_lines();
+    match emu {
+        Emulator::Azurite => {
+            // The commit went again, and then a HEAD found the pack.
+            let commits: Vec<usize> = (0..lines.len())
+                .filter(|&i| lines[i].contains("comp=blocklist"))
+                .collect();
+            assert!(commits.len() >= 2, "{lines:#?}");
+            let pack = lines[commits[0]]
+                .split_whitespace()
+                .nth(1)
+                .and_then(|t| t.split('?').next())
+                .unwrap()
+                .to_owned();
+            assert!(
+                lines[commits[1]].contains(&pack),
+                "the commit sent again was for another blob: {lines:#?}"
+            );
+            assert!(
+                lines[commits[1]..]
+                    .iter()
+                    .any(|l| l.starts_with("HEAD") && l.contains(&pack)),
+                "no HEAD after the commit sent again: {lines:#?}"
+            );
+        }
+        Emulator::FakeGcs => {
+            // The upload started over: a second session for the same pack.
+            let starts = lines
+                .iter()
+                .filter(|l| l.starts_with("POST") && l.contains("uploadType=resumable"))
+                .count();
+            assert!(starts >= 2, "{lines:#?}");
+        }
+    }
+
+    let fresh = Btrship::new();
+    let key = bs.key_file("share");
+    fresh.check_repo(&url, &key);
+    let to = fs_.dir("restored");
+    let t = bs.snapshot_list("share").last().unwrap().time.clone();
+    fresh.restore_repo(&url, &key, &t, &to);
+    assert_same_tree(&refs.join("r0"), &to);
+}
+
 #[test]
 fn azure_snapshots_daemon_and_a_fresh_restore() {
     if cloudenv::skipped("the Azure end-to-end test") {
@@ -239,4 +331,20 @@ fn gcs_twenty_percent_faults_still_ship_and_restore_exactly() {
         return;
     }
     twenty_percent_faults(Emulator::FakeGcs);
+}
+
+#[test]
+fn azure_a_lost_commit_answer_still_ships_exactly() {
+    if cloudenv::skipped("the Azure lost-answer test") {
+        return;
+    }
+    a_lost_answer_in_a_staged_upload(Emulator::Azurite);
+}
+
+#[test]
+fn gcs_a_lost_chunk_answer_still_ships_exactly() {
+    if cloudenv::skipped("the GCS lost-answer test") {
+        return;
+    }
+    a_lost_answer_in_a_staged_upload(Emulator::FakeGcs);
 }

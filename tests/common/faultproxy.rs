@@ -24,6 +24,9 @@
 //! - `stall`: like `truncate_response`, but stall for [`FaultConfig::stall`]
 //!   before closing.
 //!
+//! [`FaultProxy::set_rule`] aims a fault at particular requests (say, the
+//! first commit of a staged upload) instead of the draw.
+//!
 //! After an injected fault the client connection and its upstream
 //! connection are closed. [`FaultProxy::set_down`] simulates an outage:
 //! every new connection and every request on an existing connection is
@@ -349,6 +352,7 @@ impl FaultProxy {
             port,
             down: AtomicBool::new(false),
             deny: Mutex::new(None),
+            rule: Mutex::new(None),
             seen: Mutex::new(Vec::new()),
             state: Mutex::new(State {
                 rng: SplitMix64(cfg.seed),
@@ -410,6 +414,14 @@ impl FaultProxy {
         *self.shared.deny.lock().unwrap_or_else(|p| p.into_inner()) = rule;
     }
 
+    /// Injects the fault `rule` picks for a request (from its method and
+    /// target) instead of the drawn one; `None` from the rule leaves the
+    /// draw's. The draw is made either way, so a seed's sequence does not
+    /// move. For faults aimed at one request (the answer to a commit).
+    pub fn set_rule(&self, rule: Option<FaultRule>) {
+        *self.shared.rule.lock().unwrap_or_else(|p| p.into_inner()) = rule;
+    }
+
     /// Every request line seen so far (`METHOD target HTTP/1.1`).
     pub fn request_lines(&self) -> Vec<String> {
         self.shared
@@ -450,6 +462,8 @@ struct Shared {
     /// Access rules: a request they refuse is answered `403 AccessDenied`
     /// (never forwarded), as a store whose policy denies it would.
     deny: Mutex<Option<DenyRule>>,
+    /// Faults aimed at particular requests ([`FaultProxy::set_rule`]).
+    rule: Mutex<Option<FaultRule>>,
     /// Every request line seen, in order (method and target).
     seen: Mutex<Vec<String>>,
 }
@@ -457,6 +471,10 @@ struct Shared {
 /// Decides from a request's method and target (path and query) whether the
 /// store's policy refuses it.
 pub type DenyRule = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// Picks the fault for a request from its method and target, or `None`
+/// to leave the draw's.
+pub type FaultRule = Arc<dyn Fn(&str, &str) -> Option<FaultKind> + Send + Sync>;
 
 struct State {
     cfg: FaultConfig,
@@ -492,10 +510,11 @@ impl Shared {
         *stats.by_kind.entry(DOWN).or_insert(0) += 1;
     }
 
-    fn draw(&self) -> Draw {
+    /// Draws the next request's fault; `aimed` (a rule's pick) replaces it.
+    fn draw(&self, aimed: Option<FaultKind>) -> Draw {
         let mut state = self.lock();
         let u = state.rng.next_f64();
-        let fault = state.cfg.pick(u);
+        let fault = aimed.or(state.cfg.pick(u));
         state.stats.requests += 1;
         if let Some(kind) = fault {
             state.stats.faulted += 1;
@@ -666,7 +685,13 @@ async fn handle_request(
             .await?;
         return Ok(Some(End::Linger));
     }
-    let draw = shared.draw();
+    let aimed = shared
+        .rule
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .and_then(|rule| rule(method, target));
+    let draw = shared.draw(aimed);
     if let Some(kind) = draw.fault {
         shared.log(format_args!(
             "request #{} {}: injecting {kind}",
