@@ -28,6 +28,11 @@ impl PackBuilder {
         self.blobs.is_empty()
     }
 
+    /// Blobs appended so far.
+    pub fn blobs(&self) -> usize {
+        self.blobs.len()
+    }
+
     /// Appends an already sealed blob.
     pub fn push(&mut self, id: ContentId, kind: BlobKind, sealed: &[u8], raw_length: u64) {
         self.blobs.push(PackedBlob {

@@ -55,23 +55,80 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     v
 }
 
-/// `body` as CBOR with a key (`"pad"`, or `"pad"` followed by `extra`
-/// `x`s) of `pad` bytes added to its top-level map.
-fn cbor_with_pad<T: Serialize>(body: &T, extra: usize, pad: &[u8]) -> Vec<u8> {
-    let plain = to_cbor(body);
-    let value: ciborium::Value = match ciborium::from_reader(plain.as_slice()) {
-        Ok(v) => v,
-        Err(_) => return plain,
+/// `plain` (a CBOR map) with one more entry: a text key (`"pad"`, or
+/// `"pad"` followed by `extra` `x`s) holding the byte string `pad`. Works
+/// on the encoded bytes (the map's head is rewritten with one entry more,
+/// the entry appended), so a large index is never decoded into a generic
+/// value tree. Anything but a map is returned as it is.
+fn with_pad(plain: &[u8], extra: usize, pad: &[u8]) -> Vec<u8> {
+    let Some((entries, head_len)) = map_head(plain) else {
+        return plain.to_vec();
     };
-    match value {
-        ciborium::Value::Map(mut entries) => {
-            entries.push((
-                ciborium::Value::Text(format!("pad{}", "x".repeat(extra))),
-                ciborium::Value::Bytes(pad.to_vec()),
-            ));
-            to_cbor(&ciborium::Value::Map(entries))
+    let mut out = Vec::with_capacity(plain.len() + pad.len() + extra + 16);
+    let entry = |out: &mut Vec<u8>| {
+        cbor_head(3, 3 + extra as u64, out);
+        out.extend_from_slice(b"pad");
+        out.resize(out.len() + extra, b'x');
+        cbor_head(2, pad.len() as u64, out);
+        out.extend_from_slice(pad);
+    };
+    match entries {
+        Some(n) => {
+            cbor_head(5, n + 1, &mut out);
+            out.extend_from_slice(&plain[head_len..]);
+            entry(&mut out);
         }
-        _ => plain,
+        // Indefinite length: the entry goes before the closing break.
+        None => {
+            out.extend_from_slice(&plain[..plain.len() - 1]);
+            entry(&mut out);
+            out.push(0xff);
+        }
+    }
+    out
+}
+
+/// The number of entries of the CBOR map `b` starts with (`None` for an
+/// indefinite-length map that ends in its break byte) and its head's
+/// length; `None` if `b` does not start with a map.
+fn map_head(b: &[u8]) -> Option<(Option<u64>, usize)> {
+    let first = *b.first()?;
+    if first >> 5 != 5 {
+        return None;
+    }
+    let arg = |n: usize| -> Option<u64> {
+        let bytes = b.get(1..1 + n)?;
+        Some(bytes.iter().fold(0u64, |acc, &x| acc << 8 | u64::from(x)))
+    };
+    match first & 0x1f {
+        n @ 0..=23 => Some((Some(u64::from(n)), 1)),
+        24 => Some((Some(arg(1)?), 2)),
+        25 => Some((Some(arg(2)?), 3)),
+        26 => Some((Some(arg(4)?), 5)),
+        27 => Some((Some(arg(8)?), 9)),
+        31 if b.last() == Some(&0xff) && b.len() >= 2 => Some((None, 1)),
+        _ => None,
+    }
+}
+
+/// Appends the shortest CBOR head of major type `major` with argument `n`.
+fn cbor_head(major: u8, n: u64, out: &mut Vec<u8>) {
+    let m = major << 5;
+    match n {
+        0..=23 => out.push(m | n as u8),
+        24..=0xff => out.extend_from_slice(&[m | 24, n as u8]),
+        0x100..=0xffff => {
+            out.push(m | 25);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 26);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 27);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
     }
 }
 
@@ -82,7 +139,8 @@ fn cbor_with_pad<T: Serialize>(body: &T, extra: usize, pad: &[u8]) -> Vec<u8> {
 /// two, so one pad length cannot hit the class; a key one to three bytes
 /// longer (`"padx"`…, also ignored by readers) shifts it back on target.
 pub fn seal_padded<T: Serialize>(key: &RepoKey, kind: ObjectKind, id: &[u8], body: &T) -> Vec<u8> {
-    let unpadded = key.seal(kind, id, &cbor_with_pad(body, 0, &[]));
+    let plain = to_cbor(body);
+    let unpadded = key.seal(kind, id, &with_pad(&plain, 0, &[]));
     let mut target = size_class(unpadded.len() as u64);
     let mut pool = Vec::new();
     let mut best = unpadded.clone();
@@ -94,7 +152,7 @@ pub fn seal_padded<T: Serialize>(key: &RepoKey, kind: ObjectKind, id: &[u8], bod
                 if pool.len() < pad {
                     pool = random_bytes(pad + 4096);
                 }
-                let sealed = key.seal(kind, id, &cbor_with_pad(body, extra, &pool[..pad]));
+                let sealed = key.seal(kind, id, &with_pad(&plain, extra, &pool[..pad]));
                 let got = sealed.len() as u64;
                 if got == target {
                     return sealed;
@@ -188,5 +246,51 @@ mod tests {
             bad[at] ^= 1;
             assert!(key.open(ObjectKind::Index, b"index/x", &bad).is_err());
         }
+    }
+
+    /// The pad entry is added on the encoded bytes: the result decodes to
+    /// the same map with one entry more, at every size of the map's head
+    /// (and of the pad's), for indefinite-length maps too; anything else
+    /// is left as it is.
+    #[test]
+    fn the_pad_entry_is_added_to_the_encoded_map() {
+        use ciborium::Value;
+        for n in [0usize, 1, 22, 23, 24, 255, 256, 65_535, 65_536] {
+            let map: std::collections::BTreeMap<String, u8> =
+                (0..n).map(|i| (format!("k{i}"), (i % 251) as u8)).collect();
+            let plain = to_cbor(&map);
+            for (extra, pad_len) in [(0, 0), (1, 23), (2, 24), (3, 300), (0, 70_000)] {
+                let pad = random_bytes(pad_len);
+                let out = with_pad(&plain, extra, &pad);
+                let Value::Map(entries) = ciborium::from_reader(out.as_slice()).unwrap() else {
+                    panic!("not a map");
+                };
+                assert_eq!(entries.len(), n + 1, "{n} entries");
+                let key = format!("pad{}", "x".repeat(extra));
+                assert_eq!(
+                    entries.last().unwrap(),
+                    &(Value::Text(key), Value::Bytes(pad.clone()))
+                );
+                let back: std::collections::BTreeMap<String, Value> =
+                    ciborium::from_reader(out.as_slice()).unwrap();
+                assert_eq!(back.len(), n + 1);
+                for (k, v) in &map {
+                    assert_eq!(back[k], Value::Integer((*v).into()));
+                }
+            }
+        }
+        // An indefinite-length map: {"a": 1} then the break.
+        let indefinite = [0xbf, 0x61, b'a', 0x01, 0xff];
+        let out = with_pad(&indefinite, 0, b"zz");
+        let Value::Map(entries) = ciborium::from_reader(out.as_slice()).unwrap() else {
+            panic!("not a map");
+        };
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].1, Value::Bytes(b"zz".to_vec()));
+        // Not a map: unchanged.
+        let list = to_cbor(&vec![1u8, 2, 3]);
+        assert_eq!(with_pad(&list, 0, b"zz"), list);
+        assert_eq!(with_pad(&[], 0, b"zz"), Vec::<u8>::new());
+        assert_eq!(with_pad(&[0xb9, 0x01], 0, b"zz"), vec![0xb9, 0x01]);
     }
 }

@@ -207,6 +207,36 @@ const CONFIG: &str = "config";
 /// catalogue's blob index.
 const CACHED_INDEX_MAX: usize = 4 << 20;
 
+/// At most this many blobs per index object a writer uploads (a pack is
+/// never split across indexes). About 3 MB of
+/// CBOR: a ship of a million files writes a few dozen index objects, each
+/// sealed in bounded memory and small enough for the local cache, instead
+/// of one object whose sealing held the whole list several times over.
+pub const INDEX_BLOBS_MAX: usize = 50_000;
+
+/// At most this many blobs in one pack: a pack of tiny blobs closes before
+/// its size target, so its header and its index entry stay bounded too.
+pub const PACK_BLOBS_MAX: usize = 10_000;
+
+/// `packs` in index objects of at most [`INDEX_BLOBS_MAX`] blobs each.
+fn index_parts(packs: Vec<IndexPack>) -> Vec<Index> {
+    let mut parts = Vec::new();
+    let mut part = Index::default();
+    let mut blobs = 0;
+    for pack in packs {
+        if !part.packs.is_empty() && blobs + pack.blobs.len() > INDEX_BLOBS_MAX {
+            parts.push(std::mem::take(&mut part));
+            blobs = 0;
+        }
+        blobs += pack.blobs.len();
+        part.packs.push(pack);
+    }
+    if !part.packs.is_empty() {
+        parts.push(part);
+    }
+    parts
+}
+
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
@@ -1603,7 +1633,8 @@ impl Packing {
         let full = {
             let mut st = self.lock();
             let full = (!st.builder.is_empty()
-                && (st.builder.len() + sealed.len()) as u64 > self.pack_target)
+                && ((st.builder.len() + sealed.len()) as u64 > self.pack_target
+                    || st.builder.blobs() >= PACK_BLOBS_MAX))
                 .then(|| std::mem::take(&mut st.builder));
             st.builder.push(id, kind, sealed, raw_length);
             full
@@ -1789,7 +1820,7 @@ impl PackWriter<'_> {
         let mut stats = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
         stats.packs_written = uploads.len() as u64;
         stats.objects_written += stats.packs_written;
-        let mut index = Index::default();
+        let mut packs = Vec::with_capacity(uploads.len());
         for handle in uploads {
             let (pack, size) = self
                 .repo
@@ -1802,39 +1833,44 @@ impl PackWriter<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .packs
                 .insert(pack.pack.clone());
-            index.packs.push(pack);
+            packs.push(pack);
         }
-        if !index.packs.is_empty() {
-            let name = random_name("index");
-            let sealed = crate::padding::seal_padded(
-                &self.repo.key,
-                ObjectKind::Index,
-                name.as_bytes(),
-                &index,
-            );
-            stats.uploaded_bytes += sealed.len() as u64;
-            let hash = history::sealed_hash(&sealed);
-            self.repo
-                .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
+        for index in index_parts(packs) {
+            stats.uploaded_bytes += self.write_index(index)?;
             stats.objects_written += 1;
-            self.repo.merge_index(&index);
-            let body = to_cbor(&index);
-            if let Some(c) = self.repo.cache().filter(|_| body.len() <= CACHED_INDEX_MAX) {
-                c.put(&name, &body, &hash);
-            }
-            self.repo
-                .written_bodies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), index);
-            self.repo.lock_loaded().insert(name.clone());
-            self.repo
-                .written_indexes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(name);
         }
         Ok(stats)
+    }
+
+    /// Uploads one index object (FORMAT.md §5b) and makes its blobs known
+    /// to this process; returns its sealed size.
+    fn write_index(&self, index: Index) -> Result<u64> {
+        let name = random_name("index");
+        let sealed =
+            crate::padding::seal_padded(&self.repo.key, ObjectKind::Index, name.as_bytes(), &index);
+        let size = sealed.len() as u64;
+        let hash = history::sealed_hash(&sealed);
+        self.repo
+            .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
+        self.repo.merge_index(&index);
+        if let Some(c) = self.repo.cache() {
+            let body = to_cbor(&index);
+            if body.len() <= CACHED_INDEX_MAX {
+                c.put(&name, &body, &hash);
+            }
+        }
+        self.repo
+            .written_bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), index);
+        self.repo.lock_loaded().insert(name.clone());
+        self.repo
+            .written_indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name);
+        Ok(size)
     }
 
     /// Blobs and bytes handed to the sealers so far (packs and uploads

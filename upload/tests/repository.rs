@@ -172,3 +172,52 @@ fn a_snapshot_shipped_again_after_a_crash_keeps_one_record() {
     let other_host = history_name(repo.key(), HistoryKind::Snapshot, "office", "h2", 1);
     assert_ne!(other_host, name);
 }
+
+/// A writer with more blobs than one index object lists
+/// (`INDEX_BLOBS_MAX`) writes several index objects, none over the limit
+/// and no pack over its blob limit (tiny blobs: the size target alone would
+/// put them all in one pack), and a fresh machine finds every blob.
+#[test]
+fn a_large_ship_writes_several_bounded_indexes() {
+    use btrship_upload::format::{from_cbor, Index};
+    use btrship_upload::repo::{INDEX_BLOBS_MAX, PACK_BLOBS_MAX};
+    use btrship_upload::Store;
+    let (dir, rt, key) = setup();
+    let store = Arc::new(LocalStore::create(dir.path().join("repo")).unwrap());
+    let (repo, _) =
+        Repository::open_or_create(store.clone(), key.clone(), rt.handle().clone(), "h").unwrap();
+    let n = INDEX_BLOBS_MAX * 2 + 1000;
+    let blob = |i: usize| format!("blob number {i}").into_bytes();
+    let w = repo.writer();
+    let ids: Vec<_> = (0..n)
+        .map(|i| w.add(BlobKind::Data, &blob(i)).unwrap())
+        .collect();
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.new_blobs as usize, n);
+    let names = repo.unnamed_written_indexes();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let mut listed = 0;
+    for name in &names {
+        let sealed = rt.block_on(store.get(name)).unwrap();
+        let body = key
+            .open(ObjectKind::Index, name.as_bytes(), &sealed)
+            .unwrap();
+        let index: Index = from_cbor(&body).unwrap();
+        for p in &index.packs {
+            assert!(
+                p.blobs.len() <= PACK_BLOBS_MAX,
+                "{}: {}",
+                p.pack,
+                p.blobs.len()
+            );
+        }
+        let blobs: usize = index.packs.iter().map(|p| p.blobs.len()).sum();
+        assert!(blobs <= INDEX_BLOBS_MAX, "{name}: {blobs} blobs");
+        listed += blobs;
+    }
+    assert_eq!(listed, n);
+    let (fresh, _) = Repository::open_or_create(store, key, rt.handle().clone(), "h").unwrap();
+    for i in (0..n).step_by(997).chain([n - 1]) {
+        assert_eq!(fresh.read_blob(&ids[i], BlobKind::Data).unwrap(), blob(i));
+    }
+}
