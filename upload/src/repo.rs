@@ -128,8 +128,8 @@ pub struct Repository {
     /// Index objects this process uploaded that no history object names
     /// yet (FORMAT.md §5b: the next one appended names them).
     written_indexes: Mutex<Vec<String>>,
-    /// Their bodies, until named (then they go to the catalogue's blob
-    /// index).
+    /// Those of their bodies too large for the object cache, until named
+    /// (then they go to the catalogue's blob index).
     written_bodies: Mutex<HashMap<String, Index>>,
     /// Every `index/` object has been listed and read.
     fully_indexed: Mutex<bool>,
@@ -1853,17 +1853,22 @@ impl PackWriter<'_> {
         self.repo
             .block_on(self.repo.store.put_if_absent(&name, Bytes::from(sealed)))?;
         self.repo.merge_index(&index);
+        // Once named, the body moves into the catalogue's blob index
+        // (`indexes_named`), read back from the object cache; it stays in
+        // memory only when the cache cannot hold it. Without a catalogue
+        // nothing reads it again.
         if let Some(c) = self.repo.cache() {
             let body = to_cbor(&index);
             if body.len() <= CACHED_INDEX_MAX {
                 c.put(&name, &body, &hash);
+            } else {
+                self.repo
+                    .written_bodies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.clone(), index);
             }
         }
-        self.repo
-            .written_bodies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), index);
         self.repo.lock_loaded().insert(name.clone());
         self.repo
             .written_indexes
