@@ -15,7 +15,7 @@ use crate::format::{
     IndexPack, KeyCheck, PackedBlob, SnapshotRecord, Summary, Tree,
 };
 use crate::history::{self, HistoryBody, HistoryKind, HistoryObject};
-use crate::memindex::{BlobLocationRef, MemIndex};
+use crate::memindex::{BlobLocationRef, IdSet, MemIndex};
 use crate::pack::{self, PackBuilder, PackError};
 use crate::stages::{Stage, Stages};
 use crate::store::{ObjectMeta, PutOutcome, Store, StoreError};
@@ -747,32 +747,33 @@ impl Repository {
             written.retain(|n| !names.contains(n));
             written.len()
         };
-        let mut written: Vec<(String, Index)> = {
+        let Some(cache) = self.cache() else {
+            // Nothing reads the bodies again.
             let mut all = self
                 .written_bodies
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            names
-                .iter()
-                .filter_map(|n| Some((n.clone(), all.remove(n)?)))
-                .collect()
+            all.retain(|n, _| !names.contains(n));
+            return;
         };
-        let Some(cache) = self.cache() else { return };
+        // One index at a time (each merge is atomic with its mark in the
+        // catalogue): a million-blob ship holds one part's entries here, not
+        // all of them beside the in-memory index.
         for n in names {
-            if !written.iter().any(|(w, _)| w == n) {
-                if let Some(index) = self.cached_index(n) {
-                    written.push((n.clone(), index));
-                }
+            let kept = self
+                .written_bodies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(n);
+            let Some(index) = kept.or_else(|| self.cached_index(n)) else {
+                self.memory_only.store(true, Ordering::Relaxed);
+                continue;
+            };
+            if !cache.merge_indexes(&[(n.as_str(), &index)]) {
+                self.memory_only.store(true, Ordering::Relaxed);
             }
         }
-        let bodies = written;
-        if bodies.len() != names.len() {
-            self.memory_only.store(true, Ordering::Relaxed);
-            return;
-        }
-        let refs: Vec<(&str, &Index)> = bodies.iter().map(|(n, i)| (n.as_str(), i)).collect();
-        if !cache.merge_indexes(&refs) {
-            self.memory_only.store(true, Ordering::Relaxed);
+        if self.memory_only.load(Ordering::Relaxed) {
             return;
         }
         let unnamed = !self
@@ -780,7 +781,7 @@ impl Repository {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .is_empty();
-        if left == 0 && !unnamed && !self.memory_only.load(Ordering::Relaxed) {
+        if left == 0 && !unnamed {
             *self.index.write().unwrap_or_else(|p| p.into_inner()) = MemIndex::default();
             // What memory held is in the catalogue now; only damaged
             // indexes stay "loaded" by name (should the catalogue be
@@ -1595,8 +1596,8 @@ pub struct PackWriter<'r> {
     repo: &'r Repository,
     /// Repacking (prune): store every blob added, even when a copy exists.
     force: bool,
-    /// Blobs handed to the sealers by this writer.
-    pending: Mutex<HashSet<ContentId>>,
+    /// Blobs handed to the sealers by this writer (32 bytes each).
+    pending: Mutex<IdSet>,
     counts: Mutex<WriteStats>,
     sealers: Sealers,
     packing: Arc<Packing>,
@@ -1799,7 +1800,7 @@ impl PackWriter<'_> {
         &self.packing.stages
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashSet<ContentId>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, IdSet> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1807,6 +1808,9 @@ impl PackWriter<'_> {
     /// object for all of them and makes the blobs visible to the repository.
     pub fn finish(mut self) -> Result<WriteStats> {
         self.sealers.stop();
+        // Nothing is added any more: the set of blobs in flight (32 MB for
+        // a million new blobs) goes before the index is built, not after.
+        *self.pending.get_mut().unwrap_or_else(|p| p.into_inner()) = IdSet::default();
         // The sealing threads are gone: this thread alone packs now.
         let last = {
             let mut st = self.packing.lock();
