@@ -1804,8 +1804,9 @@ impl PackWriter<'_> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Uploads the last pack, waits for every upload, then writes one index
-    /// object for all of them and makes the blobs visible to the repository.
+    /// Uploads the last pack, waits for every upload, then writes their
+    /// index (objects of at most [`INDEX_BLOBS_MAX`] blobs) and makes the
+    /// blobs visible to the repository.
     pub fn finish(mut self) -> Result<WriteStats> {
         self.sealers.stop();
         // Nothing is added any more: the set of blobs in flight (32 MB for
