@@ -12,7 +12,8 @@
 //!
 //! [`IdSet`] is the same idea for a set of content ids (a writer's blobs in
 //! flight): 32 bytes an id instead of a hash table's 33 at half load, and no
-//! doubling of a million-entry table while it grows.
+//! doubling of a million-entry table while it grows. Both move recent
+//! entries into their array with one in-place merge ([`merge_sorted`]).
 
 use crate::format::BlobKind;
 use crate::repo::BlobLocation;
@@ -92,9 +93,10 @@ impl MemIndex {
         if self.recent.is_empty() {
             return;
         }
-        self.sorted.extend(self.recent.drain());
-        self.sorted.sort_unstable_by_key(|e| e.0 .0);
-        self.sorted.dedup_by(|a, b| a.0 == b.0);
+        // `insert` adds to `recent` only ids the array lacks.
+        let mut new: Vec<(ContentId, Slot)> = self.recent.drain().collect();
+        new.sort_unstable_by_key(|e| e.0);
+        merge_sorted(&mut self.sorted, &new, |e| e.0);
         self.sorted.shrink_to_fit();
         self.recent.shrink_to_fit();
     }
@@ -224,26 +226,30 @@ impl IdSet {
         self.sorted.len() + self.recent.len()
     }
 
-    /// Merges the recent ids into the array from its end, in place: one
-    /// pass over the array, no second copy of it.
     fn merge_recent(&mut self) {
         let mut new: Vec<ContentId> = self.recent.drain().collect();
         new.sort_unstable();
-        let mut i = self.sorted.len();
-        self.sorted.extend_from_slice(&new);
-        let mut k = self.sorted.len();
-        let mut j = new.len();
-        // Invariant: sorted[k..] is final; sorted[..i] and new[..j] remain
-        // (disjoint sets, so no ties).
-        while j > 0 {
-            k -= 1;
-            if i > 0 && self.sorted[i - 1] > new[j - 1] {
-                self.sorted[k] = self.sorted[i - 1];
-                i -= 1;
-            } else {
-                self.sorted[k] = new[j - 1];
-                j -= 1;
-            }
+        merge_sorted(&mut self.sorted, &new, |id| *id);
+    }
+}
+
+/// Merges `new` into `sorted` (both sorted by `key`, no key in both) from
+/// the array's end, in place: one pass over it and no second copy, where
+/// appending and sorting again would sort the whole array at every merge.
+fn merge_sorted<T: Copy, K: Ord>(sorted: &mut Vec<T>, new: &[T], key: impl Fn(&T) -> K) {
+    let mut i = sorted.len();
+    sorted.extend_from_slice(new);
+    let mut k = sorted.len();
+    let mut j = new.len();
+    // Invariant: sorted[k..] is final; sorted[..i] and new[..j] remain.
+    while j > 0 {
+        k -= 1;
+        if i > 0 && key(&sorted[i - 1]) > key(&new[j - 1]) {
+            sorted[k] = sorted[i - 1];
+            i -= 1;
+        } else {
+            sorted[k] = new[j - 1];
+            j -= 1;
         }
     }
 }
@@ -327,5 +333,33 @@ mod tests {
             assert!(set.contains(&id(k)));
         }
         assert!(!set.contains(&id(n)));
+    }
+
+    #[test]
+    fn the_index_finds_every_blob_across_merges() {
+        let id = |n: u64| {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+            b[24..].copy_from_slice(&n.to_le_bytes());
+            ContentId(b)
+        };
+        let mut m = MemIndex::default();
+        let n = 2 * MemIndex::RECENT_MAX as u64 + 77;
+        for k in 0..n {
+            let at = BlobLocationRef {
+                pack: "packs/aa/x",
+                kind: BlobKind::Data,
+                offset: k,
+                length: 1,
+                raw_length: 1,
+            };
+            assert!(m.insert(id(k), &at));
+        }
+        m.compact();
+        assert_eq!((m.sorted.len() as u64, m.recent.len()), (n, 0));
+        assert!(m.sorted.windows(2).all(|w| w[0].0 < w[1].0));
+        for k in 0..n {
+            assert_eq!(m.get_all(&id(k))[0].offset, k, "blob {k}");
+        }
     }
 }
